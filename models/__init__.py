@@ -1,0 +1,2 @@
+"""Everything torch that is not Beam: model loading, architectures, deferral rules,
+distillation, calibration."""

@@ -1,0 +1,107 @@
+"""Deferral rules: student logits -> (class probabilities, deferral score).
+
+A higher score means "more likely to need the teacher"; a row is *hard* when its
+score is strictly above the threshold. Every rule has the same shape (one class,
+one ``__call__``), so adding a rule is adding one class to ``RULES``.
+
+All built-in scores lie in [0, 1]:
+  max_prob:   1 - max_k p_k
+  margin:     1 - (p_top1 - p_top2)
+  entropy:    -sum_k p_k log p_k / log K          (normalised so 1 = uniform)
+  defer_head: p_defer, the softmax mass on the extra (K+1-th) output of a
+              student trained with ``--method defer``
+  learned:    P(student is wrong | its probabilities) from a small post-hoc model
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class DeferralRule:
+    name = "base"
+    #: outputs the student has beyond its K class logits (1 for a defer head)
+    extra_outputs = 0
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (class probabilities [B, K], score [B]) for student logits."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        return probs, self.score(probs)
+
+    def score(self, probs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"rule": self.name}
+
+
+class MaxProb(DeferralRule):
+    name = "max_prob"
+
+    def score(self, probs):
+        return 1.0 - probs.max(dim=-1).values
+
+
+class Margin(DeferralRule):
+    name = "margin"
+
+    def score(self, probs):
+        if probs.shape[-1] < 2:
+            return torch.zeros(probs.shape[0])
+        top2 = probs.topk(2, dim=-1).values
+        return 1.0 - (top2[:, 0] - top2[:, 1])
+
+
+class Entropy(DeferralRule):
+    name = "entropy"
+
+    def score(self, probs):
+        k = probs.shape[-1]
+        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
+        return ent / math.log(k) if k > 1 else ent
+
+
+class DeferHead(DeferralRule):
+    """For K+1-output students (learning to defer): the last output means 'ask the teacher'."""
+    name = "defer_head"
+    extra_outputs = 1
+
+    def __call__(self, logits):
+        logits = logits.float()
+        p_defer = torch.softmax(logits, dim=-1)[:, -1]
+        return torch.softmax(logits[:, :-1], dim=-1), p_defer
+
+
+RULES: dict[str, type[DeferralRule]] = {
+    r.name: r for r in (MaxProb, Margin, Entropy, DeferHead)
+}
+CONFIDENCE_RULES = ("max_prob", "margin", "entropy")
+
+
+def make_rule(name: str, learned_model: str | None = None) -> DeferralRule:
+    """The rule called ``name``; ``learned`` needs the path of its trained artifact."""
+    if name == "learned":
+        from titans.models.learned_deferral import LearnedDeferral  # only when asked for
+
+        if not learned_model:
+            raise ValueError("rule 'learned' needs a trained deferral model (--deferral-model PATH)")
+        return LearnedDeferral.load(learned_model)
+    if name not in RULES:
+        raise ValueError(f"unknown deferral rule {name!r}; choose one of {sorted(RULES) + ['learned']}")
+    return RULES[name]()
+
+
+def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
+    """Threshold t such that about ``rate`` of ``scores`` are > t (the (1 - rate) quantile)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"deferral rate must be in [0, 1], got {rate}")
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("cannot set a threshold from zero scores")
+    if rate >= 1.0:
+        return float("-inf")
+    # inverted_cdf picks an observed score s_(ceil(n*(1-rate))): exactly n - ceil(n(1-rate))
+    # scores lie strictly above it when there are no ties.
+    return float(np.quantile(scores, 1.0 - rate, method="inverted_cdf"))

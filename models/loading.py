@@ -1,0 +1,124 @@
+"""Load and save the models a cascade runs.
+
+A model is a file path or URL (anything Beam's FileSystems or fsspec can open):
+  * a TorchScript file (``torch.jit.save``),
+  * a ``torch.export`` program (``.pt2``, ``torch.export.save``),
+  * a state_dict, together with ``model_class="package.module:Class"``.
+Its forward takes float32 ``[batch, features]`` and returns logits ``[batch, outputs]``.
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import zipfile
+
+import torch
+
+
+class ModelLoadError(ValueError):
+    """A model file could not be turned into a runnable module; the message says why."""
+
+
+def read_bytes(path: str) -> bytes:
+    """Whole file at a local path or any URL Beam's filesystems (gs://, s3://, ...) or fsspec know."""
+    try:
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            return f.read()
+    except (ValueError, ImportError) as beam_error:  # scheme Beam does not know: try fsspec
+        try:
+            import fsspec
+        except ImportError:
+            raise beam_error
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+
+
+def import_class(spec: str):
+    """``"package.module:Class"`` -> the class object."""
+    if ":" not in spec:
+        raise ModelLoadError(f"model class {spec!r} must look like 'package.module:Class'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"cannot import model class {spec!r}: {e}") from e
+    return obj
+
+
+def load_model(path: str, model_class: str | None = None, model_kwargs: dict | None = None,
+               device: str = "cpu") -> torch.nn.Module:
+    """Load a model for inference (eval mode, on ``device``). Raises ModelLoadError with the reason."""
+    try:
+        data = read_bytes(path)
+    except Exception as e:  # noqa: BLE001 - any IO failure becomes one clear message
+        raise ModelLoadError(f"cannot read model file {path!r}: {e}") from e
+    buf = io.BytesIO(data)
+    try:
+        if model_class:
+            cls = import_class(model_class)
+            state = torch.load(buf, map_location=device, weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            model = cls(**(model_kwargs or {}))
+            model.load_state_dict(state)
+        elif _is_export_archive(data):
+            model = torch.export.load(buf).module()
+        else:
+            model = torch.jit.load(buf, map_location=device)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        hint = ("" if model_class else
+                " If it is a state_dict, also pass its class as module:Class.")
+        raise ModelLoadError(f"cannot load model {path!r}: {type(e).__name__}: {e}.{hint}") from e
+    model = model.to(device)
+    if hasattr(model, "eval"):
+        try:
+            model.eval()
+        except NotImplementedError:  # exported programs refuse .eval(); they are frozen anyway
+            pass
+    return model
+
+
+def _is_export_archive(data: bytes) -> bool:
+    """torch.export archives are zips holding a serialized ExportedProgram, unlike TorchScript."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return any(n.endswith("serialized_exported_program.json") or "/models/" in n
+                       for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def save_torchscript(model: torch.nn.Module, path: str, metadata: dict | None = None) -> None:
+    """Save a module as TorchScript (what the pipeline reads), with optional JSON metadata."""
+    model = model.eval()
+    scripted = torch.jit.script(model)
+    extra = {"titans.json": json.dumps(metadata or {})}
+    torch.jit.save(scripted, path, _extra_files=extra)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a usable GPU is present, else 'cpu'; 'gpu' is an alias of 'cuda'."""
+    device = device.lower()
+    if device == "gpu":
+        device = "cuda"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for but torch sees no usable CUDA GPU "
+                             f"(torch {torch.__version__}, cuda build: {torch.version.cuda})")
+    return device
+
+
+def count_parameters(model) -> int:
+    """Number of parameters: our proxy for compute per row (an MLP costs ~2 FLOPs per weight)."""
+    try:
+        return int(sum(p.numel() for p in model.parameters()))
+    except Exception:  # noqa: BLE001 - an exported module without parameters()
+        return 0

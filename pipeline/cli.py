@@ -1,0 +1,3 @@
+def main():
+    from titans.models import deferral
+    print("ok", deferral)
