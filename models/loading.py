@@ -89,8 +89,7 @@ def _is_export_archive(data: bytes) -> bool:
     """torch.export archives are zips holding a serialized ExportedProgram, unlike TorchScript."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            return any(n.endswith("serialized_exported_program.json") or "/models/" in n
-                       for n in z.namelist())
+            return any(n.split("/")[-1] == "archive_format" for n in z.namelist())
     except zipfile.BadZipFile:
         return False
 

@@ -1,3 +1,182 @@
-def main():
-    from titans.models import deferral
-    print("ok", deferral)
+"""The ``titans`` command line.
+
+Every flag not listed here is handed to Beam as a pipeline option (``--runner``,
+``--direct_num_workers``, ``--project``, ...); a flag neither side knows is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+_LOG = logging.getLogger("titans")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, role: str, required: bool = True) -> None:
+    p.add_argument(f"--{role}", required=required, metavar="MODEL",
+                   help=f"the {role} model: path or URL (gs://...) of a TorchScript file "
+                        f"(torch.jit.save), a torch.export program (.pt2), or a state_dict "
+                        f"with --{role}-class. forward: float32 [batch, features] -> logits "
+                        f"[batch, classes]")
+    p.add_argument(f"--{role}-class", metavar="MODULE:CLASS",
+                   help=f"class to build the {role} from when MODEL is a state_dict; "
+                        f"constructed without arguments")
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, metavar="PATTERN",
+                   help="Parquet file, directory (its *.parquet files) or glob; local or any "
+                        "Beam/fsspec filesystem URL such as gs://bucket/data/*.parquet")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output directory (local or URL): labels/ (Parquet shards), "
+                        "dead_letter/ (rows that could not be labeled, with the reason), "
+                        "report.json")
+    p.add_argument("--feature-columns", default="features", metavar="COL[,COL...]",
+                   help="one vector column (list or fixed-size list of numbers) or several "
+                        "numeric columns concatenated in order (default: %(default)s)")
+    p.add_argument("--id-column", metavar="COL",
+                   help="column that identifies a row; checked to exist (every input column "
+                        "is passed through to the output anyway)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's outputs in a non-empty --output directory")
+    p.add_argument("--batch-size", type=int, default=65536, metavar="N",
+                   help="rows per Arrow batch read from Parquet and per student forward pass, "
+                        "whatever the files' row-group size (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="titans", allow_abbrev=False,
+        description="Batch model cascades for offline labeling: a small student labels the "
+                    "easy rows, a large teacher only the hard ones.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level of titans' own messages (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", allow_abbrev=False, help="label a Parquet dataset with the cascade",
+        description="Label every row of a Parquet dataset: the student scores all rows, rows "
+                    "whose deferral score is above the threshold go to the teacher. Flags not "
+                    "listed below are Beam pipeline options (default --runner DirectRunner).")
+    _add_input_flags(run)
+    _add_model_flags(run, "student")
+    _add_model_flags(run, "teacher")
+    run.add_argument("--rule", default="margin",
+                     choices=["max_prob", "margin", "entropy", "defer_head", "learned"],
+                     help="deferral score, higher = harder: max_prob = 1 - max p; margin = "
+                          "1 - (p1 - p2); entropy = H(p)/log K; defer_head = p(defer) of a "
+                          "--method defer student; learned = a post-hoc model, see "
+                          "--deferral-model (default: %(default)s)")
+    how = run.add_mutually_exclusive_group()
+    how.add_argument("--threshold", type=float, metavar="T",
+                     help="send a row to the teacher when its deferral score > T")
+    how.add_argument("--deferral-rate", type=float, metavar="R",
+                     help="share of rows to send to the teacher (0-1); the threshold is the "
+                          "(1-R) quantile of student scores on a sample of the input "
+                          "(--sample-rows). Default when no --threshold: 0.2")
+    run.add_argument("--deferral-model", metavar="PATH",
+                     help="trained post-hoc deferral model for --rule learned")
+    run.add_argument("--sample-rows", type=int, default=100_000, metavar="N",
+                     help="rows sampled (from up to 32 random row groups) to set the threshold "
+                          "for --deferral-rate (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
+    run.add_argument("--teacher-batch-size", type=int, default=16384, metavar="N",
+                     help="rows per teacher forward pass; hard rows from several batches are "
+                          "merged up to this size (default: %(default)s)")
+    run.add_argument("--student-device", default="cpu", metavar="DEVICE",
+                     help="cpu, cuda or auto (default: %(default)s)")
+    run.add_argument("--teacher-device", default="auto", metavar="DEVICE",
+                     help="cpu, cuda or auto = cuda when the worker has a GPU; asking for cuda "
+                          "on a worker without one fails rather than silently using the CPU "
+                          "(default: %(default)s)")
+    run.add_argument("--teacher-accelerator", metavar="HINT",
+                     help="Beam resource hint for the teacher stage only, e.g. "
+                          "'type:nvidia-l4;count:1;install-nvidia-driver' on Dataflow; "
+                          "no effect on local runners")
+    run.add_argument("--teacher-min-ram", metavar="SIZE",
+                     help="Beam min_ram resource hint for the teacher stage, e.g. 16GB")
+    run.add_argument("--column-prefix", default="", metavar="PREFIX",
+                     help="prefix for the added columns label, confidence, deferral_score, "
+                          "source (use when the input already has such a column)")
+
+    demo = sub.add_parser(
+        "demo", allow_abbrev=False,
+        help="train a student and a teacher on scikit-learn's digits and run the cascade",
+        description="Builds a real dataset from scikit-learn's bundled handwritten digits, "
+                    "trains a small student and a larger teacher (seconds on a CPU), saves "
+                    "them as TorchScript and runs the same cascade as `titans run` on the "
+                    "test split. Extra flags are Beam pipeline options.")
+    demo.add_argument("--output", default="titans-demo-output", metavar="DIR",
+                      help="where to write data, models and the run (default: %(default)s); "
+                           "replaced if it holds a previous demo")
+    demo.add_argument("--deferral-rate", type=float, default=0.2, metavar="R",
+                      help="share of test rows sent to the teacher (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for split and training")
+    return parser
+
+
+def check_beam_args(parser: argparse.ArgumentParser, args: list[str]) -> None:
+    """Fail on flags that are neither ours nor a Beam option, instead of Beam dropping them."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    beam_parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(beam_parser)  # pylint: disable=protected-access
+    _, unknown = beam_parser.parse_known_args(args)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither a titans flag nor "
+                     f"a Beam pipeline option; see titans {sys.argv[1] if len(sys.argv) > 1 else ''} --help)")
+
+
+def _config(a: argparse.Namespace):
+    from titans.pipeline.plan import RunConfig
+    from titans.transforms.inference import ModelRef
+
+    hints = {}
+    if a.teacher_accelerator:
+        hints["accelerator"] = a.teacher_accelerator
+    if a.teacher_min_ram:
+        hints["min_ram"] = a.teacher_min_ram
+    return RunConfig(
+        input=a.input, output=a.output,
+        student=ModelRef(a.student, a.student_class, a.student_device),
+        teacher=ModelRef(a.teacher, a.teacher_class, a.teacher_device),
+        feature_columns=tuple(c.strip() for c in a.feature_columns.split(",") if c.strip()),
+        id_column=a.id_column, rule=a.rule, threshold=a.threshold, deferral_rate=a.deferral_rate,
+        deferral_model=a.deferral_model, batch_size=a.batch_size,
+        teacher_batch_size=a.teacher_batch_size, column_prefix=a.column_prefix,
+        overwrite=a.overwrite, sample_rows=a.sample_rows, seed=a.seed,
+        teacher_resource_hints=hints)
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.time()
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("titans").setLevel(args.log_level)
+    check_beam_args(parser, beam_args)
+    if args.command == "run":
+        from titans.pipeline.cascade import run_cascade
+        from titans.pipeline.plan import plan_run
+        from titans.pipeline.report import summary
+
+        try:
+            plan = plan_run(_config(args))
+        except ValueError as e:  # launch-time checks: say what to fix, no traceback
+            print(f"titans run: error: {e}", file=sys.stderr)
+            return 2
+        report = run_cascade(plan, beam_args, start)
+        print(summary(report))
+        print(f"labels: {plan.config.output}/labels/  report: {plan.config.output}/report.json")
+    elif args.command == "demo":
+        from titans.pipeline.demo import run_demo
+
+        run_demo(args.output, args.deferral_rate, args.seed, beam_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Train students (and demo teachers): a loop you can read top to bottom, CPU, seeded.
+
+    teacher = make_student("256,256", D, K, "kd"); train_supervised(teacher, X, y, ...)
+    student = make_student("linear", D, K, "easy", seed=0)
+    history = distill(student, X, teacher_probs, method="easy", target_deferral=0.2, ...)
+
+Methods (losses in ``titans.models.losses``):
+  kd     Hinton distillation from the teacher's probabilities (+ CE on labels when given)
+  easy   kd with cascade-aware per-row weights, re-estimated every epoch from the current student
+  defer  learning to defer: K+1 outputs, the last means "ask the teacher" (read by DeferHead)
+
+Determinism: the same seed gives the same weights (torch.manual_seed for anything global, a
+seeded torch.Generator for the shuffles). The returned module is an ``MLP`` in eval mode, so
+``titans.models.loading.save_torchscript`` can script it.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from titans.models import losses
+from titans.models.architectures import MLP, parse_hidden
+
+METHODS = ("kd", "easy", "defer")
+log = logging.getLogger(__name__)
+
+
+def make_student(arch: str | tuple[int, ...], in_features: int, num_classes: int, method: str = "kd",
+                 seed: int | None = None) -> nn.Module:
+    """An MLP with hidden widths ``arch`` ("linear", "32", "64,64" or a tuple); K+1 outputs for 'defer'."""
+    _check_method(method)
+    hidden = parse_hidden(arch) if isinstance(arch, str) else tuple(int(h) for h in arch)
+    if in_features <= 0 or num_classes < 2:
+        raise ValueError(f"need in_features > 0 and num_classes >= 2, got {in_features}, {num_classes}")
+    with torch.random.fork_rng(enabled=seed is not None):  # seeded init without touching global state
+        if seed is not None:
+            torch.manual_seed(seed)
+        return MLP(in_features, num_classes + (method == "defer"), hidden)
+
+
+def train_supervised(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int = 30,
+                     lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0,
+                     val: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True) -> list[dict]:
+    """Cross-entropy on labels (the demo's teacher and the plain student). Returns per-epoch history."""
+    Xt, yt = _features(X), _labels(y, len(X))
+    val_t = None if val is None else (_features(val[0]), _labels(val[1], len(val[0])))
+
+    def step(idx):
+        return nn.functional.cross_entropy(model(Xt[idx]), yt[idx])  # -log softmax(f(x))_y
+
+    def evaluate():
+        if val_t is None:
+            return {"val_accuracy": None}
+        pred = _logits(model, val_t[0]).argmax(dim=-1)
+        return {"val_accuracy": float((pred == val_t[1]).float().mean())}
+
+    return _loop(model, len(Xt), step, evaluate, epochs=epochs, lr=lr, batch_size=batch_size,
+                 weight_decay=weight_decay, seed=seed, progress=progress, desc="supervised")
+
+
+def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
+            labels: np.ndarray | None = None, method: str = "kd", target_deferral: float = 0.2,
+            temperature: float = 2.0, alpha: float = 0.5, defer_alpha: float = 1.0,
+            floor: float = losses.FLOOR, epochs: int = 30, lr: float = 1e-2, batch_size: int = 64,
+            weight_decay: float = 1e-4, seed: int = 0,
+            val: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+            progress: bool = True) -> list[dict]:
+    """Train ``student`` from the teacher's probabilities with ``method``; returns per-epoch history.
+
+    ``alpha`` mixes CE on labels into kd/easy; ``defer_alpha`` is Mozannar & Sontag's alpha for
+    'defer'. ``target_deferral`` is R: the share of rows the cascade will send to the teacher
+    ('easy' down-weights that share of rows, 'defer' caps its soft deferral rate at it).
+    """
+    _check_method(method)
+    Xt = _features(X)
+    n = len(Xt)
+    P = _probs(teacher_probs, n, "teacher_probs")
+    yt = None if labels is None else _labels(labels, n)
+    k = P.shape[1]
+    out = _logits(student, Xt[:1]).shape[1]
+    if out != k + (method == "defer"):
+        raise ValueError(f"student has {out} outputs; method {method!r} with {k} classes needs "
+                         f"{k + (method == 'defer')} (make it with make_student(..., method={method!r}))")
+    if not 0.0 <= target_deferral <= 1.0:
+        raise ValueError(f"target_deferral must be in [0, 1], got {target_deferral}")
+    teacher_pred = P.argmax(dim=-1)
+    target = teacher_pred if yt is None else yt  # defer's y: the label, or the teacher's answer
+    val_t = None
+    if val is not None:
+        Xv = _features(val[0])
+        val_t = (Xv, _probs(val[1], len(Xv), "val teacher_probs").argmax(dim=-1),
+                 None if val[2] is None else _labels(val[2], len(Xv)))
+    weights = torch.ones(n)
+    state = {"hard_share": None}
+
+    def on_epoch_start(epoch):
+        if method != "easy":
+            return
+        # re-estimate who is hard for the student as it is now, over the whole training set
+        w, hard = losses.easy_weights(_logits(student, Xt), P, labels=yt,
+                                      hard_fraction=target_deferral, floor=floor)
+        weights.copy_(w)
+        state["hard_share"] = float(hard.float().mean())
+
+    def step(idx):
+        s = student(Xt[idx])
+        lab = None if yt is None else yt[idx]
+        if method == "kd":
+            return losses.kd_loss(s, P[idx], temperature, lab, alpha)
+        if method == "easy":
+            return losses.easy_loss(s, P[idx], weights[idx], temperature, lab, alpha)
+        return losses.defer_loss(s, teacher_pred[idx], target[idx], defer_alpha,
+                                 target_deferral=target_deferral)
+
+    def evaluate():
+        row = {"val_agreement": None, "val_accuracy": None}
+        if method == "easy":
+            row["downweighted_share"] = state["hard_share"]
+        if val_t is None:
+            return row
+        logits = _logits(student, val_t[0])
+        pred = logits[:, :k].argmax(dim=-1)
+        row["val_agreement"] = float((pred == val_t[1]).float().mean())
+        if val_t[2] is not None:
+            row["val_accuracy"] = float((pred == val_t[2]).float().mean())
+        if method == "defer":
+            row["val_defer_rate"] = float((logits.argmax(dim=-1) == k).float().mean())
+        return row
+
+    return _loop(student, n, step, evaluate, epochs=epochs, lr=lr, batch_size=batch_size,
+                 weight_decay=weight_decay, seed=seed, progress=progress, desc=method,
+                 on_epoch_start=on_epoch_start)
+
+
+def _loop(model, n, step, evaluate, *, epochs, lr, batch_size, weight_decay, seed, progress, desc,
+          on_epoch_start=None) -> list[dict]:
+    """Shared minibatch loop: AdamW, a seeded shuffle per epoch, one log line per epoch."""
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    torch.manual_seed(seed)  # anything global (dropout), so a seed fixes the whole run
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            loss = step(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        row = {"epoch": epoch, "train_loss": total / n, **evaluate()}
+        history.append(row)
+        line = f"{desc} epoch {epoch + 1}/{epochs} " + " ".join(
+            f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
+        if progress:
+            bar.write(line)
+        else:
+            log.info(line)
+    model.eval()
+    return history
+
+
+def _logits(model: nn.Module, X: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Forward in eval mode without gradients, in chunks; leaves the model's mode as it was."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(X[i:i + chunk]) for i in range(0, len(X), chunk)])
+    model.train(was_training)
+    return out
+
+
+def _features(X) -> torch.Tensor:
+    X = np.asarray(X)
+    if X.ndim != 2 or len(X) == 0:
+        raise ValueError(f"X must be a non-empty float array [N, D], got shape {X.shape}")
+    return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+
+
+def _labels(y, n: int) -> torch.Tensor:
+    y = np.asarray(y)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers of shape ({n},), got {y.dtype} {y.shape}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _probs(P, n: int, what: str) -> torch.Tensor:
+    P = np.asarray(P, dtype=np.float32)
+    if P.ndim != 2 or len(P) != n:
+        raise ValueError(f"{what} must be [{n}, K], got shape {P.shape}")
+    if np.any(P < 0) or not np.allclose(P.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError(f"{what} must be probabilities (non-negative rows summing to 1)")
+    return torch.from_numpy(P)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown distillation method {method!r}; choose one of {METHODS}")

@@ -1,0 +1,97 @@
+"""The cascade pipeline, composed from named transforms (see the diagram in README.md)."""
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from titans.pipeline.plan import Plan
+from titans.pipeline.report import WriteReport, count_reasons, count_rows, read_json, write_json
+from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
+from titans.transforms.dead_letter import ToDeadLetter
+from titans.transforms.inference import ArrowModelHandler
+from titans.transforms.labels import StudentLabels, TeacherLabels
+from titans.transforms.parquet_io import ReadParquetBatches, WriteParquetBatches
+from titans.transforms.split import DEAD_LETTER, EASY, HARD, SplitByDeferral
+
+_LOG = logging.getLogger("titans")
+
+
+def student_handler(plan: Plan) -> ArrowModelHandler:
+    c = plan.config
+    return ArrowModelHandler(c.student, plan.features, StudentLabels(plan.rule, plan.columns),
+                             batch_size=c.batch_size, name="student")
+
+
+def teacher_handler(plan: Plan) -> ArrowModelHandler:
+    c = plan.config
+    return ArrowModelHandler(c.teacher, plan.features, TeacherLabels(plan.columns),
+                             batch_size=c.teacher_batch_size, name="teacher",
+                             resource_hints=c.teacher_resource_hints)
+
+
+def build_cascade(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
+    """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report."""
+    c = plan.config
+    read = p | "ReadBatches" >> ReadParquetBatches(plan.pattern, c.batch_size, plan.input_schema)
+    scored = read.tables | "ScoreStudent" >> RunInference(student_handler(plan))
+    split = scored | "SplitByDeferral" >> beam.ParDo(
+        SplitByDeferral(plan.threshold, plan.columns, plan.input_schema.names)
+    ).with_outputs(EASY, HARD, DEAD_LETTER)
+    teacher_labeled = split[HARD] | "ScoreTeacher" >> RunInference(teacher_handler(plan))
+
+    labeled = (split[EASY], teacher_labeled) | "Merge" >> beam.Flatten()
+    _ = labeled | "WriteLabels" >> WriteParquetBatches(
+        FileSystems.join(c.output, "labels"), plan.output_schema)
+
+    dead = ((read.dead_letter, split[DEAD_LETTER]) | "MergeDeadLetter" >> beam.Flatten()
+            | "FormatDeadLetter" >> ToDeadLetter())
+    _ = dead | "WriteDeadLetter" >> WriteParquetBatches(
+        FileSystems.join(c.output, "dead_letter"), DEAD_LETTER_SCHEMA)
+
+    unreadable = read.dead_letter | "UnconformingTables" >> beam.Map(lambda e: e[0])
+    counts = (
+        count_rows(read.tables, "in", "CountIn"),
+        count_rows(unreadable, "in", "CountInUnconforming"),
+        count_rows(split[EASY], "easy", "CountEasy"),
+        count_rows(split[HARD], "hard", "CountHard"),
+        count_rows(teacher_labeled, "teacher", "CountTeacher"),
+        count_rows(dead, "dead_letter", "CountDeadLetter"),
+        count_reasons(dead, "CountReasons"),
+    )
+    _ = (counts | "MergeCounts" >> beam.Flatten()
+         | "Report" >> WriteReport(report_path(c.output), plan.facts(), start_time))
+
+
+def report_path(output: str) -> str:
+    return FileSystems.join(output, "report.json")
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    options = PipelineOptions(beam_args)
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    return options
+
+
+def run_cascade(plan: Plan, beam_args: list[str], start: float | None = None) -> dict:
+    """Run the cascade to the end and return its report; ``start``: when the command began."""
+    start = time.time() if start is None else start
+    options = pipeline_options(beam_args)
+    p = beam.Pipeline(options=options)
+    build_cascade(p, plan, start)
+    p.run().wait_until_finish()
+    # the in-pipeline report is written before the output files are finalised: restate the
+    # wall time as launch-to-finish so rows/s covers the whole job
+    report = read_json(report_path(plan.config.output))
+    wall = time.time() - start
+    report["wall_seconds"] = round(wall, 3)
+    report["rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
+    report["runner"] = str(options.view_as(StandardOptions).runner)
+    write_json(report_path(plan.config.output), report)
+    return report
+

@@ -1,0 +1,190 @@
+"""Everything checked before a pipeline starts, and the decisions made from it.
+
+A wrong path, a missing column, a model that does not load or does not fit the
+features all fail here, on the launcher, with a message saying what to fix, instead
+of minutes into a distributed job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+from apache_beam.io.filesystems import FileSystems
+
+from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
+from titans.models.loading import ModelLoadError, count_parameters, load_model
+from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
+                                        resolve_feature_spec)
+from titans.transforms.inference import ModelRef
+from titans.transforms.labels import LabelColumns
+from titans.transforms.parquet_io import input_pattern, match_files, read_schema, sample_rows
+
+_LOG = logging.getLogger("titans")
+
+# what a run writes into its output directory; --overwrite removes exactly these
+OUTPUTS = ("labels", "dead_letter", "report.json")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    input: str
+    output: str
+    student: ModelRef
+    teacher: ModelRef
+    feature_columns: tuple[str, ...] = ("features",)
+    id_column: str | None = None
+    rule: str = "margin"
+    threshold: float | None = None
+    deferral_rate: float | None = None  # used when threshold is None; default 0.2
+    batch_size: int = 65536
+    teacher_batch_size: int = 16384
+    column_prefix: str = ""
+    overwrite: bool = False
+    sample_rows: int = 100_000
+    seed: int = 0
+    teacher_resource_hints: dict = dataclasses.field(default_factory=dict)
+    deferral_model: str | None = None
+
+
+@dataclasses.dataclass
+class Plan:
+    config: RunConfig
+    pattern: str
+    files: list[str]
+    input_schema: pa.Schema
+    features: FeatureSpec
+    columns: LabelColumns
+    output_schema: pa.Schema
+    rule: DeferralRule
+    threshold: float
+    threshold_source: str
+    num_classes: int
+    student_parameters: int
+    teacher_parameters: int
+
+    def facts(self) -> dict:
+        """Static facts of the run, for the report."""
+        c = self.config
+        return {
+            "rule": self.rule.name,
+            "threshold": json_float(self.threshold),
+            "threshold_source": self.threshold_source,
+            "requested_deferral_rate": c.deferral_rate if c.threshold is None else None,
+            "input": c.input, "input_files": len(self.files), "output": c.output,
+            "feature_columns": list(self.features.columns), "feature_dim": self.features.dim,
+            "num_classes": self.num_classes,
+            "student": c.student.path, "teacher": c.teacher.path,
+            "student_parameters": self.student_parameters,
+            "teacher_parameters": self.teacher_parameters,
+            "batch_size": c.batch_size, "teacher_batch_size": c.teacher_batch_size,
+        }
+
+
+def json_float(x: float):
+    """JSON has no infinities: -inf (defer everything) is written as the string '-inf'."""
+    return x if math.isfinite(x) else str(x)
+
+
+def plan_run(config: RunConfig) -> Plan:
+    _check_config(config)
+    prepare_output(config.output, config.overwrite)
+    pattern = input_pattern(config.input)
+    files = match_files(pattern)
+    schema = read_schema(files[0])
+    if config.id_column and config.id_column not in schema.names:
+        raise ValueError(f"--id-column {config.id_column!r} is not in the input; its columns are "
+                         f"{schema.names}")
+    sample = sample_rows(files, config.sample_rows, config.seed)
+    features = resolve_feature_spec(schema, tuple(config.feature_columns),
+                                    _first_vector_length(sample, config.feature_columns))
+    columns = LabelColumns(config.column_prefix)
+    output_schema = columns.output_schema(schema)
+    rule = make_rule(config.rule, config.deferral_model)
+
+    x, reasons = feature_matrix(sample, features)
+    if reasons is not None:
+        x = x[np.array([r is None for r in reasons])]
+    if len(x) == 0:
+        raise ValueError(f"none of the {sample.num_rows} sampled rows has valid features in "
+                         f"{list(features.columns)}; check --feature-columns")
+    student = _load_checked("student", config.student, features.dim)
+    teacher = _load_checked("teacher", config.teacher, features.dim)
+    with torch.inference_mode():
+        student_logits = student(as_tensor(x)).float()
+        teacher_classes = teacher(as_tensor(x[:4])).shape[-1]
+    num_classes = student_logits.shape[-1] - rule.extra_outputs
+    if num_classes != teacher_classes:
+        extra = f" (+{rule.extra_outputs} for rule {rule.name})" if rule.extra_outputs else ""
+        raise ValueError(f"student has {student_logits.shape[-1]} outputs{extra} but the teacher "
+                         f"has {teacher_classes}: they must agree on the number of classes")
+
+    if config.threshold is not None:
+        threshold, source = float(config.threshold), "given (--threshold)"
+    else:
+        rate = 0.2 if config.deferral_rate is None else config.deferral_rate
+        config.deferral_rate = rate
+        _, scores = rule(student_logits)
+        threshold = threshold_for_rate(scores.numpy(), rate)
+        source = (f"quantile {1 - rate:g} of student scores on a sample of {len(x):,} rows "
+                  f"(seed {config.seed})")
+    _LOG.info("rule %s, threshold %s: %s", rule.name, threshold, source)
+    return Plan(config, pattern, files, schema, features, columns, output_schema, rule,
+                threshold, source, num_classes, count_parameters(student),
+                count_parameters(teacher))
+
+
+def _check_config(c: RunConfig) -> None:
+    if c.threshold is not None and c.deferral_rate is not None:
+        raise ValueError("pass either --threshold or --deferral-rate, not both")
+    if c.deferral_rate is not None and not 0.0 <= c.deferral_rate <= 1.0:
+        raise ValueError(f"--deferral-rate must be between 0 and 1, got {c.deferral_rate}")
+    for name in ("batch_size", "teacher_batch_size", "sample_rows"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless ``overwrite``; then remove our old outputs."""
+    existing = FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
+    if not existing:
+        return
+    if not overwrite:
+        raise ValueError(f"output directory {output!r} is not empty; choose another --output or "
+                         f"pass --overwrite to replace a previous run's {', '.join(OUTPUTS)}")
+    for name in OUTPUTS:
+        path = FileSystems.join(output, name)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+
+
+def _load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
+    try:
+        model = load_model(ref.path, ref.model_class, device="cpu")
+    except ModelLoadError as e:
+        raise ValueError(f"--{role}: {e}") from e
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros((2, dim)))
+    except Exception as e:  # noqa: BLE001 - any failure here is a shape/contract problem
+        raise ValueError(f"--{role} {ref.path!r} does not accept a float32 [batch, {dim}] input "
+                         f"(the width of --feature-columns): {type(e).__name__}: {e}") from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"--{role} {ref.path!r} must return logits [batch, classes]; for a "
+                         f"[2, {dim}] input it returned {shape}")
+    return model
+
+
+def _first_vector_length(sample: pa.Table, columns) -> int | None:
+    if len(columns) != 1 or columns[0] not in sample.column_names:
+        return None
+    col = sample.column(columns[0])
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        return None
+    for v in col.drop_null().slice(0, 1).to_pylist():
+        return len(v)
+    return None

@@ -1,0 +1,105 @@
+"""The run report: row counts gathered inside the pipeline, written as ``report.json``.
+
+Counting happens in the pipeline (not from the launcher's metrics) so that the report
+is written on every runner, including Dataflow jobs whose launcher does not wait.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from titans.transforms.dead_letter import reason_counts
+
+REASON_PREFIX = "dead_letter_reason:"
+
+
+def count_rows(pcoll, key: str, label: str):
+    """(key, rows) for every table; the counts are summed by key in the report."""
+    return pcoll | label >> beam.Map(lambda t, k=key: (k, t.num_rows))
+
+
+def count_reasons(dead_tables, label: str):
+    return dead_tables | label >> beam.FlatMap(
+        lambda t: [(REASON_PREFIX + r, n) for r, n in reason_counts(t).items()])
+
+
+class WriteReport(beam.PTransform):
+    """Flattened (key, rows) counts -> ``path`` (JSON), merged with the run's static facts."""
+
+    def __init__(self, path: str, facts: dict, start_time: float):
+        super().__init__()
+        self._path = path
+        self._facts = facts
+        self._start = start_time
+
+    def expand(self, counts):
+        return (counts
+                | "Sum" >> beam.CombinePerKey(sum)
+                | "ToDict" >> beam.combiners.ToDict()
+                | "Write" >> beam.Map(self._write))
+
+    def _write(self, counts: dict):
+        report = build_report(counts, self._facts, time.time() - self._start)
+        write_json(self._path, report)
+        return report
+
+
+def build_report(counts: dict, facts: dict, wall_seconds: float) -> dict:
+    rows_in = counts.get("in", 0)
+    easy, hard, dead = counts.get("easy", 0), counts.get("hard", 0), counts.get("dead_letter", 0)
+    labeled = easy + hard
+    sp, tp = facts.get("student_parameters") or 0, facts.get("teacher_parameters") or 0
+    report = {
+        "rows_in": rows_in,
+        "rows_easy": easy,
+        "rows_hard": hard,
+        "rows_dead_letter": dead,
+        "rows_teacher_scored": counts.get("teacher", 0),
+        "conservation_ok": rows_in == easy + hard + dead,
+        "deferral_rate": hard / labeled if labeled else 0.0,
+        **{k: facts[k] for k in ("rule", "threshold", "threshold_source", "requested_deferral_rate")
+           if k in facts},
+        "wall_seconds": round(wall_seconds, 3),
+        "rows_per_second": round(rows_in / wall_seconds, 1) if wall_seconds > 0 else None,
+        "teacher_rows_avoided": easy,
+        "teacher_rows_avoided_share": easy / labeled if labeled else 0.0,
+        # compute proxy: parameters per row (an MLP costs ~2 FLOPs per weight per row)
+        "teacher_compute_avoided_share": (
+            1.0 - (labeled * sp + hard * tp) / (labeled * tp) if labeled and tp else None),
+        "dead_letter_reasons": {k[len(REASON_PREFIX):]: v for k, v in sorted(counts.items())
+                                if k.startswith(REASON_PREFIX)},
+    }
+    report.update({k: v for k, v in facts.items() if k not in report})
+    return report
+
+
+def write_json(path: str, data: dict) -> None:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(data, indent=2, default=str).encode())
+
+
+def read_json(path: str) -> dict:
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
+
+
+def summary(report: dict) -> str:
+    """A few readable lines for the end of a run."""
+    lines = [
+        f"rows in: {report['rows_in']:,}   easy (student): {report['rows_easy']:,}   "
+        f"hard (teacher): {report['rows_hard']:,}   dead letter: {report['rows_dead_letter']:,}",
+        f"deferral rate: {report['deferral_rate']:.1%} (rule {report.get('rule')}, threshold "
+        f"{report.get('threshold')})",
+        f"teacher rows avoided: {report['teacher_rows_avoided']:,} "
+        f"({report['teacher_rows_avoided_share']:.1%})" + (
+            f", teacher compute avoided: {report['teacher_compute_avoided_share']:.1%}"
+            if report.get("teacher_compute_avoided_share") is not None else ""),
+        f"wall time: {report['wall_seconds']:.1f} s ({report['rows_per_second'] or 0:,.0f} rows/s)",
+    ]
+    if report["rows_dead_letter"]:
+        lines.append("dead-letter reasons: " + "; ".join(
+            f"{n:,} x {r}" for r, n in report.get("dead_letter_reasons", {}).items()))
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Read and write Parquet as bounded Arrow tables, on any Beam filesystem (local, gs://, ...).
+
+Reading is planned per row group, not per file: a file's footer is split into
+(file, row group) units, the units are reshuffled so workers share them, and each unit
+is decoded ``batch_size`` rows at a time. So a batch never exceeds ``batch_size`` rows
+whatever the file layout (pyarrow writes 1M-row groups by default, Spark ~128 MB ones),
+and a few huge files still spread over many workers.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import apache_beam as beam
+from apache_beam.io import fileio
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+_LOG = logging.getLogger("titans")
+
+
+def input_pattern(path: str) -> str:
+    """A directory (local or URL) means every ``*.parquet`` file directly inside it."""
+    if any(ch in path for ch in "*?["):
+        return path
+    if path.endswith("/") or _is_local_dir(path):
+        return FileSystems.join(path.rstrip("/"), "*.parquet")
+    return path
+
+
+def _is_local_dir(path: str) -> bool:
+    import os
+
+    return "://" not in path and os.path.isdir(path)
+
+
+def match_files(pattern: str) -> list[str]:
+    """Sorted paths matching ``pattern``; ValueError with what to fix if there are none."""
+    try:
+        result = FileSystems.match([pattern])[0]
+    except Exception as e:  # noqa: BLE001 - bad scheme, missing bucket, no credentials...
+        raise ValueError(f"cannot list input {pattern!r}: {e}") from e
+    files = sorted(m.path for m in result.metadata_list if m.size_in_bytes > 0)
+    if not files:
+        raise ValueError(f"no non-empty file matches input {pattern!r}; check the path, or pass "
+                         f"a directory of .parquet files or a glob like 'data/*.parquet'")
+    return files
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """Local files are memory-mapped; anything else goes through Beam's filesystems."""
+    if "://" not in path:
+        return pq.ParquetFile(path, memory_map=True)
+    return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"))
+
+
+def read_schema(path: str) -> pa.Schema:
+    try:
+        return open_parquet(path).schema_arrow
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read {path!r} as Parquet: {e}") from e
+
+
+def sample_rows(files: list[str], rows: int, seed: int, columns: list[str] | None = None) -> pa.Table:
+    """About ``rows`` rows from randomly chosen row groups (the first rows of each).
+
+    Reads at most 32 files' footers and decodes only the rows it keeps, so it stays
+    cheap on huge datasets. Rows are spread over up to 32 (file, row group) units.
+    """
+    rng = random.Random(seed)
+    chosen = rng.sample(files, min(len(files), 32))
+    units = [(f, g) for f in chosen for g in range(open_parquet(f).num_row_groups)]
+    rng.shuffle(units)
+    units = units[:32]
+    per_unit = max(1, -(-rows // max(1, len(units))))
+    tables = []
+    for f, g in units:
+        batches = open_parquet(f).iter_batches(batch_size=per_unit, row_groups=[g], columns=columns)
+        first = next(iter(batches), None)
+        if first is not None:
+            tables.append(pa.Table.from_batches([first]))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+class _SplitIntoRowGroups(beam.DoFn):
+    def process(self, path: str):
+        for g in range(open_parquet(path).num_row_groups):
+            yield path, g
+
+
+class _ReadRowGroup(beam.DoFn):
+    """One row group -> tables of at most ``batch_size`` rows, cast to the input schema.
+
+    A table that cannot be cast (a file whose schema differs from the first file's)
+    goes whole to the ``dead_letter`` output with the reason, so its rows are counted.
+    """
+    DEAD_LETTER = "dead_letter"
+
+    def __init__(self, batch_size: int, schema: pa.Schema):
+        self._batch_size = batch_size
+        self._schema = schema
+
+    def process(self, unit):
+        path, group = unit
+        for batch in open_parquet(path).iter_batches(batch_size=self._batch_size,
+                                                      row_groups=[group]):
+            table = pa.Table.from_batches([batch])
+            try:
+                yield conform(table, self._schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, ValueError) as e:
+                yield beam.pvalue.TaggedOutput(
+                    self.DEAD_LETTER, (table, f"schema of {path} differs from the first input "
+                                              f"file: {e}", "read"))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns and types (raises if it cannot be)."""
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise KeyError(f"missing column(s) {missing}")
+    return table.select(schema.names).cast(schema)
+
+
+class ReadParquetBatches(beam.PTransform):
+    """Files matching ``pattern`` -> PCollection of pa.Table with at most ``batch_size`` rows.
+
+    Tagged outputs: ``tables`` (conforming to ``schema``) and ``dead_letter``
+    ((table, reason, stage) for batches whose schema cannot be made to conform).
+    """
+
+    def __init__(self, pattern: str, batch_size: int, schema: pa.Schema):
+        super().__init__()
+        self._pattern = pattern
+        self._batch_size = batch_size
+        self._schema = schema
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "MatchFiles" >> fileio.MatchFiles(self._pattern)
+            | "NonEmpty" >> beam.Filter(lambda m: m.size_in_bytes > 0)
+            | "Paths" >> beam.Map(lambda m: m.path)
+            | "SplitIntoRowGroups" >> beam.ParDo(_SplitIntoRowGroups())
+            | "Spread" >> beam.Reshuffle()
+            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, self._schema))
+            .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
+
+
+class WriteParquetBatches(beam.PTransform):
+    """Tables -> ``directory/part-SSSSS-of-NNNNN.parquet`` (snappy), one row group per table."""
+
+    def __init__(self, directory: str, schema: pa.Schema):
+        super().__init__()
+        self._prefix = FileSystems.join(directory, "part")
+        self._schema = schema
+
+    def expand(self, tables):
+        return tables | beam.io.WriteToParquetBatched(
+            self._prefix, schema=self._schema, codec="snappy", file_name_suffix=".parquet")
