@@ -157,13 +157,13 @@ def _p_values(counts: np.ndarray, n: int, eps: float, bound: str) -> np.ndarray:
 
 
 def _guarantee_text(mode: str, eps: float, delta: float, target_accuracy: float | None) -> str:
-    what = {
-        "loss_vs_teacher": f"the share of rows whose cascade label differs from the teacher's "
-                           f"(accuracy loss vs the teacher) is <= {eps:g}",
-        "loss_vs_teacher_labels": f"the share of rows the student gets wrong where the teacher is "
-                                  f"right (an upper bound on the accuracy loss vs the teacher) is <= {eps:g}",
-        "target_accuracy": f"the cascade's accuracy is >= {target_accuracy:g}",
-    }[mode]
+    if mode == "loss_vs_teacher":
+        what = f"the share of rows whose cascade label differs from the teacher's (accuracy loss vs the teacher) is <= {eps:g}"
+    elif mode == "loss_vs_teacher_labels":
+        what = (f"the share of rows the student gets wrong where the teacher is right "
+                f"(an upper bound on the accuracy loss vs the teacher) is <= {eps:g}")
+    else:
+        what = f"the cascade's accuracy is >= {target_accuracy:g}"
     return (f"with probability >= {1 - delta:g} over the calibration draw, {what}, "
             f"assuming calibration and test rows are exchangeable")
 

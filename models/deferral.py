@@ -94,14 +94,16 @@ def make_rule(name: str, learned_model: str | None = None) -> DeferralRule:
 
 
 def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
-    """Threshold t such that about ``rate`` of ``scores`` are > t (the (1 - rate) quantile)."""
+    """Threshold t such that round(rate * n) of ``scores`` are > t (fewer when scores tie at t).
+
+    This is the (1 - rate) quantile, taken as an observed score so that the count is exact.
+    """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"deferral rate must be in [0, 1], got {rate}")
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
     if scores.size == 0:
         raise ValueError("cannot set a threshold from zero scores")
-    if rate >= 1.0:
+    n_hard = int(round(rate * scores.size))
+    if n_hard >= scores.size:
         return float("-inf")
-    # inverted_cdf picks an observed score s_(ceil(n*(1-rate))): exactly n - ceil(n(1-rate))
-    # scores lie strictly above it when there are no ties.
-    return float(np.quantile(scores, 1.0 - rate, method="inverted_cdf"))
+    return float(scores[scores.size - n_hard - 1])

@@ -98,7 +98,7 @@ def plan_run(config: RunConfig) -> Plan:
     if config.id_column and config.id_column not in schema.names:
         raise ValueError(f"--id-column {config.id_column!r} is not in the input; its columns are "
                          f"{schema.names}")
-    sample = sample_rows(files, config.sample_rows, config.seed)
+    sample = sample_rows(files, config.sample_rows, config.seed, schema)
     features = resolve_feature_spec(schema, tuple(config.feature_columns),
                                     _first_vector_length(sample, config.feature_columns))
     columns = LabelColumns(config.column_prefix)

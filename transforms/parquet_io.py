@@ -12,6 +12,7 @@ import logging
 import random
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io import fileio
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,11 +63,12 @@ def read_schema(path: str) -> pa.Schema:
         raise ValueError(f"cannot read {path!r} as Parquet: {e}") from e
 
 
-def sample_rows(files: list[str], rows: int, seed: int, columns: list[str] | None = None) -> pa.Table:
+def sample_rows(files: list[str], rows: int, seed: int, schema: pa.Schema) -> pa.Table:
     """About ``rows`` rows from randomly chosen row groups (the first rows of each).
 
     Reads at most 32 files' footers and decodes only the rows it keeps, so it stays
-    cheap on huge datasets. Rows are spread over up to 32 (file, row group) units.
+    cheap on huge datasets. Rows are spread over up to 32 (file, row group) units and
+    conformed to ``schema``; rows that cannot be are left out.
     """
     rng = random.Random(seed)
     chosen = rng.sample(files, min(len(files), 32))
@@ -76,11 +78,11 @@ def sample_rows(files: list[str], rows: int, seed: int, columns: list[str] | Non
     per_unit = max(1, -(-rows // max(1, len(units))))
     tables = []
     for f, g in units:
-        batches = open_parquet(f).iter_batches(batch_size=per_unit, row_groups=[g], columns=columns)
+        batches = open_parquet(f).iter_batches(batch_size=per_unit, row_groups=[g])
         first = next(iter(batches), None)
         if first is not None:
-            tables.append(pa.Table.from_batches([first]))
-    return pa.concat_tables(tables) if tables else pa.table({})
+            tables.append(split_conforming(pa.Table.from_batches([first]), schema)[0])
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 class _SplitIntoRowGroups(beam.DoFn):
@@ -90,10 +92,10 @@ class _SplitIntoRowGroups(beam.DoFn):
 
 
 class _ReadRowGroup(beam.DoFn):
-    """One row group -> tables of at most ``batch_size`` rows, cast to the input schema.
+    """One row group -> tables of at most ``batch_size`` rows, conformed to the input schema.
 
-    A table that cannot be cast (a file whose schema differs from the first file's)
-    goes whole to the ``dead_letter`` output with the reason, so its rows are counted.
+    Rows that cannot be conformed (a file whose schema differs from the first file's)
+    go to the ``dead_letter`` output with the reason, so they are still counted.
     """
     DEAD_LETTER = "dead_letter"
 
@@ -105,23 +107,41 @@ class _ReadRowGroup(beam.DoFn):
         path, group = unit
         for batch in open_parquet(path).iter_batches(batch_size=self._batch_size,
                                                       row_groups=[group]):
-            table = pa.Table.from_batches([batch])
-            try:
-                yield conform(table, self._schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, ValueError) as e:
+            good, bad, reason = split_conforming(pa.Table.from_batches([batch]), self._schema)
+            if good.num_rows:
+                yield good
+            if bad is not None:
                 yield beam.pvalue.TaggedOutput(
-                    self.DEAD_LETTER, (table, f"schema of {path} differs from the first input "
-                                              f"file: {e}", "read"))
+                    self.DEAD_LETTER, (bad, f"{path} does not fit the first input file's "
+                                            f"schema: {reason}", "read"))
 
 
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns and types (raises if it cannot be)."""
+def split_conforming(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table | None, str]:
+    """(rows conformed to ``schema``, the rows that cannot be or None, why).
+
+    The common case is one cast of the whole table; only when that fails are rows cast
+    one by one, so a few odd rows (a vector of the wrong length in a variable-length
+    list column, say) do not take their whole batch down with them.
+    """
     if table.schema.equals(schema, check_metadata=False):
-        return table
+        return table, None, ""
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
-        raise KeyError(f"missing column(s) {missing}")
-    return table.select(schema.names).cast(schema)
+        return schema.empty_table(), table, f"missing column(s) {missing}"
+    table = table.select(schema.names)
+    try:
+        return table.cast(schema), None, ""
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        reason = str(e).splitlines()[0]
+    ok = np.zeros(table.num_rows, bool)
+    for i in range(table.num_rows):
+        try:
+            table.slice(i, 1).cast(schema)
+            ok[i] = True
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass
+    good = table.filter(pa.array(ok)).cast(schema) if ok.any() else schema.empty_table()
+    return good, (table.filter(pa.array(~ok)) if not ok.all() else None), reason
 
 
 class ReadParquetBatches(beam.PTransform):
@@ -150,11 +170,11 @@ class ReadParquetBatches(beam.PTransform):
 
 
 class WriteParquetBatches(beam.PTransform):
-    """Tables -> ``directory/part-SSSSS-of-NNNNN.parquet`` (snappy), one row group per table."""
+    """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.parquet`` (snappy), a row group per table."""
 
-    def __init__(self, directory: str, schema: pa.Schema):
+    def __init__(self, directory: str, schema: pa.Schema, prefix: str = "part"):
         super().__init__()
-        self._prefix = FileSystems.join(directory, "part")
+        self._prefix = FileSystems.join(directory, prefix)
         self._schema = schema
 
     def expand(self, tables):

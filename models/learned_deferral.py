@@ -1,0 +1,167 @@
+"""A post-hoc deferral model: P(student is wrong | its class probabilities).
+
+Jitkrittum et al. (NeurIPS 2023) find confidence rules hard to beat, but a small model on the
+student's outputs wins under label noise, specialist teachers and shift. Ours is logistic
+regression (``hidden=()``) or a tiny MLP on standardised features of the probabilities:
+
+    phi(p) = [p_(1), ..., p_(k)  (sorted, k = min(K, 5)),  p_(1) - p_(2),  H(p) / log K]
+    score  = sigmoid(f(phi(p)))      f fitted by L-BFGS on  BCE(score, wrong) + l2 * ||W||^2
+
+where "wrong" is 1[student != teacher] on a calibration set (or 1[student != label] when labels
+exist). The artifact is plain JSON (``save`` / ``load``); the object is plain tensors, so Beam can
+pickle it into a DoFn.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from titans.models.deferral import DeferralRule
+from titans.models.loading import read_bytes
+
+FORMAT = "titans.learned_deferral/1"
+MAX_TOP_K = 5
+
+
+def deferral_features(probs: torch.Tensor) -> torch.Tensor:
+    """phi(p) [B, k+2]: sorted top-k probabilities, top1 - top2 margin, normalised entropy."""
+    if probs.dim() != 2 or probs.shape[1] < 2:
+        raise ValueError(f"need class probabilities [B, K] with K >= 2, got {tuple(probs.shape)}")
+    probs = probs.float()
+    n_classes = probs.shape[1]
+    top = probs.topk(min(n_classes, MAX_TOP_K), dim=-1).values
+    margin = top[:, 0] - top[:, 1]
+    entropy = -torch.xlogy(probs, probs).sum(dim=-1) / math.log(n_classes)
+    return torch.cat([top, margin[:, None], entropy[:, None]], dim=1)
+
+
+def feature_names(num_classes: int) -> list[str]:
+    return [f"p_top{i + 1}" for i in range(min(num_classes, MAX_TOP_K))] + ["margin", "norm_entropy"]
+
+
+class LearnedDeferral(DeferralRule):
+    """score(probs) = predicted probability that the student is wrong (higher = defer)."""
+    name = "learned"
+
+    def __init__(self, hidden: tuple[int, ...] = (), l2: float = 1e-3, max_iter: int = 200):
+        self.hidden = tuple(int(h) for h in hidden)
+        self.l2 = float(l2)
+        self.max_iter = int(max_iter)
+        self.num_classes: int | None = None
+        self.mean = self.std = None
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight [out, in], bias [out])
+        self.train_info: dict = {}
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, student_probs, target_wrong, seed: int = 0) -> "LearnedDeferral":
+        """Fit on a calibration set: student probabilities [N, K] and 1[student wrong] [N]."""
+        probs = torch.as_tensor(np.asarray(student_probs, dtype=np.float32))
+        y = np.asarray(target_wrong)
+        if y.shape != (probs.shape[0],):
+            raise ValueError(f"target_wrong must have shape ({probs.shape[0]},), got {y.shape}")
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError("target_wrong must be 0/1 (or bool): 1 where the student is wrong")
+        y = torch.as_tensor(y.astype(np.float32))
+        n_wrong = int(y.sum())
+        if n_wrong in (0, len(y)):
+            raise ValueError(f"cannot learn when the student is wrong on {n_wrong} of {len(y)} rows: "
+                             f"use a larger or more varied calibration set, or a confidence rule")
+        feats = deferral_features(probs)
+        self.num_classes = probs.shape[1]
+        self.mean = feats.mean(dim=0)
+        std = feats.std(dim=0)
+        self.std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant feature: leave as is
+        z = (feats - self.mean) / self.std
+
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            widths = (z.shape[1], *self.hidden, 1)
+            linears = [torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
+        params = [p for lin in linears for p in lin.parameters()]
+        opt = torch.optim.LBFGS(params, max_iter=self.max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            logit = _forward(z, [(lin.weight, lin.bias) for lin in linears])
+            # BCE(sigmoid(f), wrong) + l2 * sum ||W||^2 (biases not penalised)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
+            loss = loss + self.l2 * sum((lin.weight ** 2).sum() for lin in linears)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.layers = [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in linears]
+        self.train_info = {"rows": int(len(y)), "wrong_rate": n_wrong / len(y), "seed": int(seed)}
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, probs: torch.Tensor) -> torch.Tensor:
+        if not self.layers:
+            raise RuntimeError("LearnedDeferral is not fitted: call fit(...) or LearnedDeferral.load(path)")
+        if probs.shape[-1] != self.num_classes:
+            raise ValueError(f"learned deferral model was fitted for {self.num_classes} classes, "
+                             f"got probabilities with {probs.shape[-1]}")
+        z = (deferral_features(probs) - self.mean) / self.std
+        with torch.no_grad():
+            return torch.sigmoid(_forward(z, self.layers))
+
+    def describe(self) -> dict:
+        return {"rule": self.name, "model": "logistic" if not self.hidden else f"mlp{list(self.hidden)}",
+                "features": feature_names(self.num_classes) if self.num_classes else None,
+                "num_classes": self.num_classes, "l2": self.l2, **self.train_info}
+
+    # ------------------------------------------------------------------ artifact
+    def to_dict(self) -> dict:
+        if not self.layers:
+            raise RuntimeError("nothing to save: the model is not fitted")
+        return {"format": FORMAT, "hidden": list(self.hidden), "l2": self.l2, "max_iter": self.max_iter,
+                "num_classes": self.num_classes, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in self.layers],
+                "train": self.train_info}
+
+    def save(self, path: str) -> None:
+        """Write the fitted model as JSON (float32 weights survive the round trip exactly)."""
+        from titans.models.calibration import write_bytes  # only when saving; keeps workers' imports small
+
+        write_bytes(path, json.dumps(self.to_dict(), indent=1).encode("utf-8"))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "learned deferral model") -> "LearnedDeferral":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{where}: not a learned deferral model (format {got!r}, expected {FORMAT!r})")
+        try:
+            model = cls(hidden=tuple(d["hidden"]), l2=d["l2"], max_iter=d["max_iter"])
+            model.num_classes = int(d["num_classes"])
+            model.mean = torch.tensor(d["mean"], dtype=torch.float32)
+            model.std = torch.tensor(d["std"], dtype=torch.float32)
+            model.layers = [(torch.tensor(layer["weight"], dtype=torch.float32),
+                             torch.tensor(layer["bias"], dtype=torch.float32)) for layer in d["layers"]]
+            model.train_info = dict(d.get("train", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed learned deferral model: {type(e).__name__}: {e}") from e
+        n_features = len(feature_names(model.num_classes))
+        if model.mean.shape != (n_features,) or not model.layers or model.layers[0][0].shape[1] != n_features:
+            raise ValueError(f"{where}: layer shapes do not match {n_features} features for "
+                             f"{model.num_classes} classes")
+        return model
+
+    @classmethod
+    def load(cls, path: str) -> "LearnedDeferral":
+        try:
+            d = json.loads(read_bytes(path))
+        except Exception as e:  # noqa: BLE001 - IO or JSON failure becomes one message
+            raise ValueError(f"cannot read learned deferral model {path!r}: {e}") from e
+        return cls.from_dict(d, where=path)
+
+
+def _forward(z: torch.Tensor, layers) -> torch.Tensor:
+    """Linear layers with ReLU between them; returns the logit [B]."""
+    for i, (w, b) in enumerate(layers):
+        z = z @ w.T + b
+        if i < len(layers) - 1:
+            z = torch.relu(z)
+    return z.squeeze(-1)

@@ -1,0 +1,119 @@
+"""The training loop: seeded, learns on digits, and gives modules the pipeline can load."""
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from titans.models.deferral import DeferHead, make_rule
+from titans.models.distill import distill, make_student, train_supervised
+from titans.models.loading import load_model, save_torchscript
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads cost more than they give (4x slower on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits split 1200 / 597 with a small supervised teacher's probabilities for every row."""
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    y = y.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(X))
+    tr, va = perm[:1200], perm[1200:]
+    teacher = make_student("64", 64, 10, seed=0)
+    hist = train_supervised(teacher, X[tr], y[tr], epochs=15, lr=3e-3, batch_size=64, seed=0,
+                            val=(X[va], y[va]), progress=False)
+    assert hist[-1]["val_accuracy"] > 0.9, hist[-1]
+    with torch.no_grad():
+        P = torch.softmax(teacher(torch.from_numpy(X)), dim=-1).numpy()
+    return {"X": X, "y": y, "P": P, "tr": tr, "va": va}
+
+
+def test_make_student_outputs_and_validation():
+    assert make_student("linear", 5, 3, "kd")(torch.zeros(2, 5)).shape == (2, 3)
+    assert make_student((8, 4), 5, 3, "defer")(torch.zeros(2, 5)).shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown distillation method"):
+        make_student("8", 5, 3, "selective")
+
+
+def test_same_seed_same_weights_different_seed_different(digits):
+    d = digits
+    X, P = d["X"][d["tr"][:300]], d["P"][d["tr"][:300]]
+
+    def run(seed, method="easy"):
+        s = make_student("8", 64, 10, method, seed=seed)
+        hist = distill(s, X, P, method=method, epochs=3, batch_size=32, seed=seed, progress=False)
+        return s.state_dict(), hist
+
+    (a, ha), (b, hb), (c, _) = run(1), run(1), run(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ha == hb
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_kd_and_easy_students_learn_the_teacher(digits):
+    d = digits
+    tr, va = d["tr"], d["va"]
+    for method in ("kd", "easy"):
+        s = make_student("linear", 64, 10, method, seed=0)
+        hist = distill(s, d["X"][tr], d["P"][tr], labels=d["y"][tr], method=method, epochs=8,
+                       seed=0, val=(d["X"][va], d["P"][va], d["y"][va]), progress=False)
+        last = hist[-1]
+        assert [h["epoch"] for h in hist] == list(range(8))
+        assert last["val_agreement"] > 0.85, (method, last)  # chance is 0.1
+        assert last["val_accuracy"] > 0.85, (method, last)
+        assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+        if method == "easy":
+            # ceil(0.2 * 1200) rows hard, re-estimated every epoch
+            assert last["downweighted_share"] == pytest.approx(240 / 1200)
+
+
+def test_defer_student_defers_where_it_disagrees_with_the_teacher(digits):
+    d = digits
+    tr, va = d["tr"], d["va"]
+    s = make_student("linear", 64, 10, "defer", seed=0)
+    hist = distill(s, d["X"][tr], d["P"][tr], method="defer", target_deferral=0.2, epochs=15,
+                   seed=0, val=(d["X"][va], d["P"][va], None), progress=False)
+    assert hist[-1]["val_accuracy"] is None
+    assert hist[-1]["val_agreement"] > 0.85
+    with torch.no_grad():
+        probs, score = DeferHead()(s(torch.from_numpy(d["X"][va])))
+    assert probs.shape == (len(va), 10)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(len(va)), atol=1e-5)
+    disagree = (probs.argmax(dim=1).numpy() != d["P"][va].argmax(axis=1))
+    assert 0 < disagree.sum() < len(va)
+    # rows where the student disagrees with the teacher get higher defer scores (AUC well above 0.5)
+    pos, neg = score.numpy()[disagree], score.numpy()[~disagree]
+    auc = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auc > 0.75, auc
+
+
+def test_scripted_student_saves_and_loads(tmp_path, digits):
+    d = digits
+    s = make_student("8", 64, 10, "defer", seed=0)
+    distill(s, d["X"][:200], d["P"][:200], method="defer", epochs=1, seed=0, progress=False)
+    path = str(tmp_path / "student.pt")
+    save_torchscript(s, path, {"method": "defer"})
+    loaded = load_model(path)
+    x = torch.from_numpy(d["X"][:50])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), s(x))
+    probs, score = make_rule("defer_head")(loaded(x))
+    assert probs.shape == (50, 10) and score.shape == (50,)
+
+
+def test_distill_validates_its_inputs(digits):
+    d = digits
+    s = make_student("linear", 64, 10, "kd")
+    with pytest.raises(ValueError, match="needs 11"):
+        distill(s, d["X"][:10], d["P"][:10], method="defer", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="probabilities"):
+        distill(s, d["X"][:10], d["P"][:10] * 2, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        distill(s, d["X"][:10], d["P"][:10], labels=np.zeros(10, dtype=np.float32), epochs=1, progress=False)
