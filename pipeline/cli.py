@@ -20,8 +20,10 @@ def _add_model_flags(p: argparse.ArgumentParser, role: str, required: bool = Tru
                         f"with --{role}-class. forward: float32 [batch, features] -> logits "
                         f"[batch, classes]")
     p.add_argument(f"--{role}-class", metavar="MODULE:CLASS",
-                   help=f"class to build the {role} from when MODEL is a state_dict; "
-                        f"constructed without arguments")
+                   help=f"class to build the {role} from when MODEL is a state_dict")
+    p.add_argument(f"--{role}-class-kwargs", metavar="JSON",
+                   help=f"constructor arguments of --{role}-class as a JSON object, "
+                        f"e.g. '{{\"in_features\": 64, \"out_features\": 10}}'")
 
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
@@ -141,8 +143,8 @@ def _config(a: argparse.Namespace):
         hints["min_ram"] = a.teacher_min_ram
     return RunConfig(
         input=a.input, output=a.output,
-        student=ModelRef(a.student, a.student_class, a.student_device),
-        teacher=ModelRef(a.teacher, a.teacher_class, a.teacher_device),
+        student=ModelRef(a.student, a.student_class, a.student_class_kwargs, a.student_device),
+        teacher=ModelRef(a.teacher, a.teacher_class, a.teacher_class_kwargs, a.teacher_device),
         feature_columns=tuple(c.strip() for c in a.feature_columns.split(",") if c.strip()),
         id_column=a.id_column, rule=a.rule, threshold=a.threshold, deferral_rate=a.deferral_rate,
         deferral_model=a.deferral_model, batch_size=a.batch_size,
@@ -174,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from titans.pipeline.demo import run_demo
 
-        run_demo(args.output, args.deferral_rate, args.seed, beam_args)
+        try:
+            run_demo(args.output, args.deferral_rate, args.seed, beam_args)
+        except ValueError as e:
+            print(f"titans demo: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

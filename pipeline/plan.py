@@ -7,6 +7,7 @@ of minutes into a distributed job.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 
@@ -16,7 +17,7 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
-from titans.models.loading import ModelLoadError, count_parameters, load_model
+from titans.models.loading import ModelLoadError, count_parameters
 from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
                                         resolve_feature_spec)
 from titans.transforms.inference import ModelRef
@@ -163,8 +164,8 @@ def prepare_output(output: str, overwrite: bool) -> None:
 
 def _load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
     try:
-        model = load_model(ref.path, ref.model_class, device="cpu")
-    except ModelLoadError as e:
+        model = ref.load("cpu")
+    except (ModelLoadError, json.JSONDecodeError) as e:
         raise ValueError(f"--{role}: {e}") from e
     try:
         with torch.inference_mode():

@@ -8,6 +8,7 @@ What the model's output means is left to ``annotate(table, logits, reasons) -> t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -32,7 +33,12 @@ class ModelRef:
     """Where a model lives and where it should run ('cpu', 'cuda' or 'auto')."""
     path: str
     model_class: str | None = None
+    model_kwargs: str | None = None  # JSON object of the class's constructor arguments
     device: str = "cpu"
+
+    def load(self, device: str) -> torch.nn.Module:
+        kwargs = json.loads(self.model_kwargs) if self.model_kwargs else None
+        return load_model(self.path, self.model_class, kwargs, device=device)
 
 
 @dataclasses.dataclass
@@ -60,7 +66,7 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
 
     def load_model(self) -> LoadedModel:
         device = resolve_device(self._model.device)  # raises rather than silently using the CPU
-        module = load_model(self._model.path, self._model.model_class, device=device)
+        module = self._model.load(device)
         where = device
         if device.startswith("cuda"):
             where = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
