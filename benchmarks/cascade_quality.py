@@ -288,8 +288,7 @@ def plot(run: dict, path: str) -> None:
         if rule in run["students"][m]["curves"]:
             chosen[f"{m}/{rule}"] = run["students"][m]["curves"][rule]
     scores, s_pred = run["students"]["kd"]["ltt_pool"]["max_prob"]
-    n_cal = len(run["plot"]["y_test"])
-    n_cal = len(scores) - n_cal  # the pool is cal rows then test rows
+    n_cal = len(scores) - len(run["plot"]["y_test"])  # the pool is the cal rows, then the test rows
     r = ltt_threshold(scores[:n_cal], s_pred[:n_cal], run["ltt_teacher"][:n_cal], max_accuracy_loss=0.02,
                       delta=LTT_DELTA)
     hard = scores[n_cal:] > r["threshold"]

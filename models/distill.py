@@ -74,6 +74,11 @@ def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
     ``alpha`` mixes CE on labels into kd/easy; ``defer_alpha`` is Mozannar & Sontag's alpha for
     'defer'. ``target_deferral`` is R: the share of rows the cascade will send to the teacher
     ('easy' down-weights that share of rows, 'defer' caps its soft deferral rate at it).
+    For 'easy' the weights are re-estimated at the start of every epoch from the student as it
+    is then, over all of X (so epoch 0 uses the freshly initialised student).
+    History rows: epoch, train_loss, val_agreement, val_accuracy (None without validation
+    labels), plus downweighted_share ('easy') or val_defer_rate (share of validation rows where
+    the defer output wins the argmax, 'defer').
     """
     _check_method(method)
     Xt = _features(X)

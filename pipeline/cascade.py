@@ -5,6 +5,7 @@ import logging
 import time
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -38,11 +39,15 @@ def build_cascade(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
     """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report."""
     c = plan.config
     read = p | "ReadBatches" >> ReadParquetBatches(plan.pattern, c.batch_size, plan.input_schema)
-    scored = read.tables | "ScoreStudent" >> RunInference(student_handler(plan))
+    # every table-valued PCollection is typed pa.Table, so Beam uses the Arrow coder for it
+    scored = read.tables | "ScoreStudent" >> RunInference(student_handler(plan)).with_output_types(
+        pa.Table)
     split = scored | "SplitByDeferral" >> beam.ParDo(
         SplitByDeferral(plan.threshold, plan.columns, plan.input_schema.names)
-    ).with_outputs(EASY, HARD, DEAD_LETTER)
-    teacher_labeled = split[HARD] | "ScoreTeacher" >> RunInference(teacher_handler(plan))
+    ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table).with_outputs(
+        EASY, HARD, DEAD_LETTER)
+    teacher_labeled = split[HARD] | "ScoreTeacher" >> RunInference(
+        teacher_handler(plan)).with_output_types(pa.Table)
 
     # Easy and teacher rows go to labels/ through one writer each rather than a Flatten:
     # the local runners execute a multi-input Flatten outside the fused stage, which

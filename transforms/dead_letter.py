@@ -27,7 +27,7 @@ class ToDeadLetter(beam.PTransform):
     """(table, reasons, stage) tuples -> dead-letter tables."""
 
     def expand(self, pcoll):
-        return pcoll | beam.MapTuple(dead_letter_table)
+        return pcoll | beam.MapTuple(dead_letter_table).with_output_types(pa.Table)
 
 
 def reason_counts(dead: pa.Table) -> dict[str, int]:

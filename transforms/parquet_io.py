@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
+
 _LOG = logging.getLogger("titans")
 
 
@@ -166,7 +168,7 @@ class ReadParquetBatches(beam.PTransform):
             | "SplitIntoRowGroups" >> beam.ParDo(_SplitIntoRowGroups())
             | "Spread" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, self._schema))
-            .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
+            .with_output_types(pa.Table).with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
 
 
 class WriteParquetBatches(beam.PTransform):
