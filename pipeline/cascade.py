@@ -39,15 +39,17 @@ def build_cascade(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
     """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report."""
     c = plan.config
     read = p | "ReadBatches" >> ReadParquetBatches(plan.pattern, c.batch_size, plan.input_schema)
-    # every table-valued PCollection is typed pa.Table, so Beam uses the Arrow coder for it
-    scored = read.tables | "ScoreStudent" >> RunInference(student_handler(plan)).with_output_types(
-        pa.Table)
-    split = scored | "SplitByDeferral" >> beam.ParDo(
+    # A batch a model raises on goes to the dead letter instead of failing the job (this also
+    # keeps the DirectRunner on its in-process engine rather than starting Prism).
+    scored, student_failed = read.tables | "ScoreStudent" >> RunInference(
+        student_handler(plan)).with_exception_handling()
+    split = tables_typed(scored) | "SplitByDeferral" >> beam.ParDo(
         SplitByDeferral(plan.threshold, plan.columns, plan.input_schema.names)
     ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table).with_outputs(
         EASY, HARD, DEAD_LETTER)
-    teacher_labeled = split[HARD] | "ScoreTeacher" >> RunInference(
-        teacher_handler(plan)).with_output_types(pa.Table)
+    teacher_labeled, teacher_failed = split[HARD] | "ScoreTeacher" >> RunInference(
+        teacher_handler(plan)).with_exception_handling()
+    teacher_labeled = tables_typed(teacher_labeled)
 
     # Easy and teacher rows go to labels/ through one writer each rather than a Flatten:
     # the local runners execute a multi-input Flatten outside the fused stage, which
@@ -58,7 +60,10 @@ def build_cascade(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
     _ = teacher_labeled | "WriteTeacherLabels" >> WriteParquetBatches(
         labels_dir, plan.output_schema, prefix="teacher")
 
-    dead = ((read.dead_letter, split[DEAD_LETTER]) | "MergeDeadLetter" >> beam.Flatten()
+    failed = [dlq.failed_inferences | f"{name}Failures" >> beam.FlatMap(
+        failed_batch, name.lower(), plan.input_schema.names)
+        for name, dlq in (("Student", student_failed), ("Teacher", teacher_failed))]
+    dead = ((read.dead_letter, split[DEAD_LETTER], *failed) | "MergeDeadLetter" >> beam.Flatten()
             | "FormatDeadLetter" >> ToDeadLetter())
     _ = dead | "WriteDeadLetter" >> WriteParquetBatches(
         FileSystems.join(c.output, "dead_letter"), DEAD_LETTER_SCHEMA)
@@ -75,6 +80,21 @@ def build_cascade(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
     )
     _ = (counts | "MergeCounts" >> beam.Flatten()
          | "Report" >> WriteReport(report_path(c.output), plan.facts(), start_time))
+
+
+def tables_typed(pcoll):
+    """Declare a RunInference output as pa.Table so Beam codes and sizes it with the Arrow
+    coder (its default, pickle, serialises every batch just to sample its size). RunInference
+    with exception handling rejects an output type hint, so it is set on the PCollection."""
+    pcoll.element_type = pa.Table
+    return pcoll
+
+
+def failed_batch(failure, stage: str, input_names: list[str]):
+    """A batch a model raised on -> (table, reason, stage) per table, input columns only."""
+    tables, (exc_type, exc_repr, _) = failure
+    for table in tables:
+        yield table.select(input_names), f"{stage} model failed on this batch: {exc_repr}", stage
 
 
 def report_path(output: str) -> str:

@@ -114,9 +114,13 @@ def plan_run(config: RunConfig) -> Plan:
                          f"{list(features.columns)}; check --feature-columns")
     student = _load_checked("student", config.student, features.dim)
     teacher = _load_checked("teacher", config.teacher, features.dim)
-    with torch.inference_mode():
-        student_logits = student(as_tensor(x)).float()
-        teacher_classes = teacher(as_tensor(x[:4])).shape[-1]
+    try:
+        with torch.inference_mode():
+            student_logits = student(as_tensor(x)).float()
+            teacher_classes = teacher(as_tensor(x[:4])).shape[-1]
+    except Exception as e:  # noqa: BLE001 - a model that fails on real rows
+        raise ValueError(f"a model failed on rows sampled from the input: {type(e).__name__}: "
+                         f"{e}") from e
     num_classes = student_logits.shape[-1] - rule.extra_outputs
     if num_classes != teacher_classes:
         extra = f" (+{rule.extra_outputs} for rule {rule.name})" if rule.extra_outputs else ""

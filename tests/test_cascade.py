@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import DIM, RUNNER, features_table, logits_of, read_labels, write_dataset
 from titans.models.deferral import make_rule
+from titans.models.loading import save_torchscript
 from titans.pipeline.cascade import run_cascade
 from titans.pipeline.plan import RunConfig, plan_run
 from titans.transforms.inference import ModelRef
@@ -98,3 +100,36 @@ def test_deferral_rate_lands_within_two_points(tmp_path, models, rate):
     assert abs(report["deferral_rate"] - rate) <= 0.02
     assert report["requested_deferral_rate"] == rate
     assert "sample of" in report["threshold_source"]
+
+
+class Picky(torch.nn.Module):
+    """A model that raises on a batch holding any feature above 100."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(DIM, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 100).any()):
+            raise RuntimeError("input out of range")
+        return self.linear(x)
+
+
+def test_a_batch_the_model_raises_on_goes_to_the_dead_letter(tmp_path, models):
+    data = tmp_path / "data"
+    x = np.random.default_rng(0).normal(size=(1000, DIM)).astype(np.float32)
+    x[10, 0] = 1000.0  # poisons the first 100-row batch only
+    os.makedirs(data)
+    pq.write_table(features_table(np.arange(1000), x), data / "part.parquet", row_group_size=100)
+    sample_ok = x.copy()
+    sample_ok[10, 0] = 0.0
+    picky = str(tmp_path / "picky.pt")
+    save_torchscript(Picky(), picky)
+    config = RunConfig(input=str(data), output=str(tmp_path / "out"), student=ModelRef(picky),
+                       teacher=ModelRef(models[1]), batch_size=100, deferral_rate=0.2,
+                       sample_rows=50)  # the sample (first 50 rows of a row group) avoids row 10
+    report = run_cascade(plan_run(config), RUNNER)
+    assert report["rows_dead_letter"] == 100 and report["conservation_ok"]
+    (reason, n), = report["dead_letter_reasons"].items()
+    assert n == 100 and "student model failed on this batch" in reason and "out of range" in reason
+    assert read_labels(tmp_path / "out").num_rows == 900

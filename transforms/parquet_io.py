@@ -13,7 +13,7 @@ import random
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
+from apache_beam.io import filebasedsink, fileio, filesystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -171,6 +171,41 @@ class ReadParquetBatches(beam.PTransform):
             .with_output_types(pa.Table).with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
 
 
+class _ParquetSink(filebasedsink.FileBasedSink):
+    """Tables -> Parquet files through Beam's temp-file-and-rename protocol (safe on retries).
+
+    Dictionary encoding only for non-floating columns: pyarrow tries it on every column by
+    default, and on float features it costs ~25% of the write for no gain.
+    """
+
+    def __init__(self, prefix: str, schema: pa.Schema):
+        super().__init__(prefix, coder=None, file_name_suffix=".parquet",
+                         mime_type="application/x-parquet",
+                         compression_type=filesystem.CompressionTypes.UNCOMPRESSED)
+        self._schema = schema
+        self._dictionary = [f.name for f in schema if not _is_floating(f.type)]
+
+    def open(self, temp_path):
+        handle = super().open(temp_path)
+        writer = pq.ParquetWriter(handle, self._schema, compression="snappy",
+                                  use_dictionary=self._dictionary)
+        return writer, handle
+
+    def write_record(self, file, table: pa.Table):
+        file[0].write_table(table)
+
+    def close(self, file):
+        writer, handle = file
+        writer.close()
+        handle.close()
+
+
+def _is_floating(t: pa.DataType) -> bool:
+    while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        t = t.value_type
+    return pa.types.is_floating(t)
+
+
 class WriteParquetBatches(beam.PTransform):
     """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.parquet`` (snappy), a row group per table."""
 
@@ -180,5 +215,4 @@ class WriteParquetBatches(beam.PTransform):
         self._schema = schema
 
     def expand(self, tables):
-        return tables | beam.io.WriteToParquetBatched(
-            self._prefix, schema=self._schema, codec="snappy", file_name_suffix=".parquet")
+        return tables | beam.io.iobase.Write(_ParquetSink(self._prefix, self._schema))
