@@ -88,7 +88,7 @@ class TeacherLabels:
 
 
 def with_source(table: pa.Table, columns: LabelColumns, source: str) -> pa.Table:
-    values = pa.array(np.full(table.num_rows, source, dtype=object), pa.string())
+    values = pa.repeat(pa.scalar(source, pa.string()), table.num_rows)
     if columns.source in table.column_names:
         return table.set_column(table.column_names.index(columns.source), columns.source, values)
     return table.append_column(columns.source, values)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
+from titans.transforms.overlap import BackgroundWriter, read_ahead
 
 _LOG = logging.getLogger("titans")
 
@@ -107,8 +108,8 @@ class _ReadRowGroup(beam.DoFn):
 
     def process(self, unit):
         path, group = unit
-        for batch in open_parquet(path).iter_batches(batch_size=self._batch_size,
-                                                      row_groups=[group]):
+        batches = open_parquet(path).iter_batches(batch_size=self._batch_size, row_groups=[group])
+        for batch in read_ahead(batches):
             good, bad, reason = split_conforming(pa.Table.from_batches([batch]), self._schema)
             if good.num_rows:
                 yield good
@@ -189,13 +190,14 @@ class _ParquetSink(filebasedsink.FileBasedSink):
         handle = super().open(temp_path)
         writer = pq.ParquetWriter(handle, self._schema, compression="snappy",
                                   use_dictionary=self._dictionary)
-        return writer, handle
+        return writer, handle, BackgroundWriter(writer.write_table)
 
     def write_record(self, file, table: pa.Table):
-        file[0].write_table(table)
+        file[2].put(table)
 
     def close(self, file):
-        writer, handle = file
+        writer, handle, background = file
+        background.close()
         writer.close()
         handle.close()
 

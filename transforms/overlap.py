@@ -1,0 +1,92 @@
+"""Overlap Parquet decoding and encoding with model work, one background thread each.
+
+Beam runs a fused stage on one thread per bundle: read, student, split, teacher and
+write follow one another. pyarrow releases the GIL while it decodes and encodes, so a
+reader thread that decodes the next batch and a writer thread that encodes the previous
+one keep a second core busy. Queues are bounded, so at most ``depth`` extra batches are
+held in memory.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Yield ``items`` while a background thread already produces the next ``depth``."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            put(_Failed(e))
+
+    thread = threading.Thread(target=produce, name="titans-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:  # also when the consumer stops early: let the producer end
+        stop.set()
+        thread.join()
+
+
+class BackgroundWriter:
+    """Calls ``write(item)`` on a background thread; ``close()`` waits and re-raises errors."""
+
+    def __init__(self, write: Callable[[T], None], depth: int = 2):
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="titans-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if self._error is None:
+                try:
+                    self._write(item)
+                except BaseException as e:  # noqa: BLE001 - re-raised by put/close
+                    self._error = e
+
+    def put(self, item: T) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def close(self) -> None:
+        self._queue.put(_DONE)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
