@@ -1,4 +1,4 @@
-"""The cascade pipeline, composed from named transforms (see the diagram in README.md)."""
+"""The pipelines, composed from named transforms (see the diagram in README.md)."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +6,7 @@ import time
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -15,9 +16,10 @@ from titans.pipeline.report import WriteReport, count_reasons, count_rows, read_
 from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
 from titans.transforms.dead_letter import ToDeadLetter
 from titans.transforms.inference import ArrowModelHandler
-from titans.transforms.labels import StudentLabels, TeacherLabels
+from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels, TeacherProbs
 from titans.transforms.parquet_io import ReadParquetBatches, WriteParquetBatches
-from titans.transforms.split import DEAD_LETTER, EASY, HARD, SplitByDeferral
+from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateAudits,
+                                     SplitByDeferral, SplitErrors)
 
 _LOG = logging.getLogger("titans")
 
@@ -30,54 +32,70 @@ def student_handler(plan: Plan) -> ArrowModelHandler:
 
 def teacher_handler(plan: Plan) -> ArrowModelHandler:
     c = plan.config
-    return ArrowModelHandler(c.teacher, plan.features, TeacherLabels(plan.columns),
+    annotate = TeacherProbs(plan.columns) if plan.teacher_only else TeacherLabels(plan.columns)
+    return ArrowModelHandler(c.teacher, plan.features, annotate,
                              batch_size=c.teacher_batch_size, name="teacher",
                              resource_hints=c.teacher_resource_hints)
 
 
-def build_cascade(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
-    """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report."""
+def build_pipeline(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
+    """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report;
+    or, for `titans teacher-label`, read -> teacher -> write."""
     c = plan.config
-    read = p | "ReadBatches" >> ReadParquetBatches(plan.pattern, c.batch_size, plan.input_schema)
-    # A batch a model raises on goes to the dead letter instead of failing the job (this also
-    # keeps the DirectRunner on its in-process engine rather than starting Prism).
-    scored, student_failed = read.tables | "ScoreStudent" >> RunInference(
-        student_handler(plan)).with_exception_handling()
-    split = tables_typed(scored) | "SplitByDeferral" >> beam.ParDo(
-        SplitByDeferral(plan.threshold, plan.columns, plan.input_schema.names)
-    ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table).with_outputs(
-        EASY, HARD, DEAD_LETTER)
-    teacher_labeled, teacher_failed = split[HARD] | "ScoreTeacher" >> RunInference(
-        teacher_handler(plan)).with_exception_handling()
-    teacher_labeled = tables_typed(teacher_labeled)
-
-    # Easy and teacher rows go to labels/ through one writer each rather than a Flatten:
-    # the local runners execute a multi-input Flatten outside the fused stage, which
-    # materialises every labeled row in memory (2 GB and +2 s per 1M x 64 floats, measured).
+    names = plan.input_schema.names
     labels_dir = FileSystems.join(c.output, "labels")
-    _ = split[EASY] | "WriteStudentLabels" >> WriteParquetBatches(
-        labels_dir, plan.output_schema, prefix="student")
-    _ = teacher_labeled | "WriteTeacherLabels" >> WriteParquetBatches(
-        labels_dir, plan.output_schema, prefix="teacher")
+    read = p | "ReadBatches" >> ReadParquetBatches(plan.pattern, c.batch_size, plan.input_schema)
+    unconforming = read.dead_letter | "UnconformingTables" >> beam.Map(lambda e: e[0])
+    counts = [count_rows(read.tables, "in", "CountIn"),
+              count_rows(unconforming, "in", "CountInUnconforming")]
+    dead_parts = [read.dead_letter]
 
-    failed = [dlq.failed_inferences | f"{name}Failures" >> beam.FlatMap(
-        failed_batch, name.lower(), plan.input_schema.names)
-        for name, dlq in (("Student", student_failed), ("Teacher", teacher_failed))]
-    dead = ((read.dead_letter, split[DEAD_LETTER], *failed) | "MergeDeadLetter" >> beam.Flatten()
+    if plan.teacher_only:
+        scored, teacher_failed = read.tables | "ScoreTeacher" >> RunInference(
+            teacher_handler(plan)).with_exception_handling()
+        labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(
+            SplitErrors(names)).with_output_types(pa.Table).with_outputs(DEAD_LETTER, main="ok")
+        _ = labeled.ok | "WriteTeacherLabels" >> WriteParquetBatches(
+            labels_dir, plan.output_schema, prefix="teacher")
+        counts += [count_rows(labeled.ok, "hard", "CountLabeled"),
+                   count_rows(labeled.ok, "teacher", "CountTeacher")]
+        dead_parts += [labeled[DEAD_LETTER], failures(teacher_failed, "teacher", names)]
+    else:
+        # A batch a model raises on goes to the dead letter instead of failing the job (this
+        # also keeps the DirectRunner on its in-process engine rather than starting Prism).
+        scored, student_failed = read.tables | "ScoreStudent" >> RunInference(
+            student_handler(plan)).with_exception_handling()
+        split = tables_typed(scored) | "SplitByDeferral" >> beam.ParDo(
+            SplitByDeferral(plan.threshold, plan.columns, names, c.audit_rate, c.seed)
+        ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table).with_outputs(
+            EASY, HARD, DEAD_LETTER)
+        teacher_scored, teacher_failed = split[HARD] | "ScoreTeacher" >> RunInference(
+            teacher_handler(plan)).with_exception_handling()
+        teacher = tables_typed(teacher_scored) | "SeparateAudits" >> beam.ParDo(
+            SeparateAudits(plan.columns)).with_output_types(pa.Table).with_outputs(
+            AUDITED, main="hard")
+
+        # Easy and teacher rows go to labels/ through one writer each rather than a Flatten:
+        # the local runners execute a multi-input Flatten outside the fused stage, which
+        # materialises every labeled row in memory (2 GB and +2 s per 1M x 64 floats, measured).
+        _ = split[EASY] | "WriteStudentLabels" >> WriteParquetBatches(
+            labels_dir, plan.output_schema, prefix="student")
+        _ = teacher.hard | "WriteTeacherLabels" >> WriteParquetBatches(
+            labels_dir, plan.output_schema, prefix="teacher")
+        counts += [count_rows(split[EASY], "easy", "CountEasy"),
+                   count_rows(teacher.hard, "hard", "CountHard"),
+                   count_rows(tables_typed(teacher_scored), "teacher", "CountTeacher"),
+                   teacher[AUDITED] | "CountAudits" >> beam.FlatMap(
+                       lambda a: [("audit", a[0]), ("audit_agree", a[1])])]
+        dead_parts += [split[DEAD_LETTER], failures(student_failed, "student", names),
+                       failures(teacher_failed, "teacher", names)]
+
+    dead = (dead_parts | "MergeDeadLetter" >> beam.Flatten()
             | "FormatDeadLetter" >> ToDeadLetter())
     _ = dead | "WriteDeadLetter" >> WriteParquetBatches(
         FileSystems.join(c.output, "dead_letter"), DEAD_LETTER_SCHEMA)
-
-    unreadable = read.dead_letter | "UnconformingTables" >> beam.Map(lambda e: e[0])
-    counts = (
-        count_rows(read.tables, "in", "CountIn"),
-        count_rows(unreadable, "in", "CountInUnconforming"),
-        count_rows(split[EASY], "easy", "CountEasy"),
-        count_rows(split[HARD], "hard", "CountHard"),
-        count_rows(teacher_labeled, "teacher", "CountTeacher"),
-        count_rows(dead, "dead_letter", "CountDeadLetter"),
-        count_reasons(dead, "CountReasons"),
-    )
+    counts += [count_rows(dead, "dead_letter", "CountDeadLetter"),
+               count_reasons(dead, "CountReasons")]
     _ = (counts | "MergeCounts" >> beam.Flatten()
          | "Report" >> WriteReport(report_path(c.output), plan.facts(), start_time))
 
@@ -90,11 +108,16 @@ def tables_typed(pcoll):
     return pcoll
 
 
-def failed_batch(failure, stage: str, input_names: list[str]):
-    """A batch a model raised on -> (table, reason, stage) per table, input columns only."""
-    tables, (exc_type, exc_repr, _) = failure
-    for table in tables:
-        yield table.select(input_names), f"{stage} model failed on this batch: {exc_repr}", stage
+def failures(dlq, stage: str, input_names: list[str]):
+    """RunInference's failed batches -> (table, reason, stage) per table, input columns only.
+    Audited easy rows are dropped: they are labeled by the student already."""
+    def to_dead_letter(failure):
+        tables, (_, exc_repr, _) = failure
+        for table in tables:
+            if AUDIT in table.column_names:
+                table = table.filter(pc.invert(table.column(AUDIT)))
+            yield table.select(input_names), f"{stage} model failed on this batch: {exc_repr}", stage
+    return dlq.failed_inferences | f"{stage.title()}Failures" >> beam.FlatMap(to_dead_letter)
 
 
 def report_path(output: str) -> str:
@@ -113,7 +136,7 @@ def run_cascade(plan: Plan, beam_args: list[str], start: float | None = None) ->
     start = time.time() if start is None else start
     options = pipeline_options(beam_args)
     p = beam.Pipeline(options=options)
-    build_cascade(p, plan, start)
+    build_pipeline(p, plan, start)
     result = p.run()
     result.wait_until_finish()
     # the in-pipeline report is written before the output files are finalised: restate the

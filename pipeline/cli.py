@@ -47,6 +47,31 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
                         "whatever the files' row-group size (default: %(default)s)")
 
 
+def _add_teacher_stage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher-batch-size", type=int, default=16384, metavar="N",
+                   help="rows per teacher forward pass; hard rows from several batches are "
+                        "merged up to this size (default: %(default)s)")
+    p.add_argument("--teacher-device", default="auto", metavar="DEVICE",
+                   help="cpu, cuda or auto = cuda when the worker has a GPU; asking for cuda "
+                        "on a worker without one fails rather than silently using the CPU "
+                        "(default: %(default)s)")
+    p.add_argument("--teacher-accelerator", metavar="HINT",
+                   help="Beam resource hint for the teacher stage only, e.g. "
+                        "'type:nvidia-l4;count:1;install-nvidia-driver' on Dataflow; "
+                        "no effect on local runners")
+    p.add_argument("--teacher-min-ram", metavar="SIZE",
+                   help="Beam min_ram resource hint for the teacher stage, e.g. 16GB")
+    p.add_argument("--column-prefix", default="", metavar="PREFIX",
+                   help="prefix for the columns titans adds (label, confidence, ...), for an "
+                        "input that already has a column of that name")
+    p.add_argument("--sample-rows", type=int, default=100_000, metavar="N",
+                   help="rows sampled (from up to 32 random row groups) before the pipeline "
+                        "starts, to check the models on real rows and to set the threshold "
+                        "for --deferral-rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sample and of --audit-rate (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="titans", allow_abbrev=False,
@@ -65,12 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_flags(run)
     _add_model_flags(run, "student")
     _add_model_flags(run, "teacher")
-    run.add_argument("--rule", default="margin",
-                     choices=["max_prob", "margin", "entropy", "defer_head", "learned"],
+    run.add_argument("--rule", choices=["max_prob", "margin", "entropy", "defer_head", "learned"],
                      help="deferral score, higher = harder: max_prob = 1 - max p; margin = "
                           "1 - (p1 - p2); entropy = H(p)/log K; defer_head = p(defer) of a "
-                          "--method defer student; learned = a post-hoc model, see "
-                          "--deferral-model (default: %(default)s)")
+                          "`titans distill --method defer` student; learned = a post-hoc model, "
+                          "see --deferral-model (default: margin)")
     how = run.add_mutually_exclusive_group()
     how.add_argument("--threshold", type=float, metavar="T",
                      help="send a row to the teacher when its deferral score > T")
@@ -78,30 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of rows to send to the teacher (0-1); the threshold is the "
                           "(1-R) quantile of student scores on a sample of the input "
                           "(--sample-rows). Default when no --threshold: 0.2")
+    how.add_argument("--calibration", metavar="CAL.json",
+                     help="rule and threshold chosen by `titans calibrate` (for a budget or "
+                          "with an accuracy guarantee); replaces --rule/--threshold/"
+                          "--deferral-rate/--deferral-model")
     run.add_argument("--deferral-model", metavar="PATH",
-                     help="trained post-hoc deferral model for --rule learned")
-    run.add_argument("--sample-rows", type=int, default=100_000, metavar="N",
-                     help="rows sampled (from up to 32 random row groups) to set the threshold "
-                          "for --deferral-rate (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
-    run.add_argument("--teacher-batch-size", type=int, default=16384, metavar="N",
-                     help="rows per teacher forward pass; hard rows from several batches are "
-                          "merged up to this size (default: %(default)s)")
+                     help="trained post-hoc deferral model for --rule learned (written by "
+                          "`titans calibrate`)")
+    run.add_argument("--audit-rate", type=float, default=0.0, metavar="A",
+                     help="also send a seeded random share A of the easy rows to the teacher; "
+                          "their labels stay the student's, and the report gives the "
+                          "student-teacher agreement on them with a 95%% confidence interval "
+                          "(default: 0, no audit)")
     run.add_argument("--student-device", default="cpu", metavar="DEVICE",
                      help="cpu, cuda or auto (default: %(default)s)")
-    run.add_argument("--teacher-device", default="auto", metavar="DEVICE",
-                     help="cpu, cuda or auto = cuda when the worker has a GPU; asking for cuda "
-                          "on a worker without one fails rather than silently using the CPU "
-                          "(default: %(default)s)")
-    run.add_argument("--teacher-accelerator", metavar="HINT",
-                     help="Beam resource hint for the teacher stage only, e.g. "
-                          "'type:nvidia-l4;count:1;install-nvidia-driver' on Dataflow; "
-                          "no effect on local runners")
-    run.add_argument("--teacher-min-ram", metavar="SIZE",
-                     help="Beam min_ram resource hint for the teacher stage, e.g. 16GB")
-    run.add_argument("--column-prefix", default="", metavar="PREFIX",
-                     help="prefix for the added columns label, confidence, deferral_score, "
-                          "source (use when the input already has such a column)")
+    _add_teacher_stage_flags(run)
+
+    label = sub.add_parser(
+        "teacher-label", allow_abbrev=False,
+        help="label every row with the teacher, writing its class probabilities",
+        description="The same Beam pipeline with the teacher on every row: writes label, "
+                    "confidence and teacher_probs (all K probabilities) next to every input "
+                    "column, so a student can be distilled (`titans distill --teacher-probs "
+                    "teacher_probs`) from unlabeled data at scale. Flags not listed below are "
+                    "Beam pipeline options.")
+    _add_input_flags(label)
+    _add_model_flags(label, "teacher")
+    _add_teacher_stage_flags(label)
 
     demo = sub.add_parser(
         "demo", allow_abbrev=False,
@@ -141,16 +168,19 @@ def _config(a: argparse.Namespace):
         hints["accelerator"] = a.teacher_accelerator
     if a.teacher_min_ram:
         hints["min_ram"] = a.teacher_min_ram
+    cascade = a.command == "run"
     return RunConfig(
         input=a.input, output=a.output,
-        student=ModelRef(a.student, a.student_class, a.student_class_kwargs, a.student_device),
+        student=ModelRef(a.student, a.student_class, a.student_class_kwargs, a.student_device)
+        if cascade else None,
         teacher=ModelRef(a.teacher, a.teacher_class, a.teacher_class_kwargs, a.teacher_device),
         feature_columns=tuple(c.strip() for c in a.feature_columns.split(",") if c.strip()),
-        id_column=a.id_column, rule=a.rule, threshold=a.threshold, deferral_rate=a.deferral_rate,
-        deferral_model=a.deferral_model, batch_size=a.batch_size,
-        teacher_batch_size=a.teacher_batch_size, column_prefix=a.column_prefix,
-        overwrite=a.overwrite, sample_rows=a.sample_rows, seed=a.seed,
-        teacher_resource_hints=hints)
+        id_column=a.id_column, batch_size=a.batch_size, teacher_batch_size=a.teacher_batch_size,
+        column_prefix=a.column_prefix, overwrite=a.overwrite, sample_rows=a.sample_rows,
+        seed=a.seed, teacher_resource_hints=hints,
+        **({"rule": a.rule, "threshold": a.threshold, "deferral_rate": a.deferral_rate,
+            "calibration": a.calibration, "deferral_model": a.deferral_model,
+            "audit_rate": a.audit_rate} if cascade else {}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("titans").setLevel(args.log_level)
     check_beam_args(parser, beam_args)
-    if args.command == "run":
+    if args.command in ("run", "teacher-label"):
         from titans.pipeline.cascade import run_cascade
         from titans.pipeline.plan import plan_run
         from titans.pipeline.report import summary
@@ -168,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plan = plan_run(_config(args))
         except ValueError as e:  # launch-time checks: say what to fix, no traceback
-            print(f"titans run: error: {e}", file=sys.stderr)
+            print(f"titans {args.command}: error: {e}", file=sys.stderr)
             return 2
         report = run_cascade(plan, beam_args, start)
         print(summary(report))

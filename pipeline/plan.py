@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 from apache_beam.io.filesystems import FileSystems
 
+from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelLoadError, count_parameters
 from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
@@ -32,15 +33,20 @@ OUTPUTS = ("labels", "dead_letter", "report.json")
 
 @dataclasses.dataclass
 class RunConfig:
+    """What a user asked for. ``student=None`` means `titans teacher-label`: the teacher on
+    every row, writing its probabilities."""
     input: str
     output: str
-    student: ModelRef
+    student: ModelRef | None
     teacher: ModelRef
     feature_columns: tuple[str, ...] = ("features",)
     id_column: str | None = None
-    rule: str = "margin"
+    rule: str | None = None  # default margin, or the calibration file's
     threshold: float | None = None
-    deferral_rate: float | None = None  # used when threshold is None; default 0.2
+    deferral_rate: float | None = None  # used when no threshold is given; default 0.2
+    calibration: str | None = None  # CAL.json from `titans calibrate`: rule and threshold
+    deferral_model: str | None = None
+    audit_rate: float = 0.0
     batch_size: int = 65536
     teacher_batch_size: int = 16384
     column_prefix: str = ""
@@ -48,7 +54,6 @@ class RunConfig:
     sample_rows: int = 100_000
     seed: int = 0
     teacher_resource_hints: dict = dataclasses.field(default_factory=dict)
-    deferral_model: str | None = None
 
 
 @dataclasses.dataclass
@@ -60,28 +65,36 @@ class Plan:
     features: FeatureSpec
     columns: LabelColumns
     output_schema: pa.Schema
-    rule: DeferralRule
-    threshold: float
-    threshold_source: str
     num_classes: int
-    student_parameters: int
     teacher_parameters: int
+    student_parameters: int = 0
+    rule: DeferralRule | None = None
+    threshold: float | None = None
+    threshold_source: str = ""
+
+    @property
+    def teacher_only(self) -> bool:
+        return self.config.student is None
 
     def facts(self) -> dict:
         """Static facts of the run, for the report."""
         c = self.config
-        return {
-            "rule": self.rule.name,
-            "threshold": json_float(self.threshold),
-            "threshold_source": self.threshold_source,
-            "requested_deferral_rate": c.deferral_rate if c.threshold is None else None,
+        facts = {
             "input": c.input, "input_files": len(self.files), "output": c.output,
             "feature_columns": list(self.features.columns), "feature_dim": self.features.dim,
-            "num_classes": self.num_classes,
-            "student": c.student.path, "teacher": c.teacher.path,
-            "student_parameters": self.student_parameters,
+            "num_classes": self.num_classes, "teacher": c.teacher.path,
             "teacher_parameters": self.teacher_parameters,
             "batch_size": c.batch_size, "teacher_batch_size": c.teacher_batch_size,
+        }
+        if self.teacher_only:
+            return {"mode": "teacher-label (teacher on every row)", **facts}
+        return {
+            "mode": "cascade", "rule": self.rule.name, "threshold": json_float(self.threshold),
+            "threshold_source": self.threshold_source,
+            "requested_deferral_rate": c.deferral_rate if self.threshold_source.startswith(
+                "quantile") else None,
+            "calibration": c.calibration, "audit_rate": c.audit_rate,
+            "student": c.student.path, "student_parameters": self.student_parameters, **facts,
         }
 
 
@@ -92,7 +105,7 @@ def json_float(x: float):
 
 def plan_run(config: RunConfig) -> Plan:
     _check_config(config)
-    prepare_output(config.output, config.overwrite)
+    prepare_output(config.output, config.overwrite, clear=False)  # fail early, delete last
     pattern = input_pattern(config.input)
     files = match_files(pattern)
     schema = read_schema(files[0])
@@ -102,33 +115,34 @@ def plan_run(config: RunConfig) -> Plan:
     sample = sample_rows(files, config.sample_rows, config.seed, schema)
     features = resolve_feature_spec(schema, tuple(config.feature_columns),
                                     _first_vector_length(sample, config.feature_columns))
-    columns = LabelColumns(config.column_prefix)
-    output_schema = columns.output_schema(schema)
-    rule = make_rule(config.rule, config.deferral_model)
-
     x, reasons = feature_matrix(sample, features)
     if reasons is not None:
         x = x[np.array([r is None for r in reasons])]
     if len(x) == 0:
         raise ValueError(f"none of the {sample.num_rows} sampled rows has valid features in "
                          f"{list(features.columns)}; check --feature-columns")
-    student = _load_checked("student", config.student, features.dim)
+    columns = LabelColumns(config.column_prefix)
     teacher = _load_checked("teacher", config.teacher, features.dim)
-    try:
-        with torch.inference_mode():
-            student_logits = student(as_tensor(x)).float()
-            teacher_classes = teacher(as_tensor(x[:4])).shape[-1]
-    except Exception as e:  # noqa: BLE001 - a model that fails on real rows
-        raise ValueError(f"a model failed on rows sampled from the input: {type(e).__name__}: "
-                         f"{e}") from e
+    teacher_classes = _outputs(teacher, x[:4]).shape[-1]
+    if config.student is None:
+        prepare_output(config.output, config.overwrite)
+        return Plan(config, pattern, files, schema, features, columns,
+                    columns.output_schema(schema, columns.teacher_fields(teacher_classes)),
+                    teacher_classes, count_parameters(teacher))
+
+    _apply_calibration(config)
+    rule = make_rule(config.rule or "margin", config.deferral_model)
+    student = _load_checked("student", config.student, features.dim)
+    student_logits = _outputs(student, x)
     num_classes = student_logits.shape[-1] - rule.extra_outputs
     if num_classes != teacher_classes:
         extra = f" (+{rule.extra_outputs} for rule {rule.name})" if rule.extra_outputs else ""
         raise ValueError(f"student has {student_logits.shape[-1]} outputs{extra} but the teacher "
                          f"has {teacher_classes}: they must agree on the number of classes")
-
     if config.threshold is not None:
-        threshold, source = float(config.threshold), "given (--threshold)"
+        threshold = float(config.threshold)
+        source = (f"calibration file {config.calibration}" if config.calibration
+                  else "given (--threshold)")
     else:
         rate = 0.2 if config.deferral_rate is None else config.deferral_rate
         config.deferral_rate = rate
@@ -137,9 +151,37 @@ def plan_run(config: RunConfig) -> Plan:
         source = (f"quantile {1 - rate:g} of student scores on a sample of {len(x):,} rows "
                   f"(seed {config.seed})")
     _LOG.info("rule %s, threshold %s: %s", rule.name, threshold, source)
-    return Plan(config, pattern, files, schema, features, columns, output_schema, rule,
-                threshold, source, num_classes, count_parameters(student),
-                count_parameters(teacher))
+    prepare_output(config.output, config.overwrite)
+    return Plan(config, pattern, files, schema, features, columns,
+                columns.output_schema(schema, columns.cascade_fields()), num_classes,
+                count_parameters(teacher), count_parameters(student), rule, threshold, source)
+
+
+def _apply_calibration(config: RunConfig) -> None:
+    """Take rule, threshold (and learned deferral model) from a `titans calibrate` file."""
+    if not config.calibration:
+        return
+    given = [flag for flag, value in (("--threshold", config.threshold),
+                                      ("--deferral-rate", config.deferral_rate),
+                                      ("--rule", config.rule),
+                                      ("--deferral-model", config.deferral_model)) if value is not None]
+    if given:
+        raise ValueError(f"--calibration sets the rule and threshold; drop {', '.join(given)}")
+    try:
+        cal = load_calibration(config.calibration)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--calibration {config.calibration!r}: {e}") from e
+    config.rule, config.threshold = cal["rule"], float(cal["threshold"])
+    config.deferral_model = cal.get("deferral_model")
+
+
+def _outputs(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
+    try:
+        with torch.inference_mode():
+            return model(as_tensor(x)).float()
+    except Exception as e:  # noqa: BLE001 - a model that fails on real rows
+        raise ValueError(f"a model failed on rows sampled from the input: {type(e).__name__}: "
+                         f"{e}") from e
 
 
 def _check_config(c: RunConfig) -> None:
@@ -147,20 +189,23 @@ def _check_config(c: RunConfig) -> None:
         raise ValueError("pass either --threshold or --deferral-rate, not both")
     if c.deferral_rate is not None and not 0.0 <= c.deferral_rate <= 1.0:
         raise ValueError(f"--deferral-rate must be between 0 and 1, got {c.deferral_rate}")
+    if not 0.0 <= c.audit_rate <= 1.0:
+        raise ValueError(f"--audit-rate must be between 0 and 1, got {c.audit_rate}")
     for name in ("batch_size", "teacher_batch_size", "sample_rows"):
         if getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite``; then remove our old outputs."""
+def prepare_output(output: str, overwrite: bool, clear: bool = True) -> None:
+    """Refuse a non-empty output directory unless ``overwrite``; with ``clear``, remove a
+    previous run's outputs (only those: other files in the directory are left alone)."""
     existing = FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
     if not existing:
         return
     if not overwrite:
         raise ValueError(f"output directory {output!r} is not empty; choose another --output or "
                          f"pass --overwrite to replace a previous run's {', '.join(OUTPUTS)}")
-    for name in OUTPUTS:
+    for name in OUTPUTS if clear else ():
         path = FileSystems.join(output, name)
         if FileSystems.exists(path):
             FileSystems.delete([path])

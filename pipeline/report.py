@@ -72,8 +72,22 @@ def build_report(counts: dict, facts: dict, wall_seconds: float) -> dict:
         "dead_letter_reasons": {k[len(REASON_PREFIX):]: v for k, v in sorted(counts.items())
                                 if k.startswith(REASON_PREFIX)},
     }
+    if facts.get("audit_rate"):
+        report.update(audit_figures(counts.get("audit", 0), counts.get("audit_agree", 0)))
     report.update({k: v for k, v in facts.items() if k not in report})
     return report
+
+
+def audit_figures(audited: int, agree: int) -> dict:
+    """Student-teacher agreement on audited easy rows, with a 95% Clopper-Pearson interval:
+    the live estimate of how much accuracy the cascade gives up on the rows it keeps."""
+    from titans.models.calibration import binomial_interval
+
+    return {
+        "rows_audited": audited,
+        "audit_agreement": agree / audited if audited else None,
+        "audit_agreement_ci95": list(binomial_interval(agree, audited)) if audited else None,
+    }
 
 
 def write_json(path: str, data: dict) -> None:
@@ -88,17 +102,26 @@ def read_json(path: str) -> dict:
 
 def summary(report: dict) -> str:
     """A few readable lines for the end of a run."""
-    lines = [
-        f"rows in: {report['rows_in']:,}   easy (student): {report['rows_easy']:,}   "
-        f"hard (teacher): {report['rows_hard']:,}   dead letter: {report['rows_dead_letter']:,}",
-        f"deferral rate: {report['deferral_rate']:.1%} (rule {report.get('rule')}, threshold "
-        f"{report.get('threshold')})",
-        f"teacher rows avoided: {report['teacher_rows_avoided']:,} "
-        f"({report['teacher_rows_avoided_share']:.1%})" + (
-            f", teacher compute avoided: {report['teacher_compute_avoided_share']:.1%}"
-            if report.get("teacher_compute_avoided_share") is not None else ""),
-        f"wall time: {report['wall_seconds']:.1f} s ({report['rows_per_second'] or 0:,.0f} rows/s)",
-    ]
+    if report.get("mode", "").startswith("teacher-label"):
+        lines = [f"rows in: {report['rows_in']:,}   labeled by the teacher: "
+                 f"{report['rows_hard']:,}   dead letter: {report['rows_dead_letter']:,}"]
+    else:
+        lines = [
+            f"rows in: {report['rows_in']:,}   easy (student): {report['rows_easy']:,}   "
+            f"hard (teacher): {report['rows_hard']:,}   dead letter: "
+            f"{report['rows_dead_letter']:,}",
+            f"deferral rate: {report['deferral_rate']:.1%} (rule {report.get('rule')}, threshold "
+            f"{report.get('threshold')})",
+            f"teacher rows avoided: {report['teacher_rows_avoided']:,} "
+            f"({report['teacher_rows_avoided_share']:.1%})" + (
+                f", teacher compute avoided: {report['teacher_compute_avoided_share']:.1%}"
+                if report.get("teacher_compute_avoided_share") is not None else "")]
+    if report.get("rows_audited"):
+        lo, hi = report["audit_agreement_ci95"]
+        lines.append(f"audit: student agrees with the teacher on {report['audit_agreement']:.1%} "
+                     f"of {report['rows_audited']:,} audited easy rows (95% CI {lo:.1%}-{hi:.1%})")
+    lines.append(f"wall time: {report['wall_seconds']:.1f} s "
+                 f"({report['rows_per_second'] or 0:,.0f} rows/s)")
     if report["rows_dead_letter"]:
         lines.append("dead-letter reasons: " + "; ".join(
             f"{n:,} x {r}" for r, n in report.get("dead_letter_reasons", {}).items()))

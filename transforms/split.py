@@ -1,46 +1,107 @@
-"""Split student-scored tables into easy, hard and dead-letter rows, by table not by row."""
+"""Route scored tables by table, not by row: easy, hard, audited and dead-letter rows."""
 from __future__ import annotations
+
+import zlib
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from titans.transforms.labels import ERROR, LabelColumns, with_source
+from titans.transforms.labels import AUDIT, ERROR, STUDENT_LABEL, LabelColumns, with_source
 
-EASY, HARD, DEAD_LETTER = "easy", "hard", "dead_letter"
+EASY, HARD, DEAD_LETTER, AUDITED = "easy", "hard", "dead_letter", "audited"
 
 
-class SplitByDeferral(beam.DoFn):
-    """Rows with an error -> dead_letter (input columns, reasons, 'validate');
-    deferral_score > threshold -> hard; the rest -> easy, labeled by the student."""
+def split_errors(table: pa.Table, input_names: list[str]):
+    """(rows that can be labeled without the error column, dead-letter tuple or None)."""
+    errors = table.column(ERROR)
+    bad = np.asarray(pc.is_valid(errors))
+    dead = None
+    if bad.any():
+        rows = table.filter(pa.array(bad))
+        dead = (rows.select(input_names), rows.column(ERROR).to_pylist(), "validate")
+        table = table.filter(pa.array(~bad))
+    return table.drop_columns([ERROR]), dead
 
-    def __init__(self, threshold: float, columns: LabelColumns, input_names: list[str]):
-        self._threshold = threshold
-        self._columns = columns
+
+class SplitErrors(beam.DoFn):
+    """Rows with an error -> dead_letter (input columns, reasons, 'validate'); the rest -> main."""
+
+    def __init__(self, input_names: list[str]):
         self._input_names = list(input_names)
 
     def process(self, table: pa.Table):
+        ok, dead = split_errors(table, self._input_names)
+        if dead is not None:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead)
+        if ok.num_rows:
+            yield ok
+
+
+class SplitByDeferral(beam.DoFn):
+    """Rows with an error -> dead_letter; deferral_score > threshold -> hard; the rest -> easy,
+    labeled by the student.
+
+    With ``audit_rate`` A, about A of the easy rows are also sent, in the hard output and
+    flagged in the AUDIT column, to the teacher: their labels stay the student's, and the
+    teacher's answer only measures agreement. The draw is seeded by ``seed`` and the table's
+    content, so the same input gives the same audit sample on every run.
+    """
+
+    def __init__(self, threshold: float, columns: LabelColumns, input_names: list[str],
+                 audit_rate: float = 0.0, seed: int = 0):
+        self._threshold = threshold
+        self._columns = columns
+        self._input_names = list(input_names)
+        self._audit_rate = audit_rate
+        self._seed = seed
+
+    def process(self, table: pa.Table):
         c = self._columns
-        errors = table.column(ERROR)
-        bad = np.asarray(pc.is_valid(errors))
-        table_ok = table
-        if bad.any():
-            dead = table.filter(pa.array(bad))
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, (
-                dead.select(self._input_names), dead.column(ERROR).to_pylist(), "validate"))
-            table_ok = table.filter(pa.array(~bad))
-        table_ok = table_ok.drop_columns([ERROR])
-        if table_ok.num_rows == 0:
+        table, dead = split_errors(table, self._input_names)
+        if dead is not None:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead)
+        if table.num_rows == 0:
             return
-        hard = np.asarray(table_ok.column(c.deferral_score)) > self._threshold
-        if hard.all():
-            yield beam.pvalue.TaggedOutput(HARD, table_ok)
-            return
-        if hard.any():
-            yield beam.pvalue.TaggedOutput(HARD, table_ok.filter(pa.array(hard)))
-            easy = table_ok.filter(pa.array(~hard))
-        else:
-            easy = table_ok
+        score = np.asarray(table.column(c.deferral_score))
+        hard_mask = score > self._threshold
+        easy = table.filter(pa.array(~hard_mask)) if hard_mask.any() else table
+        hard = table.filter(pa.array(hard_mask)) if hard_mask.any() else None
+        if self._audit_rate > 0:
+            hard = self._with_audits(hard, easy, score)
+        if hard is not None and hard.num_rows:
+            yield beam.pvalue.TaggedOutput(HARD, hard)
         if easy.num_rows:
             yield beam.pvalue.TaggedOutput(EASY, with_source(easy, c, "student"))
+
+    def _with_audits(self, hard, easy: pa.Table, score: np.ndarray) -> pa.Table:
+        rng = np.random.default_rng([self._seed, zlib.crc32(score.tobytes())])
+        audited = easy.filter(pa.array(rng.random(easy.num_rows) < self._audit_rate))
+        parts = []
+        if hard is not None:
+            parts.append(hard.append_column(AUDIT, pa.repeat(pa.scalar(False), hard.num_rows)))
+        parts.append(audited.append_column(AUDIT, pa.repeat(pa.scalar(True), audited.num_rows)))
+        return pa.concat_tables(parts)
+
+
+class SeparateAudits(beam.DoFn):
+    """Teacher-scored rows -> main: the hard rows, to be written; ``audited``: (rows,
+    rows where the student's label equals the teacher's) for each table's audited rows."""
+
+    def __init__(self, columns: LabelColumns):
+        self._columns = columns
+
+    def process(self, table: pa.Table):
+        if AUDIT not in table.column_names:
+            yield table
+            return
+        audit = np.asarray(table.column(AUDIT))
+        if audit.any():
+            rows = table.filter(pa.array(audit))
+            agree = np.asarray(rows.column(STUDENT_LABEL)) == np.asarray(
+                rows.column(self._columns.label))
+            yield beam.pvalue.TaggedOutput(AUDITED, (rows.num_rows, int(agree.sum())))
+        hard = table.filter(pa.array(~audit)).drop_columns([AUDIT, STUDENT_LABEL])
+        if hard.num_rows:
+            yield hard
