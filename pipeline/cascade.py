@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -54,7 +55,8 @@ def build_pipeline(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
         scored, teacher_failed = read.tables | "ScoreTeacher" >> RunInference(
             teacher_handler(plan)).with_exception_handling()
         labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(
-            SplitErrors(names)).with_output_types(pa.Table).with_outputs(DEAD_LETTER, main="ok")
+            SplitErrors(names)).with_output_types(pa.Table, dead_letter=Any).with_outputs(
+            DEAD_LETTER, main="ok")
         _ = labeled.ok | "WriteTeacherLabels" >> WriteParquetBatches(
             labels_dir, plan.output_schema, prefix="teacher")
         counts += [count_rows(labeled.ok, "hard", "CountLabeled"),
@@ -67,12 +69,12 @@ def build_pipeline(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
             student_handler(plan)).with_exception_handling()
         split = tables_typed(scored) | "SplitByDeferral" >> beam.ParDo(
             SplitByDeferral(plan.threshold, plan.columns, names, c.audit_rate, c.seed)
-        ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table).with_outputs(
+        ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table, dead_letter=Any).with_outputs(
             EASY, HARD, DEAD_LETTER)
         teacher_scored, teacher_failed = split[HARD] | "ScoreTeacher" >> RunInference(
             teacher_handler(plan)).with_exception_handling()
         teacher = tables_typed(teacher_scored) | "SeparateAudits" >> beam.ParDo(
-            SeparateAudits(plan.columns)).with_output_types(pa.Table).with_outputs(
+            SeparateAudits(plan.columns)).with_output_types(pa.Table, audited=Any).with_outputs(
             AUDITED, main="hard")
 
         # Easy and teacher rows go to labels/ through one writer each rather than a Flatten:

@@ -349,7 +349,7 @@ def _calibrate(args) -> None:
                     teacher_accuracy=data.get("teacher_accuracy"),
                     student_accuracy=data.get("student_accuracy"),
                     title=f"cascade {'accuracy' if ds.labels is not None else 'agreement with the teacher'}"
-                          f" on {len(held):,} held-out rows")
+                          f" on {len(held):,} calibration rows")
         print(f"plot: {args.plot}")
 
 
@@ -494,7 +494,7 @@ def _print_calibration(args, data: dict, curves: dict, skipped: str | None) -> N
               f"{_pct(data['student_accuracy'])}")
     t = data["threshold"]
     print(f"operating point: rule {data['rule']}, threshold {t:.6g} ({data['method']}): "
-          f"{data['deferral_rate']:.1%} of held-out rows to the teacher, cascade "
+          f"{data['deferral_rate']:.1%} of the calibration rows to the teacher, cascade "
           f"{_pct(data['cascade_accuracy'])} ({'accuracy' if ref == 'labels' else 'agreement'})")
     if data["method"] == "budget":
         print("budget mode: no accuracy guarantee (use --max-accuracy-loss or --target-accuracy "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -169,7 +170,8 @@ class ReadParquetBatches(beam.PTransform):
             | "SplitIntoRowGroups" >> beam.ParDo(_SplitIntoRowGroups())
             | "Spread" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, self._schema))
-            .with_output_types(pa.Table).with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
+            .with_output_types(pa.Table, dead_letter=Any)
+            .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
 
 
 class _ParquetSink(filebasedsink.FileBasedSink):
