@@ -190,7 +190,8 @@ def _features(X) -> torch.Tensor:
     X = np.asarray(X)
     if X.ndim != 2 or len(X) == 0:
         raise ValueError(f"X must be a non-empty float array [N, D], got shape {X.shape}")
-    return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    # a copy: training must not alias (possibly read-only) Arrow buffers
+    return torch.from_numpy(np.array(X, dtype=np.float32, order="C", copy=True))
 
 
 def _labels(y, n: int) -> torch.Tensor:

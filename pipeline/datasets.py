@@ -85,7 +85,8 @@ def read_dataset(path: str, features: tuple[str, ...], label_column: str | None 
         table, x = table.filter(pa.array(keep)), x[keep]
     if len(x) == 0:
         raise ValueError(f"no usable rows in {path!r} ({rows_read:,} read; "
-                         f"{_dropped_text(dropped)}); check --feature-columns and the input")
+                         f"{_dropped_text(dropped)}); check the input, --feature-columns and "
+                         f"--label-column")
     labels = None
     if label_column:
         labels = table.column(label_column).to_numpy().astype(np.int64)

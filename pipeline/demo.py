@@ -86,6 +86,7 @@ def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str])
     print(f"data: {train.num_rows} train / {test.num_rows} test rows of scikit-learn's digits "
           f"-> {data}/")
 
+    logging.getLogger("titans.models.distill").setLevel(logging.WARNING)  # no per-epoch lines
     student, teacher = train_models(train, seed)
     student_path, teacher_path = (os.path.join(models, f) for f in ("student.pt", "teacher.pt"))
     save_torchscript(student, student_path, {"arch": STUDENT_ARCH, "method": "kd"})

@@ -238,8 +238,9 @@ def _print_distill_summary(args, n_train: int, n_val: int, k: int, final: dict) 
     print(f"student: MLP {args.student_arch} -> {k + (args.method == 'defer')} outputs, method "
           f"{args.method}, trained on {n_train:,} rows, validated on {n_val:,}")
     if n_val:
-        line = (f"final validation: agreement with the teacher {_pct(final.get('val_agreement'))}, "
-                f"accuracy {_pct(final.get('val_accuracy'))}")
+        line = f"final validation: agreement with the teacher {_pct(final.get('val_agreement'))}"
+        if final.get("val_accuracy") is not None:
+            line += f", accuracy {_pct(final['val_accuracy'])}"
         if args.method == "defer":
             line += f", defer output wins on {_pct(final.get('val_defer_rate'))} of rows"
         print(line)
@@ -327,9 +328,8 @@ def _calibrate(args) -> None:
         held, fit = np.arange(len(ds.x)), np.arange(0)
     else:
         held, fit = _split(len(ds.x), 0.5, args.seed)
-    learned_path = os.path.splitext(args.out)[0] + ".learned.json"
-    scores, skipped = rule_scores(s_logits, class_probs, s_pred, t_pred, ds.labels, fit,
-                                  learned_path, args.seed)
+    scores, learned, skipped = rule_scores(s_logits, class_probs, s_pred, t_pred, ds.labels, fit,
+                                           args.seed)
     rule = _operating_rule(args.rule, s_logits.shape[1] - k, scores, skipped)
 
     h = {"scores": scores[rule][held], "student_pred": s_pred[held], "teacher_pred": t_pred[held],
@@ -337,9 +337,11 @@ def _calibrate(args) -> None:
     curves = {name: cascade_curve(s[held], h["student_pred"], h["teacher_pred"], h["labels"])
               for name, s in scores.items()}
     threshold, guarantee = _threshold(args, method, h)
+    learned_path = os.path.splitext(args.out)[0] + ".learned.json" if learned else None
     data = _calibration_record(args, ds, rule, method, threshold, guarantee, curves, h, k,
-                               s_logits.shape[1], len(fit), learned_path if "learned" in scores
-                               else None)
+                               s_logits.shape[1], len(fit), learned_path)
+    if learned:
+        learned.save(learned_path)
     save_calibration(args.out, data)
     _print_calibration(args, data, curves, skipped)
     if args.plot:
@@ -398,25 +400,25 @@ def _run_models(args, ds: Dataset) -> tuple[torch.Tensor, np.ndarray, int]:
 
 def rule_scores(s_logits: torch.Tensor, class_probs: torch.Tensor, s_pred: np.ndarray,
                 t_pred: np.ndarray, labels: np.ndarray | None, fit: np.ndarray,
-                learned_path: str, seed: int) -> tuple[dict[str, np.ndarray], str | None]:
-    """Every applicable rule's score on every row, and why `learned` was skipped (or None).
+                seed: int) -> tuple[dict[str, np.ndarray], LearnedDeferral | None, str | None]:
+    """(every applicable rule's score on every row, the fitted learned rule or None, why it
+    was skipped or None).
 
     Confidence rules score the student's K class probabilities. A K+1-output student adds
     defer_head; `learned` (K-output students only) is fitted on the ``fit`` rows, to predict
-    where the student disagrees with the label (or the teacher without labels), and saved.
+    where the student disagrees with the label (or the teacher without labels).
     """
     scores = {name: make_rule(name).score(class_probs).numpy() for name in CONFIDENCE_RULES}
     if s_logits.shape[1] > class_probs.shape[1]:
         scores["defer_head"] = DeferHead()(s_logits)[1].numpy()
-        return scores, None
+        return scores, None, None
     wrong = s_pred[fit] != (t_pred[fit] if labels is None else labels[fit])
     try:
         learned = LearnedDeferral().fit(class_probs[fit], wrong, seed=seed)
     except ValueError as e:
-        return scores, str(e)
-    learned.save(learned_path)
+        return scores, None, str(e)
     scores["learned"] = learned.score(class_probs).numpy()
-    return scores, None
+    return scores, learned, None
 
 
 def _operating_rule(asked: str | None, extra_outputs: int, scores: dict, skipped: str | None) -> str:
