@@ -275,9 +275,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     _add_model_flags(p, "student")
     _add_model_flags(p, "teacher")
     p.add_argument("--out", required=True, metavar="CAL.json",
-                   help="calibration file to write. Paths inside it (student, teacher, "
-                        "deferral_model) are absolute, so `titans run --calibration` works from "
-                        "any directory")
+                   help="calibration file to write. Local paths inside it (student, teacher, "
+                        "deferral_model) are made absolute, so `titans run --calibration` works "
+                        "from any directory; URLs are kept as given")
     p.add_argument("--rule", choices=RULE_CHOICES,
                    help="the operating rule (default: margin, or defer_head for a student with "
                         "K+1 outputs, which only defer_head can run); learned is skipped, with a "

@@ -2,7 +2,6 @@
 import argparse
 import json
 import os
-import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -269,7 +268,7 @@ def test_calibrate_errors(world, tmp_path, capsys, case, message):
     assert cli("calibrate", *base, *argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("titans calibrate: error: ") and message in err, err
-    assert "Traceback" not in err and not out.exists()
+    assert "Traceback" not in err and not out.exists() and not (tmp_path / "cal.learned.json").exists()
 
 
 def test_help_says_training_data_is_read_into_memory(capsys):

@@ -116,7 +116,7 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
 class _Progress:
     """Rows and rows/s per stage in the log, at most every ``every`` seconds per process."""
 
-    def __init__(self, every: float = 10.0):
+    def __init__(self, every: float = 5.0):
         self._every = every
         self._lock = threading.Lock()
         self._state: dict[str, list] = {}
