@@ -23,8 +23,6 @@ import json
 import math
 
 import numpy as np
-from scipy import stats
-from scipy.special import xlogy
 
 from titans.models.deferral import threshold_for_rate
 from titans.models.loading import read_bytes
@@ -145,6 +143,9 @@ def ltt_threshold(scores, student_pred, teacher_pred, labels=None, *, max_accura
 
 def _p_values(counts: np.ndarray, n: int, eps: float, bound: str) -> np.ndarray:
     """p-values for H0: risk > eps given `counts` losses in n Bernoulli draws."""
+    from scipy import stats  # here, not at import: `titans run` never needs scipy.stats
+    from scipy.special import xlogy
+
     # exact binomial tail: under H0 the count is stochastically >= Binom(n, eps)
     binom_tail = stats.binom.cdf(counts, n, eps)
     if bound == "binomial":
@@ -176,6 +177,8 @@ def binomial_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, 
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n == 0:
         return 0.0, 1.0
+    from scipy import stats
+
     a = 1.0 - confidence
     lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
     hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))

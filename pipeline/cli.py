@@ -10,20 +10,10 @@ import logging
 import sys
 import time
 
+from titans.pipeline.flags import add_model_flags, feature_columns, model_ref
+from titans.pipeline.train import add_calibrate_parser, add_distill_parser, run_calibrate, run_distill
+
 _LOG = logging.getLogger("titans")
-
-
-def _add_model_flags(p: argparse.ArgumentParser, role: str, required: bool = True) -> None:
-    p.add_argument(f"--{role}", required=required, metavar="MODEL",
-                   help=f"the {role} model: path or URL (gs://...) of a TorchScript file "
-                        f"(torch.jit.save), a torch.export program (.pt2), or a state_dict "
-                        f"with --{role}-class. forward: float32 [batch, features] -> logits "
-                        f"[batch, classes]")
-    p.add_argument(f"--{role}-class", metavar="MODULE:CLASS",
-                   help=f"class to build the {role} from when MODEL is a state_dict")
-    p.add_argument(f"--{role}-class-kwargs", metavar="JSON",
-                   help=f"constructor arguments of --{role}-class as a JSON object, "
-                        f"e.g. '{{\"in_features\": 64, \"out_features\": 10}}'")
 
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
@@ -88,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "whose deferral score is above the threshold go to the teacher. Flags not "
                     "listed below are Beam pipeline options (default --runner DirectRunner).")
     _add_input_flags(run)
-    _add_model_flags(run, "student")
-    _add_model_flags(run, "teacher")
+    add_model_flags(run, "student")
+    add_model_flags(run, "teacher")
     run.add_argument("--rule", choices=["max_prob", "margin", "entropy", "defer_head", "learned"],
                      help="deferral score, higher = harder: max_prob = 1 - max p; margin = "
                           "1 - (p1 - p2); entropy = H(p)/log K; defer_head = p(defer) of a "
@@ -127,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "teacher_probs`) from unlabeled data at scale. Flags not listed below are "
                     "Beam pipeline options.")
     _add_input_flags(label)
-    _add_model_flags(label, "teacher")
+    add_model_flags(label, "teacher")
     _add_teacher_stage_flags(label)
+
+    add_distill_parser(sub)
+    add_calibrate_parser(sub)
 
     demo = sub.add_parser(
         "demo", allow_abbrev=False,
@@ -161,7 +154,6 @@ def check_beam_args(parser: argparse.ArgumentParser, args: list[str]) -> None:
 
 def _config(a: argparse.Namespace):
     from titans.pipeline.plan import RunConfig
-    from titans.transforms.inference import ModelRef
 
     hints = {}
     if a.teacher_accelerator:
@@ -171,10 +163,9 @@ def _config(a: argparse.Namespace):
     cascade = a.command == "run"
     return RunConfig(
         input=a.input, output=a.output,
-        student=ModelRef(a.student, a.student_class, a.student_class_kwargs, a.student_device)
-        if cascade else None,
-        teacher=ModelRef(a.teacher, a.teacher_class, a.teacher_class_kwargs, a.teacher_device),
-        feature_columns=tuple(c.strip() for c in a.feature_columns.split(",") if c.strip()),
+        student=model_ref(a, "student") if cascade else None,
+        teacher=model_ref(a, "teacher"),
+        feature_columns=feature_columns(a.feature_columns),
         id_column=a.id_column, batch_size=a.batch_size, teacher_batch_size=a.teacher_batch_size,
         column_prefix=a.column_prefix, overwrite=a.overwrite, sample_rows=a.sample_rows,
         seed=a.seed, teacher_resource_hints=hints,
@@ -203,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run_cascade(plan, beam_args, start)
         print(summary(report))
         print(f"labels: {plan.config.output}/labels/  report: {plan.config.output}/report.json")
+    elif args.command == "distill":
+        return run_distill(args)
+    elif args.command == "calibrate":
+        return run_calibrate(args)
     elif args.command == "demo":
         from titans.pipeline.demo import run_demo
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from titans.pipeline.plan import _first_vector_length
+from titans.pipeline.plan import first_vector_length
 from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
                                         resolve_feature_spec)
 from titans.transforms.parquet_io import (input_pattern, match_files, open_parquet, read_schema,
@@ -39,11 +39,6 @@ class Dataset:
             why = ", ".join(f"{n:,} {reason}" for reason, n in self.dropped.items())
             line += f", {sum(self.dropped.values()):,} dropped ({why})"
         return line
-
-
-def feature_columns(spec: str) -> tuple[str, ...]:
-    """``"a, b,c"`` -> ("a", "b", "c"), as `titans run` parses --feature-columns."""
-    return tuple(c.strip() for c in spec.split(",") if c.strip())
 
 
 def read_dataset(path: str, features: tuple[str, ...], label_column: str | None = None,
@@ -72,7 +67,7 @@ def read_dataset(path: str, features: tuple[str, ...], label_column: str | None 
             _count(dropped, "not fitting the first file's schema", bad.num_rows)
     table = pa.concat_tables(tables) if tables else sub_schema.empty_table()
 
-    spec = resolve_feature_spec(schema, features, _first_vector_length(table, features))
+    spec = resolve_feature_spec(schema, features, first_vector_length(table, features))
     x, reasons = feature_matrix(table, spec)
     keep = np.ones(table.num_rows, bool) if reasons is None else \
         np.array([r is None for r in reasons], bool)

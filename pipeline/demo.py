@@ -22,7 +22,7 @@ from titans.models.calibration import cascade_curve, plot_curves
 from titans.models.deferral import make_rule
 from titans.models.distill import distill, make_student, train_supervised
 from titans.models.loading import count_parameters, save_torchscript
-from titans.transforms.features import as_tensor
+from titans.pipeline.datasets import predict
 
 _LOG = logging.getLogger("titans")
 
@@ -49,11 +49,6 @@ def digits_tables(seed: int) -> tuple[pa.Table, pa.Table]:
 
 def matrix(table: pa.Table) -> np.ndarray:
     return table.column("pixels").combine_chunks().flatten().to_numpy().reshape(-1, 64)
-
-
-def predict(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(as_tensor(x)).float()
 
 
 def train_models(train: pa.Table, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -114,7 +114,7 @@ def plan_run(config: RunConfig) -> Plan:
                          f"{schema.names}")
     sample = sample_rows(files, config.sample_rows, config.seed, schema)
     features = resolve_feature_spec(schema, tuple(config.feature_columns),
-                                    _first_vector_length(sample, config.feature_columns))
+                                    first_vector_length(sample, config.feature_columns))
     x, reasons = feature_matrix(sample, features)
     if reasons is not None:
         x = x[np.array([r is None for r in reasons])]
@@ -122,7 +122,7 @@ def plan_run(config: RunConfig) -> Plan:
         raise ValueError(f"none of the {sample.num_rows} sampled rows has valid features in "
                          f"{list(features.columns)}; check --feature-columns")
     columns = LabelColumns(config.column_prefix)
-    teacher = _load_checked("teacher", config.teacher, features.dim)
+    teacher = load_checked("teacher", config.teacher, features.dim)
     teacher_classes = _outputs(teacher, x[:4]).shape[-1]
     if config.student is None:
         prepare_output(config.output, config.overwrite)
@@ -132,7 +132,7 @@ def plan_run(config: RunConfig) -> Plan:
 
     _apply_calibration(config)
     rule = make_rule(config.rule or "margin", config.deferral_model)
-    student = _load_checked("student", config.student, features.dim)
+    student = load_checked("student", config.student, features.dim)
     student_logits = _outputs(student, x)
     num_classes = student_logits.shape[-1] - rule.extra_outputs
     if num_classes != teacher_classes:
@@ -211,7 +211,7 @@ def prepare_output(output: str, overwrite: bool, clear: bool = True) -> None:
             FileSystems.delete([path])
 
 
-def _load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
+def load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
     try:
         model = ref.load("cpu")
     except (ModelLoadError, json.JSONDecodeError) as e:
@@ -229,7 +229,7 @@ def _load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
     return model
 
 
-def _first_vector_length(sample: pa.Table, columns) -> int | None:
+def first_vector_length(sample: pa.Table, columns) -> int | None:
     if len(columns) != 1 or columns[0] not in sample.column_names:
         return None
     col = sample.column(columns[0])

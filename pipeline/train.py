@@ -25,10 +25,10 @@ from titans.models.learned_deferral import LearnedDeferral
 from titans.models.loading import save_torchscript
 from titans.models.architectures import parse_hidden
 from titans.pipeline.datasets import (Dataset, absolute, check_labels, check_output_path,
-                                      feature_columns, predict, read_dataset)
-from titans.pipeline.plan import _load_checked
+                                      predict, read_dataset)
+from titans.pipeline.flags import add_model_flags, feature_columns, model_ref
+from titans.pipeline.plan import load_checked
 from titans.transforms.features import FeatureSpec, feature_matrix
-from titans.transforms.inference import ModelRef
 
 IN_MEMORY_NOTE = ("The data is read into memory with pyarrow: fine for the millions of rows a "
                   "student needs; labeling a dataset at scale is done by `titans teacher-label` "
@@ -62,11 +62,6 @@ def _data_flags(p: argparse.ArgumentParser, flag: str, what: str) -> None:
                         "with a null label are dropped")
 
 
-def _model_ref(args, role: str) -> ModelRef:
-    return ModelRef(getattr(args, role), getattr(args, f"{role}_class"),
-                    getattr(args, f"{role}_class_kwargs"))
-
-
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(first, second) row indices: a seeded random ``fraction`` of the rows goes second."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -87,7 +82,6 @@ def _pct(x: float | None) -> str:
 # =========================================================================== distill
 
 def add_distill_parser(subparsers) -> argparse.ArgumentParser:
-    from titans.pipeline.cli import _add_model_flags  # here: cli imports this module
 
     p = subparsers.add_parser(
         "distill", allow_abbrev=False,
@@ -98,7 +92,7 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
                     "`titans teacher-label` writes it). A seeded --val-fraction of the rows is held "
                     "out for the per-epoch validation line. " + IN_MEMORY_NOTE)
     _data_flags(p, "--train", "training set")
-    _add_model_flags(p, "teacher", required=False)
+    add_model_flags(p, "teacher", required=False)
     p.add_argument("--teacher-probs", metavar="COL",
                    help="column holding the teacher's class probabilities (list of K floats per "
                         "row, e.g. teacher_probs from `titans teacher-label`), instead of --teacher")
@@ -145,7 +139,7 @@ def _distill(args) -> None:
     if args.teacher_probs:
         probs = probs_from_column(ds.extra[args.teacher_probs], args.teacher_probs)
     else:
-        teacher = _load_checked("teacher", _model_ref(args, "teacher"), ds.features.dim)
+        teacher = load_checked("teacher", model_ref(args, "teacher"), ds.features.dim)
         probs = torch.softmax(predict(teacher, ds.x), dim=-1).numpy()
         if probs.shape[1] < 2:
             raise ValueError(f"--teacher {args.teacher!r} has {probs.shape[1]} output; a "
@@ -255,7 +249,6 @@ def _print_distill_summary(args, n_train: int, n_val: int, k: int, final: dict) 
 # =========================================================================== calibrate
 
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
-    from titans.pipeline.cli import _add_model_flags  # here: cli imports this module
 
     p = subparsers.add_parser(
         "calibrate", allow_abbrev=False,
@@ -272,8 +265,8 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                     "--label-column, accuracy means agreement with the teacher. "
                     + IN_MEMORY_NOTE)
     _data_flags(p, "--input", "calibration set (rows like those the cascade will label)")
-    _add_model_flags(p, "student")
-    _add_model_flags(p, "teacher")
+    add_model_flags(p, "student")
+    add_model_flags(p, "teacher")
     p.add_argument("--out", required=True, metavar="CAL.json",
                    help="calibration file to write. Local paths inside it (student, teacher, "
                         "deferral_model) are made absolute, so `titans run --calibration` works "
@@ -387,8 +380,8 @@ def _check_calibrate_args(a) -> str:
 
 def _run_models(args, ds: Dataset) -> tuple[torch.Tensor, np.ndarray, int]:
     """(student logits, teacher argmax, K) on every row; the student may have K or K+1 outputs."""
-    student = _load_checked("student", _model_ref(args, "student"), ds.features.dim)
-    teacher = _load_checked("teacher", _model_ref(args, "teacher"), ds.features.dim)
+    student = load_checked("student", model_ref(args, "student"), ds.features.dim)
+    teacher = load_checked("teacher", model_ref(args, "teacher"), ds.features.dim)
     s_logits, t_logits = predict(student, ds.x), predict(teacher, ds.x)
     k, outputs = t_logits.shape[1], s_logits.shape[1]
     if outputs not in (k, k + 1) or k < 2:

@@ -1,6 +1,5 @@
 """`titans run` end to end as a subprocess, and its launch-time errors."""
 import json
-import os
 import subprocess
 import sys
 
