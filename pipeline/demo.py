@@ -30,21 +30,24 @@ STUDENT_ARCH, TEACHER_ARCH = "16", "256,256"
 RULE = "margin"
 
 
-def digits_tables(seed: int) -> tuple[pa.Table, pa.Table]:
-    """(train, test) tables: id, pixels (fixed-size list of 64 floats in [0, 1]), y."""
+def digits_tables(seed: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(train, calibration, test) tables, 60/15/25%: id, pixels (fixed-size list of 64 floats
+    in [0, 1]), y. The calibration split is for `titans calibrate` (see README)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     ids = np.arange(len(x))
-    tr, te = train_test_split(ids, test_size=0.25, random_state=seed, stratify=digits.target)
+    rest, te = train_test_split(ids, test_size=0.25, random_state=seed, stratify=digits.target)
+    tr, cal = train_test_split(rest, test_size=0.2, random_state=seed,
+                               stratify=digits.target[rest])
 
     def table(idx):
         return pa.table({"id": pa.array(idx, pa.int64()),
                          "pixels": pa.FixedSizeListArray.from_arrays(pa.array(x[idx].ravel()), 64),
                          "y": pa.array(digits.target[idx], pa.int64())})
-    return table(np.sort(tr)), table(np.sort(te))
+    return table(np.sort(tr)), table(np.sort(cal)), table(np.sort(te))
 
 
 def matrix(table: pa.Table) -> np.ndarray:
@@ -75,11 +78,12 @@ def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str])
     os.makedirs(os.path.join(data, "test"))
     os.makedirs(models)
 
-    train, test = digits_tables(seed)
+    train, calibration, test = digits_tables(seed)
     pq.write_table(train, os.path.join(data, "train.parquet"))
+    pq.write_table(calibration, os.path.join(data, "calibration.parquet"))
     pq.write_table(test, os.path.join(data, "test", "part-0.parquet"))
-    print(f"data: {train.num_rows} train / {test.num_rows} test rows of scikit-learn's digits "
-          f"-> {data}/")
+    print(f"data: {train.num_rows} train / {calibration.num_rows} calibration / {test.num_rows} "
+          f"test rows of scikit-learn's digits -> {data}/")
 
     logging.getLogger("titans.models.distill").setLevel(logging.WARNING)  # no per-epoch lines
     student, teacher = train_models(train, seed)
