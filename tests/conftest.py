@@ -46,6 +46,15 @@ def save_models(directory, seed: int = 0) -> tuple[str, str]:
     return student, teacher
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one intra-op thread (4x here, on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def models(tmp_path):
     return save_models(tmp_path)

@@ -9,13 +9,7 @@ from titans.models.distill import distill, make_student, train_supervised
 from titans.models.loading import load_model, save_torchscript
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads cost more than they give (4x slower on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

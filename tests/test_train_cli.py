@@ -21,13 +21,7 @@ from titans.pipeline.train import (_split, add_calibrate_parser, add_distill_par
 N = 1200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads cost more than they give on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(*argv) -> int:
