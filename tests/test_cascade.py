@@ -133,3 +133,15 @@ def test_a_batch_the_model_raises_on_goes_to_the_dead_letter(tmp_path, models):
     (reason, n), = report["dead_letter_reasons"].items()
     assert n == 100 and "student model failed on this batch" in reason and "out of range" in reason
     assert read_labels(tmp_path / "out").num_rows == 900
+
+
+def test_two_parallel_workers_label_every_row_once(tmp_path, models):
+    data = tmp_path / "data"
+    write_dataset(data, 4000, files=4, row_group_size=500)
+    student, teacher = models
+    config = RunConfig(input=str(data), output=str(tmp_path / "out"), student=ModelRef(student),
+                       teacher=ModelRef(teacher), batch_size=256, deferral_rate=0.2)
+    report = run_cascade(plan_run(config), ["--runner", "DirectRunner", "--direct_num_workers", "2",
+                                            "--direct_running_mode", "multi_threading"])
+    assert sorted(read_labels(tmp_path / "out").column("id").to_pylist()) == list(range(4000))
+    assert report["conservation_ok"] and report["metrics"]["teacher_rows"] == report["rows_hard"]
