@@ -13,7 +13,8 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from titans.pipeline.plan import Plan
-from titans.pipeline.report import WriteReport, count_reasons, count_rows, read_json, write_json
+from titans.pipeline.report import (WriteReport, count_reasons, count_rows, count_scores,
+                                    read_json, write_json)
 from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
 from titans.transforms.dead_letter import ToDeadLetter
 from titans.transforms.inference import ArrowModelHandler
@@ -86,6 +87,8 @@ def build_pipeline(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
             labels_dir, plan.output_schema, prefix="teacher")
         counts += [count_rows(split[EASY], "easy", "CountEasy"),
                    count_rows(teacher.hard, "hard", "CountHard"),
+                   count_scores(split[EASY], "easy", plan.columns.deferral_score, "EasyScores"),
+                   count_scores(teacher.hard, "hard", plan.columns.deferral_score, "HardScores"),
                    count_rows(tables_typed(teacher_scored), "teacher", "CountTeacher"),
                    teacher[AUDITED] | "CountAudits" >> beam.FlatMap(
                        lambda a: [("audit", a[0]), ("audit_agree", a[1])])]

@@ -28,7 +28,7 @@ from titans.transforms.parquet_io import input_pattern, match_files, read_schema
 _LOG = logging.getLogger("titans")
 
 # what a run writes into its output directory; --overwrite removes exactly these
-OUTPUTS = ("labels", "dead_letter", "report.json")
+OUTPUTS = ("labels", "dead_letter", "report.json", "report.png")
 
 
 @dataclasses.dataclass

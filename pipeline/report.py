@@ -5,15 +5,20 @@ is written on every runner, including Dataflow jobs whose launcher does not wait
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms.dead_letter import reason_counts
 
 REASON_PREFIX = "dead_letter_reason:"
+SCORE_BINS = 50  # histogram of deferral scores over [0, 1], where every rule's score lies
+
+
 
 
 def count_rows(pcoll, key: str, label: str):
@@ -26,8 +31,18 @@ def count_reasons(dead_tables, label: str):
         lambda t: [(REASON_PREFIX + r, n) for r, n in reason_counts(t).items()])
 
 
+def count_scores(tables, source: str, column: str, label: str):
+    """(f"score_{source}:{bin}", rows) for the deferral scores of every table."""
+    def histogram(table):
+        scores = np.clip(np.asarray(table.column(column)), 0.0, 1.0)
+        counts, _ = np.histogram(scores, bins=SCORE_BINS, range=(0.0, 1.0))
+        return [(f"score_{source}:{i}", int(n)) for i, n in enumerate(counts) if n]
+    return tables | label >> beam.FlatMap(histogram)
+
+
 class WriteReport(beam.PTransform):
-    """Flattened (key, rows) counts -> ``path`` (JSON), merged with the run's static facts."""
+    """Flattened (key, rows) counts -> ``path`` (JSON), merged with the run's static facts,
+    and, for a cascade, ``report.png``: the deferral scores of easy and hard rows."""
 
     def __init__(self, path: str, facts: dict, start_time: float):
         super().__init__()
@@ -44,6 +59,8 @@ class WriteReport(beam.PTransform):
     def _write(self, counts: dict):
         report = build_report(counts, self._facts, time.time() - self._start)
         write_json(self._path, report)
+        if "deferral_score_histogram" in report:
+            plot_scores(report, self._path[:-len(".json")] + ".png")
         return report
 
 
@@ -72,6 +89,11 @@ def build_report(counts: dict, facts: dict, wall_seconds: float) -> dict:
         "dead_letter_reasons": {k[len(REASON_PREFIX):]: v for k, v in sorted(counts.items())
                                 if k.startswith(REASON_PREFIX)},
     }
+    if any(k.startswith("score_") for k in counts):
+        report["deferral_score_histogram"] = {
+            "bin_edges": np.linspace(0.0, 1.0, SCORE_BINS + 1).round(4).tolist(),
+            **{source: [counts.get(f"score_{source}:{i}", 0) for i in range(SCORE_BINS)]
+               for source in ("easy", "hard")}}
     if facts.get("audit_rate"):
         report.update(audit_figures(counts.get("audit", 0), counts.get("audit_agree", 0)))
     report.update({k: v for k, v in facts.items() if k not in report})
@@ -88,6 +110,35 @@ def audit_figures(audited: int, agree: int) -> dict:
         "audit_agreement": agree / audited if audited else None,
         "audit_agreement_ci95": list(binomial_interval(agree, audited)) if audited else None,
     }
+
+
+def plot_scores(report: dict, path: str) -> None:
+    """Stacked histogram of deferral scores (easy vs hard rows) with the threshold marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from titans.models.calibration import write_bytes
+
+    h = report["deferral_score_histogram"]
+    edges = np.asarray(h["bin_edges"])
+    fig = Figure(figsize=(6, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], h["easy"], width=np.diff(edges), align="edge", label="easy: student labels")
+    ax.bar(edges[:-1], h["hard"], width=np.diff(edges), align="edge", bottom=h["easy"],
+           label="hard: teacher labels")
+    threshold = report.get("threshold")
+    if isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.4g}")
+    ax.set_xlabel(f"deferral score ({report.get('rule')}; higher = harder)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{report['rows_easy'] + report['rows_hard']:,} rows, "
+                 f"{report['deferral_rate']:.1%} to the teacher")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes(path, buf.getvalue())
 
 
 def write_json(path: str, data: dict) -> None:

@@ -73,6 +73,11 @@ def test_teacher_sees_exactly_the_hard_rows(tmp_path, models):
     assert report["rows_hard"] == hard.sum() == report["metrics"]["teacher_rows"]
     assert report["rows_teacher_scored"] == hard.sum()
     assert report["metrics"]["student_rows"] == 2000
+    hist = report["deferral_score_histogram"]
+    assert sum(hist["easy"]) == report["rows_easy"] and sum(hist["hard"]) == report["rows_hard"]
+    first_hard_bin = int(0.9 * (len(hist["bin_edges"]) - 1))  # the bin holding the threshold
+    assert not any(hist["hard"][:first_hard_bin])
+    assert (tmp_path / "out" / "report.png").stat().st_size > 5_000
 
     student, teacher = models
     s_probs, s_score = make_rule("margin")(logits_of(student, x))
