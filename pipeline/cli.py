@@ -18,12 +18,12 @@ _LOG = logging.getLogger("titans")
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, metavar="PATTERN",
-                   help="Parquet file, directory (its *.parquet files) or glob; local or any "
-                        "Beam/fsspec filesystem URL such as gs://bucket/data/*.parquet")
+                   help="Parquet file, directory (its *.parquet files) or glob; local or a URL "
+                        "of a Beam filesystem, such as gs://bucket/data/*.parquet")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output directory (local or URL): labels/ (Parquet shards), "
                         "dead_letter/ (rows that could not be labeled, with the reason), "
-                        "report.json")
+                        "report.json and report.png")
     p.add_argument("--feature-columns", default="features", metavar="COL[,COL...]",
                    help="one vector column (list or fixed-size list of numbers) or several "
                         "numeric columns concatenated in order (default: %(default)s)")
