@@ -12,8 +12,9 @@ from conftest import DIM, RUNNER, features_table, logits_of
 from titans.models.deferral import make_rule
 from titans.transforms.features import FeatureSpec
 from titans.transforms.inference import ArrowModelHandler, ModelRef
-from titans.transforms.labels import ERROR, LabelColumns, StudentLabels, TeacherLabels
-from titans.transforms.split import DEAD_LETTER, EASY, HARD, SplitByDeferral
+from titans.transforms.labels import AUDIT, ERROR, LabelColumns, StudentLabels, TeacherLabels
+from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateAudits,
+                                     SplitByDeferral, SplitErrors)
 
 SPEC = FeatureSpec(("features",), DIM, vector=True)
 COLS = LabelColumns()
@@ -82,3 +83,32 @@ def test_teacher_labels_replace_the_students():
     assert out.column("confidence").to_pylist() == [float(np.float32(torch.softmax(logits, -1).max(-1).values[i]))
                                                     for i in range(2)]
     assert out.column("deferral_score").to_pylist() == table.column("deferral_score").to_pylist()
+
+
+def test_split_errors_and_audits_route_each_row_once():
+    table = _scored([0.1, 0.2, 0.3, 0.9], [None, "bad", None, None])
+    with test_pipeline.TestPipeline(options=PipelineOptions(RUNNER)) as p:
+        out = p | "c1" >> beam.Create([table]) | beam.ParDo(SplitErrors(["id"])).with_outputs(
+            DEAD_LETTER, main="ok")
+        assert_that(out.ok | "ok" >> beam.FlatMap(lambda t: t.column("id").to_pylist()),
+                    equal_to([0, 2, 3]), label="ok")
+        assert_that(out[DEAD_LETTER] | "d" >> beam.MapTuple(lambda t, r, s: (t.column("id").to_pylist(), r)),
+                    equal_to([([1], ["bad"])]), label="dead")
+
+    # all three easy rows audited (rate 1): the hard output carries them flagged, and after
+    # the teacher only the truly hard row goes on; agreement counts the audited rows
+    scored = _scored([0.1, 0.2, 0.3, 0.9])
+    split = SplitByDeferral(0.5, COLS, ["id"], audit_rate=1.0, seed=0)
+    hard = [t for t in split.process(scored) if t.tag == HARD][0].value
+    assert hard.column(AUDIT).to_pylist() == [False, True, True, True]
+    # rows in order: id 3 (hard), then audited ids 0, 1, 2; the teacher says 1, 0, 1, 0
+    teacher_logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    labeled = TeacherLabels(COLS)(hard, teacher_logits, None)
+    with test_pipeline.TestPipeline(options=PipelineOptions(RUNNER)) as p:
+        out = p | "c2" >> beam.Create([labeled]) | beam.ParDo(SeparateAudits(COLS)).with_outputs(
+            AUDITED, main="hard")
+        assert_that(out.hard | "h" >> beam.Map(lambda t: (t.column("id").to_pylist(), t.column_names)),
+                    equal_to([([3], ["id", "label", "confidence", "deferral_score", "source"])]),
+                    label="hard")
+        # the student said 0 for every row: it agrees with the teacher on ids 0 and 2
+        assert_that(out[AUDITED], equal_to([(3, 2)]), label="audited")
