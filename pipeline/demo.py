@@ -23,6 +23,7 @@ from titans.models.deferral import make_rule
 from titans.models.distill import distill, make_student, train_supervised
 from titans.models.loading import count_parameters, save_torchscript
 from titans.pipeline.datasets import predict
+from titans.transforms.features import FeatureSpec, feature_matrix
 
 _LOG = logging.getLogger("titans")
 
@@ -51,7 +52,7 @@ def digits_tables(seed: int) -> tuple[pa.Table, pa.Table, pa.Table]:
 
 
 def matrix(table: pa.Table) -> np.ndarray:
-    return table.column("pixels").combine_chunks().flatten().to_numpy().reshape(-1, 64)
+    return feature_matrix(table, FeatureSpec(("pixels",), 64, vector=True))[0]
 
 
 def train_models(train: pa.Table, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:

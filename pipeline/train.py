@@ -28,7 +28,7 @@ from titans.pipeline.datasets import (Dataset, absolute, check_labels, check_out
                                       predict, read_dataset)
 from titans.pipeline.flags import add_model_flags, feature_columns, model_ref
 from titans.pipeline.plan import load_checked
-from titans.transforms.features import FeatureSpec, feature_matrix
+from titans.transforms.features import FeatureSpec, feature_matrix, is_list_type
 
 IN_MEMORY_NOTE = ("The data is read into memory with pyarrow: fine for the millions of rows a "
                   "student needs; labeling a dataset at scale is done by `titans teacher-label` "
@@ -196,7 +196,7 @@ def probs_from_column(column: pa.ChunkedArray, name: str) -> np.ndarray:
     """A list column of K probabilities per row -> float32 [rows, K]; ValueError if it is not one."""
     flag = f"--teacher-probs {name!r}"
     t = column.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+    if not is_list_type(t) \
             or not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
         raise ValueError(f"{flag} must be a list of K probabilities per row (as `titans "
                          f"teacher-label` writes it), but it is {t}")

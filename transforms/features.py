@@ -23,7 +23,8 @@ class FeatureSpec:
     vector: bool = False  # one list column, rather than `dim` scalar columns
 
 
-def _is_list(t: pa.DataType) -> bool:
+def is_list_type(t: pa.DataType) -> bool:
+    """A list, large list or fixed-size list type (the forms a vector column takes)."""
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
@@ -46,7 +47,7 @@ def resolve_feature_spec(schema: pa.Schema, columns: tuple[str, ...],
             f"feature column(s) {missing} not in the input; its columns are {schema.names}. "
             f"Pass --feature-columns with one vector column or the scalar columns in order.")
     types = [schema.field(c).type for c in columns]
-    if len(columns) == 1 and _is_list(types[0]):
+    if len(columns) == 1 and is_list_type(types[0]):
         value_type = types[0].value_type
         if not _is_number(value_type):
             raise ValueError(f"feature column {columns[0]!r} is a list of {value_type}, "

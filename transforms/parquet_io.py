@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
+from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
 
 _LOG = logging.getLogger("titans")
@@ -205,7 +206,7 @@ class _ParquetSink(filebasedsink.FileBasedSink):
 
 
 def _is_floating(t: pa.DataType) -> bool:
-    while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+    while is_list_type(t):
         t = t.value_type
     return pa.types.is_floating(t)
 
