@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from titans.models.deferral import threshold_for_rate
-from titans.models.loading import read_bytes
+from titans.models.storage import read_bytes, write_bytes
 
 BOUNDS = ("binomial", "hoeffding_bentkus")
 CAL_METHODS = ("budget", "ltt")
@@ -205,24 +205,6 @@ def load_calibration(path: str) -> dict:
         raise CalibrationError(f"{path}: not valid JSON: {e}") from e
     _validate(data, where=path)
     return data
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file at a local path, or at a URL through Beam's filesystems / fsspec."""
-    if "://" not in path:
-        with open(path, "wb") as f:
-            f.write(data)
-        return
-    try:
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.create(path) as f:
-            f.write(data)
-    except (ValueError, ImportError):  # scheme Beam does not know: try fsspec
-        import fsspec
-
-        with fsspec.open(path, "wb") as f:
-            f.write(data)
 
 
 def _encode(obj):

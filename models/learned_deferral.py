@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from titans.models.deferral import DeferralRule
-from titans.models.loading import read_bytes
+from titans.models.storage import read_bytes, write_bytes
 
 FORMAT = "titans.learned_deferral/1"
 MAX_TOP_K = 5
@@ -124,8 +124,6 @@ class LearnedDeferral(DeferralRule):
 
     def save(self, path: str) -> None:
         """Write the fitted model as JSON (float32 weights survive the round trip exactly)."""
-        from titans.models.calibration import write_bytes  # only when saving; keeps workers' imports small
-
         write_bytes(path, json.dumps(self.to_dict(), indent=1).encode("utf-8"))
 
     @classmethod

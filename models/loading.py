@@ -8,6 +8,7 @@ Its forward takes float32 ``[batch, features]`` and returns logits ``[batch, out
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import json
@@ -15,25 +16,30 @@ import zipfile
 
 import torch
 
+from titans.models.storage import read_bytes
+
 
 class ModelLoadError(ValueError):
     """A model file could not be turned into a runnable module; the message says why."""
 
 
-def read_bytes(path: str) -> bytes:
-    """Whole file at a local path or any URL Beam's filesystems (gs://, s3://, ...) or fsspec know."""
-    try:
-        from apache_beam.io.filesystems import FileSystems
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """Where a model lives, how to build it, and where it should run ('cpu', 'cuda' or 'auto').
 
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            return f.read()
-    except (ValueError, ImportError) as beam_error:  # scheme Beam does not know: try fsspec
-        try:
-            import fsspec
-        except ImportError:
-            raise beam_error
-        with fsspec.open(path, "rb") as f:
-            return f.read()
+    ``trust_code``: the user allows model files that can run code when loaded (pickled
+    members of a torch.export archive); off by default.
+    """
+    path: str
+    model_class: str | None = None
+    model_kwargs: str | None = None  # JSON object of the class's constructor arguments
+    device: str = "cpu"
+    trust_code: bool = False
+
+    def load(self, device: str) -> torch.nn.Module:
+        kwargs = json.loads(self.model_kwargs) if self.model_kwargs else None
+        return load_model(self.path, self.model_class, kwargs, device=device,
+                          trust_code=self.trust_code)
 
 
 def import_class(spec: str):
@@ -51,7 +57,7 @@ def import_class(spec: str):
 
 
 def load_model(path: str, model_class: str | None = None, model_kwargs: dict | None = None,
-               device: str = "cpu") -> torch.nn.Module:
+               device: str = "cpu", trust_code: bool = False) -> torch.nn.Module:
     """Load a model for inference (eval mode, on ``device``). Raises ModelLoadError with the reason."""
     try:
         data = read_bytes(path)

@@ -15,8 +15,8 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from titans.pipeline.plan import Plan
-from titans.pipeline.report import (WriteReport, count_reasons, count_rows, count_scores,
-                                    read_json, write_json)
+from titans.models.storage import read_json, write_json
+from titans.pipeline.report import WriteReport, count_reasons, count_rows, count_scores
 from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
 from titans.transforms.dead_letter import ToDeadLetter
 from titans.transforms.inference import ArrowModelHandler

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from titans.models.storage import is_url
 from titans.pipeline.plan import first_vector_length
 from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
                                         resolve_feature_spec)
@@ -133,7 +134,7 @@ def predict(model: torch.nn.Module, x: np.ndarray, chunk: int = 65536) -> torch.
 
 def check_output_path(path: str, flag: str) -> None:
     """A local output's directory must exist (fail now, not after minutes of work)."""
-    if "://" in path:
+    if is_url(path):
         return
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -141,11 +142,6 @@ def check_output_path(path: str, flag: str) -> None:
                          f"or choose another path")
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a directory; give a file path")
-
-
-def absolute(path: str) -> str:
-    """Local paths made absolute (so an artifact that records them works from any cwd)."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def _count(dropped: dict, reason: str, n: int) -> None:

@@ -71,7 +71,7 @@ def train_models(train: pa.Table, seed: int) -> tuple[torch.nn.Module, torch.nn.
 def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str]) -> dict:
     from titans.pipeline.cascade import run_cascade
     from titans.pipeline.plan import RunConfig, plan_run
-    from titans.transforms.inference import ModelRef
+    from titans.models.loading import ModelRef
 
     start = time.time()
     _prepare(output)

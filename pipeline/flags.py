@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from titans.transforms.inference import ModelRef
+from titans.models.loading import ModelRef
 
 
 def add_model_flags(p: argparse.ArgumentParser, role: str, required: bool = True) -> None:

@@ -21,7 +21,7 @@ from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelLoadError, count_parameters
 from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
                                         resolve_feature_spec)
-from titans.transforms.inference import ModelRef
+from titans.models.loading import ModelRef
 from titans.transforms.labels import LabelColumns
 from titans.transforms.parquet_io import input_pattern, match_files, read_schema, sample_rows
 

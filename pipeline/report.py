@@ -6,13 +6,12 @@ is written on every runner, including Dataflow jobs whose launcher does not wait
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
+from titans.models.storage import write_bytes, write_json
 from titans.transforms.dead_letter import reason_counts
 
 REASON_PREFIX = "dead_letter_reason:"
@@ -117,8 +116,6 @@ def plot_scores(report: dict, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from titans.models.calibration import write_bytes
-
     h = report["deferral_score_histogram"]
     edges = np.asarray(h["bin_edges"])
     fig = Figure(figsize=(6, 3.6))
@@ -139,16 +136,6 @@ def plot_scores(report: dict, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     write_bytes(path, buf.getvalue())
-
-
-def write_json(path: str, data: dict) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(data, indent=2, default=str).encode())
-
-
-def read_json(path: str) -> dict:
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())
 
 
 def summary(report: dict) -> str:

@@ -18,14 +18,15 @@ import pyarrow as pa
 import torch
 
 from titans.models.calibration import (BOUNDS, cascade_curve, ltt_threshold, plot_curves,
-                                       save_calibration, write_bytes)
+                                       save_calibration)
+from titans.models.storage import absolute, write_bytes
 from titans.models.deferral import CONFIDENCE_RULES, DeferHead, make_rule, threshold_for_rate
 from titans.models.distill import METHODS, distill, make_student
 from titans.models.learned_deferral import LearnedDeferral
 from titans.models.loading import save_torchscript
 from titans.models.architectures import parse_hidden
-from titans.pipeline.datasets import (Dataset, absolute, check_labels, check_output_path,
-                                      predict, read_dataset)
+from titans.pipeline.datasets import (Dataset, check_labels, check_output_path, predict,
+                                      read_dataset)
 from titans.pipeline.flags import add_model_flags, feature_columns, model_ref
 from titans.pipeline.plan import load_checked
 from titans.transforms.features import FeatureSpec, feature_matrix, is_list_type

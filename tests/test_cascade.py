@@ -13,7 +13,7 @@ from titans.models.deferral import make_rule
 from titans.models.loading import save_torchscript
 from titans.pipeline.cascade import run_cascade
 from titans.pipeline.plan import RunConfig, plan_run
-from titans.transforms.inference import ModelRef
+from titans.models.loading import ModelRef
 
 
 def _run(data, out, models, **kw):

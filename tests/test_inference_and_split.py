@@ -11,7 +11,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import DIM, RUNNER, features_table, logits_of
 from titans.models.deferral import make_rule
 from titans.transforms.features import FeatureSpec
-from titans.transforms.inference import ArrowModelHandler, ModelRef
+from titans.models.loading import ModelRef
+from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import AUDIT, ERROR, LabelColumns, StudentLabels, TeacherLabels
 from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateAudits,
                                      SplitByDeferral, SplitErrors)

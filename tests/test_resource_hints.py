@@ -5,7 +5,7 @@ import apache_beam as beam
 from conftest import write_dataset
 from titans.pipeline.cascade import build_pipeline
 from titans.pipeline.plan import RunConfig, plan_run
-from titans.transforms.inference import ModelRef
+from titans.models.loading import ModelRef
 
 
 def test_accelerator_hint_lands_on_the_teacher_inference_only(tmp_path, models):

@@ -8,7 +8,7 @@ from titans.models.calibration import save_calibration
 from titans.models.deferral import make_rule
 from titans.pipeline.cascade import run_cascade
 from titans.pipeline.plan import RunConfig, plan_run
-from titans.transforms.inference import ModelRef
+from titans.models.loading import ModelRef
 
 
 def _run(data, out, student, teacher, **kw):

@@ -8,7 +8,6 @@ What the model's output means is left to ``annotate(table, logits, reasons) -> t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -20,25 +19,12 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from titans.models.loading import load_model, resolve_device
+from titans.models.loading import ModelRef, resolve_device
 from titans.transforms.features import FeatureSpec, as_tensor, feature_matrix
 
 _LOG = logging.getLogger("titans")
 
 Annotate = Callable[[pa.Table, torch.Tensor, Optional[np.ndarray]], pa.Table]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRef:
-    """Where a model lives and where it should run ('cpu', 'cuda' or 'auto')."""
-    path: str
-    model_class: str | None = None
-    model_kwargs: str | None = None  # JSON object of the class's constructor arguments
-    device: str = "cpu"
-
-    def load(self, device: str) -> torch.nn.Module:
-        kwargs = json.loads(self.model_kwargs) if self.model_kwargs else None
-        return load_model(self.path, self.model_class, kwargs, device=device)
 
 
 @dataclasses.dataclass
