@@ -5,7 +5,6 @@ import importlib
 import logging
 import threading
 import time
-from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -18,7 +17,7 @@ from titans.pipeline.plan import Plan
 from titans.models.storage import read_json, write_json
 from titans.pipeline.report import WriteReport, count_reasons, count_rows, count_scores
 from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
-from titans.transforms.dead_letter import ToDeadLetter
+from titans.transforms.dead_letter import DeadLetter, ToDeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels, TeacherProbs
 from titans.transforms.parquet_io import ReadParquetBatches, WriteParquetBatches
@@ -49,7 +48,7 @@ def build_pipeline(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
     names = plan.input_schema.names
     labels_dir = FileSystems.join(c.output, "labels")
     read = p | "ReadBatches" >> ReadParquetBatches(plan.pattern, c.batch_size, plan.input_schema)
-    unconforming = read.dead_letter | "UnconformingTables" >> beam.Map(lambda e: e[0])
+    unconforming = read.dead_letter | "UnconformingTables" >> beam.Map(lambda d: d.rows)
     counts = [count_rows(read.tables, "in", "CountIn"),
               count_rows(unconforming, "in", "CountInUnconforming")]
     dead_parts = [read.dead_letter]
@@ -58,7 +57,7 @@ def build_pipeline(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
         scored, teacher_failed = read.tables | "ScoreTeacher" >> RunInference(
             teacher_handler(plan)).with_exception_handling()
         labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(
-            SplitErrors(names)).with_output_types(pa.Table, dead_letter=Any).with_outputs(
+            SplitErrors(names)).with_output_types(pa.Table, dead_letter=DeadLetter).with_outputs(
             DEAD_LETTER, main="ok")
         _ = labeled.ok | "WriteTeacherLabels" >> WriteParquetBatches(
             labels_dir, plan.output_schema, prefix="teacher")
@@ -72,12 +71,12 @@ def build_pipeline(p: beam.Pipeline, plan: Plan, start_time: float) -> None:
             student_handler(plan)).with_exception_handling()
         split = tables_typed(scored) | "SplitByDeferral" >> beam.ParDo(
             SplitByDeferral(plan.threshold, plan.columns, names, c.audit_rate, c.seed)
-        ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table, dead_letter=Any).with_outputs(
+        ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table, dead_letter=DeadLetter).with_outputs(
             EASY, HARD, DEAD_LETTER)
         teacher_scored, teacher_failed = split[HARD] | "ScoreTeacher" >> RunInference(
             teacher_handler(plan)).with_exception_handling()
         teacher = tables_typed(teacher_scored) | "SeparateAudits" >> beam.ParDo(
-            SeparateAudits(plan.columns)).with_output_types(pa.Table, audited=Any).with_outputs(
+            SeparateAudits(plan.columns)).with_output_types(pa.Table, audited=tuple).with_outputs(
             AUDITED, main="hard")
 
         # Easy and teacher rows go to labels/ through one writer each rather than a Flatten:
@@ -123,7 +122,8 @@ def failures(dlq, stage: str, input_names: list[str]):
         for table in tables:
             if AUDIT in table.column_names:
                 table = table.filter(pc.invert(table.column(AUDIT)))
-            yield table.select(input_names), f"{stage} model failed on this batch: {exc_repr}", stage
+            yield DeadLetter(table.select(input_names), f"{stage} model failed on this batch: "
+                                                        f"{exc_repr}", stage)
     return dlq.failed_inferences | f"{stage.title()}Failures" >> beam.FlatMap(to_dead_letter)
 
 

@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelLoadError, count_parameters
+from titans.pipeline import defaults
 from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
                                         resolve_feature_spec)
 from titans.models.loading import ModelRef
@@ -47,11 +48,12 @@ class RunConfig:
     calibration: str | None = None  # CAL.json from `titans calibrate`: rule and threshold
     deferral_model: str | None = None
     audit_rate: float = 0.0
-    batch_size: int = 65536
-    teacher_batch_size: int = 16384
+    batch_size: int = defaults.BATCH_SIZE
+    teacher_batch_size: int = defaults.TEACHER_BATCH_SIZE
     column_prefix: str = ""
     overwrite: bool = False
-    sample_rows: int = 100_000
+    sample_rows: int = defaults.SAMPLE_ROWS
+    max_dead_letter_rate: float = defaults.MAX_DEAD_LETTER_RATE
     seed: int = 0
     teacher_resource_hints: dict = dataclasses.field(default_factory=dict)
 

@@ -71,7 +71,7 @@ def test_split_routes_every_row_once():
         assert_that(out[EASY] | "e" >> beam.FlatMap(lambda t: zip(ids(t), t.column("source").to_pylist())),
                     equal_to([(0, "student"), (4, "student")]), label="easy")
         assert_that(out[HARD] | "h" >> beam.FlatMap(ids), equal_to([1, 3]), label="hard")
-        assert_that(out[DEAD_LETTER] | "d" >> beam.MapTuple(lambda t, r, s: (t.column_names, ids(t), r, s)),
+        assert_that(out[DEAD_LETTER] | "d" >> beam.Map(lambda d: (d.rows.column_names, ids(d.rows), d.reasons, d.stage)),
                     equal_to([(["id"], [2], ["bad row"], "validate")]), label="dead")
 
 
@@ -93,7 +93,7 @@ def test_split_errors_and_audits_route_each_row_once():
             DEAD_LETTER, main="ok")
         assert_that(out.ok | "ok" >> beam.FlatMap(lambda t: t.column("id").to_pylist()),
                     equal_to([0, 2, 3]), label="ok")
-        assert_that(out[DEAD_LETTER] | "d" >> beam.MapTuple(lambda t, r, s: (t.column("id").to_pylist(), r)),
+        assert_that(out[DEAD_LETTER] | "d" >> beam.Map(lambda d: (d.rows.column("id").to_pylist(), d.reasons)),
                     equal_to([([1], ["bad"])]), label="dead")
 
     # all three easy rows audited (rate 1): the hard output carries them flagged, and after

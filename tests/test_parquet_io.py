@@ -46,8 +46,8 @@ def test_a_file_with_another_schema_goes_to_the_dead_letter(tmp_path):
     with _pipeline() as p:
         read = p | ReadParquetBatches(str(tmp_path / "*.parquet"), 64, schema)
         n_ok = read.tables | "ok" >> beam.Map(lambda t: t.num_rows) | "s1" >> beam.CombineGlobally(sum)
-        bad = read.dead_letter | beam.MapTuple(lambda t, reason, stage: (t.num_rows, stage,
-                                                                         "missing column" in reason))
+        bad = read.dead_letter | beam.Map(lambda d: (d.rows.num_rows, d.stage,
+                                                              "missing column" in d.reasons))
         assert_that(n_ok, equal_to([100]), label="ok")
         assert_that(bad, equal_to([(2, "read", True)]), label="bad")
 

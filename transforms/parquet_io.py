@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
+from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
 
@@ -116,9 +116,8 @@ class _ReadRowGroup(beam.DoFn):
             if good.num_rows:
                 yield good
             if bad is not None:
-                yield beam.pvalue.TaggedOutput(
-                    self.DEAD_LETTER, (bad, f"{path} does not fit the first input file's "
-                                            f"schema: {reason}", "read"))
+                yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
+                    bad, f"{path} does not fit the first input file's schema: {reason}", READ))
 
 
 def split_conforming(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table | None, str]:
@@ -153,7 +152,7 @@ class ReadParquetBatches(beam.PTransform):
     """Files matching ``pattern`` -> PCollection of pa.Table with at most ``batch_size`` rows.
 
     Tagged outputs: ``tables`` (conforming to ``schema``) and ``dead_letter``
-    ((table, reason, stage) for batches whose schema cannot be made to conform).
+    (DeadLetter for batches whose schema cannot be made to conform).
     """
 
     def __init__(self, pattern: str, batch_size: int, schema: pa.Schema):
@@ -171,7 +170,7 @@ class ReadParquetBatches(beam.PTransform):
             | "SplitIntoRowGroups" >> beam.ParDo(_SplitIntoRowGroups())
             | "Spread" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, self._schema))
-            .with_output_types(pa.Table, dead_letter=Any)
+            .with_output_types(pa.Table, dead_letter=DeadLetter)
             .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
 
 

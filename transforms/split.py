@@ -8,25 +8,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from titans.transforms.dead_letter import VALIDATE, DeadLetter
 from titans.transforms.labels import AUDIT, ERROR, STUDENT_LABEL, LabelColumns, with_source
 
 EASY, HARD, DEAD_LETTER, AUDITED = "easy", "hard", "dead_letter", "audited"
 
 
 def split_errors(table: pa.Table, input_names: list[str]):
-    """(rows that can be labeled without the error column, dead-letter tuple or None)."""
+    """(rows that can be labeled without the error column, DeadLetter or None)."""
     errors = table.column(ERROR)
     bad = np.asarray(pc.is_valid(errors))
     dead = None
     if bad.any():
         rows = table.filter(pa.array(bad))
-        dead = (rows.select(input_names), rows.column(ERROR).to_pylist(), "validate")
+        dead = DeadLetter(rows.select(input_names), rows.column(ERROR).to_pylist(), VALIDATE)
         table = table.filter(pa.array(~bad))
     return table.drop_columns([ERROR]), dead
 
 
 class SplitErrors(beam.DoFn):
-    """Rows with an error -> dead_letter (input columns, reasons, 'validate'); the rest -> main."""
+    """Rows with an error -> dead_letter (DeadLetter); the rest -> main."""
 
     def __init__(self, input_names: list[str]):
         self._input_names = list(input_names)
