@@ -1,12 +1,18 @@
 """Everything checked before a pipeline starts, and the decisions made from it.
 
-A wrong path, a missing column, a model that does not load or does not fit the
-features all fail here, on the launcher, with a message saying what to fix, instead
-of minutes into a distributed job.
+A wrong path, an unreadable file, a missing column, a model that does not load or does not
+fit the features all fail here, on the launcher, with a message saying what to fix, instead
+of minutes into a distributed job. Nothing is written or deleted here: the output directory
+is only checked (see ``titans.pipeline.job`` for when it is cleared).
+
+A config (what the user asked for) is never changed; every decision taken from it and from
+the data (the unified input schema, the rule, the threshold and where it came from) is on
+the plan.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import math
@@ -14,90 +20,122 @@ import math
 import numpy as np
 import pyarrow as pa
 import torch
-from apache_beam.io.filesystems import FileSystems
 
+from titans.models import storage
 from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
-from titans.models.loading import ModelLoadError, count_parameters
+from titans.models.loading import ModelLoadError, ModelRef, count_parameters
 from titans.pipeline import defaults
-from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
-                                        resolve_feature_spec)
-from titans.models.loading import ModelRef
+from titans.transforms.features import FeatureSpec, feature_matrix, resolve_feature_spec
+from titans.transforms.inference import isolate_failures, short_error
 from titans.transforms.labels import LabelColumns
-from titans.transforms.parquet_io import input_pattern, match_files, read_schema, sample_rows
+from titans.transforms.parquet_io import ParquetInput, input_pattern, match_files
 
 _LOG = logging.getLogger("titans")
 
-# what a run writes into its output directory; --overwrite removes exactly these
-OUTPUTS = ("labels", "dead_letter", "report.json", "report.png")
+TEACHER_CHECK_ROWS = 256  # sampled rows the teacher is tried on at launch (it is the costly one)
 
 
-@dataclasses.dataclass
-class RunConfig:
-    """What a user asked for. ``student=None`` means `titans teacher-label`: the teacher on
-    every row, writing its probabilities."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """What a user asked for, shared by `titans run` and `titans teacher-label`."""
     input: str
     output: str
-    student: ModelRef | None
     teacher: ModelRef
     feature_columns: tuple[str, ...] = ("features",)
     id_column: str | None = None
-    rule: str | None = None  # default margin, or the calibration file's
-    threshold: float | None = None
-    deferral_rate: float | None = None  # used when no threshold is given; default 0.2
-    calibration: str | None = None  # CAL.json from `titans calibrate`: rule and threshold
-    deferral_model: str | None = None
-    audit_rate: float = 0.0
     batch_size: int = defaults.BATCH_SIZE
     teacher_batch_size: int = defaults.TEACHER_BATCH_SIZE
     column_prefix: str = ""
     overwrite: bool = False
     sample_rows: int = defaults.SAMPLE_ROWS
-    max_dead_letter_rate: float = defaults.MAX_DEAD_LETTER_RATE
     seed: int = 0
     teacher_resource_hints: dict = dataclasses.field(default_factory=dict)
+    max_dead_letter_rate: float = defaults.MAX_DEAD_LETTER_RATE
 
 
-@dataclasses.dataclass
-class Plan:
-    config: RunConfig
-    pattern: str
-    files: list[str]
-    input_schema: pa.Schema
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig(JobConfig):
+    """`titans run`: the cascade."""
+    student: ModelRef
+    rule: str | None = None  # default defaults.RULE, or the calibration file's
+    threshold: float | None = None
+    deferral_rate: float | None = None  # used when no threshold is given; default defaults.DEFERRAL_RATE
+    calibration: str | None = None  # CAL.json from `titans calibrate`: rule and threshold
+    deferral_model: str | None = None
+    audit_rate: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherLabelConfig(JobConfig):
+    """`titans teacher-label`: the teacher on every row, writing its probabilities."""
+
+
+class ThresholdSource(enum.Enum):
+    GIVEN = "given (--threshold)"
+    CALIBRATION = "calibration file"
+    SAMPLE_QUANTILE = "quantile of student scores on a sample of the input"
+    RATE_BOUND = "deferral rate 0 or 1 (exact, no sample needed)"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputPlan:
+    """The input as checked at launch: files, unified schema, features, added columns."""
+    source: ParquetInput
     features: FeatureSpec
     columns: LabelColumns
     output_schema: pa.Schema
-    num_classes: int
-    teacher_parameters: int
-    student_parameters: int = 0
-    rule: DeferralRule | None = None
-    threshold: float | None = None
-    threshold_source: str = ""
 
     @property
-    def teacher_only(self) -> bool:
-        return self.config.student is None
+    def input_names(self) -> list[str]:
+        return self.source.schema.names
+
+    def facts(self, config: JobConfig) -> dict:
+        return {"input": config.input, "input_files": len(self.source.files),
+                "input_files_unreadable_into_schema": len(self.source.conflicts),
+                "output": config.output, "feature_columns": list(self.features.columns),
+                "feature_dim": self.features.dim, "batch_size": config.batch_size,
+                "teacher_batch_size": config.teacher_batch_size,
+                "max_dead_letter_rate": config.max_dead_letter_rate}
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadePlan:
+    config: RunConfig
+    input: InputPlan
+    num_classes: int
+    teacher_parameters: int
+    student_parameters: int
+    rule: DeferralRule
+    threshold: float
+    threshold_source: ThresholdSource
+    threshold_detail: str
+    deferral_rate: float | None  # the rate asked for, when the threshold comes from it
 
     def facts(self) -> dict:
-        """Static facts of the run, for the report."""
         c = self.config
-        facts = {
-            "input": c.input, "input_files": len(self.files), "output": c.output,
-            "feature_columns": list(self.features.columns), "feature_dim": self.features.dim,
-            "num_classes": self.num_classes, "teacher": c.teacher.path,
-            "teacher_parameters": self.teacher_parameters,
-            "batch_size": c.batch_size, "teacher_batch_size": c.teacher_batch_size,
-        }
-        if self.teacher_only:
-            return {"mode": "teacher-label (teacher on every row)", **facts}
         return {
             "mode": "cascade", "rule": self.rule.name, "threshold": json_float(self.threshold),
-            "threshold_source": self.threshold_source,
-            "requested_deferral_rate": c.deferral_rate if self.threshold_source.startswith(
-                "quantile") else None,
-            "calibration": c.calibration, "audit_rate": c.audit_rate,
-            "student": c.student.path, "student_parameters": self.student_parameters, **facts,
-        }
+            "threshold_source": f"{self.threshold_source.value}: {self.threshold_detail}",
+            "requested_deferral_rate": self.deferral_rate, "calibration": c.calibration,
+            "audit_rate": c.audit_rate, "student": c.student.path,
+            "student_parameters": self.student_parameters, "teacher": c.teacher.path,
+            "teacher_parameters": self.teacher_parameters, "num_classes": self.num_classes,
+            **self.input.facts(c)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherLabelPlan:
+    config: TeacherLabelConfig
+    input: InputPlan
+    num_classes: int
+    teacher_parameters: int
+
+    def facts(self) -> dict:
+        c = self.config
+        return {"mode": "teacher-label", "teacher": c.teacher.path,
+                "teacher_parameters": self.teacher_parameters, "num_classes": self.num_classes,
+                **self.input.facts(c)}
 
 
 def json_float(x: float):
@@ -105,64 +143,88 @@ def json_float(x: float):
     return x if math.isfinite(x) else str(x)
 
 
-def plan_run(config: RunConfig) -> Plan:
-    _check_config(config)
-    prepare_output(config.output, config.overwrite, clear=False)  # fail early, delete last
-    pattern = input_pattern(config.input)
-    files = match_files(pattern)
-    schema = read_schema(files[0])
-    if config.id_column and config.id_column not in schema.names:
-        raise ValueError(f"--id-column {config.id_column!r} is not in the input; its columns are "
-                         f"{schema.names}")
-    sample = sample_rows(files, config.sample_rows, config.seed, schema)
-    features = resolve_feature_spec(schema, tuple(config.feature_columns),
-                                    first_vector_length(sample, config.feature_columns))
-    x, reasons = feature_matrix(sample, features)
-    if reasons is not None:
-        x = x[np.array([r is None for r in reasons])]
-    if len(x) == 0:
-        raise ValueError(f"none of the {sample.num_rows} sampled rows has valid features in "
-                         f"{list(features.columns)}; check --feature-columns")
-    columns = LabelColumns(config.column_prefix)
+def plan_run(config: RunConfig) -> CascadePlan:
+    _check_job(config)
+    _check_cascade(config)
+    rule_name, threshold, deferral_model = config.rule, config.threshold, config.deferral_model
+    if config.calibration:
+        rule_name, threshold, deferral_model = _calibration(config)
+    rule = make_rule(rule_name or defaults.RULE, deferral_model)
+    source, sample, features = _plan_source(config)
+    x = _valid_rows(sample, features)
     teacher = load_checked("teacher", config.teacher, features.dim)
-    teacher_classes = _outputs(teacher, x[:4]).shape[-1]
-    if config.student is None:
-        prepare_output(config.output, config.overwrite)
-        return Plan(config, pattern, files, schema, features, columns,
-                    columns.output_schema(schema, columns.teacher_fields(teacher_classes)),
-                    teacher_classes, count_parameters(teacher))
-
-    _apply_calibration(config)
-    rule = make_rule(config.rule or "margin", config.deferral_model)
+    teacher_classes = _check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
     student = load_checked("student", config.student, features.dim)
-    student_logits = _outputs(student, x)
+    student_logits = _check_on_sample("student", student, x)
     num_classes = student_logits.shape[-1] - rule.extra_outputs
     if num_classes != teacher_classes:
         extra = f" (+{rule.extra_outputs} for rule {rule.name})" if rule.extra_outputs else ""
         raise ValueError(f"student has {student_logits.shape[-1]} outputs{extra} but the teacher "
                          f"has {teacher_classes}: they must agree on the number of classes")
-    if config.threshold is not None:
-        threshold = float(config.threshold)
-        source = (f"calibration file {config.calibration}" if config.calibration
-                  else "given (--threshold)")
+    rate = None
+    if config.calibration:
+        source_kind, detail = ThresholdSource.CALIBRATION, config.calibration
+    elif threshold is not None:
+        source_kind, detail = ThresholdSource.GIVEN, f"{threshold}"
     else:
-        rate = 0.2 if config.deferral_rate is None else config.deferral_rate
-        config.deferral_rate = rate
-        _, scores = rule(student_logits)
-        threshold = threshold_for_rate(scores.numpy(), rate)
-        source = (f"quantile {1 - rate:g} of student scores on a sample of {len(x):,} rows "
-                  f"(seed {config.seed})")
-    _LOG.info("rule %s, threshold %s: %s", rule.name, threshold, source)
-    prepare_output(config.output, config.overwrite)
-    return Plan(config, pattern, files, schema, features, columns,
-                columns.output_schema(schema, columns.cascade_fields()), num_classes,
-                count_parameters(teacher), count_parameters(student), rule, threshold, source)
+        rate = defaults.DEFERRAL_RATE if config.deferral_rate is None else config.deferral_rate
+        if rate in (0.0, 1.0):  # exact at any scale, unlike a sample's extreme quantile
+            threshold, source_kind = (math.inf if rate == 0.0 else -math.inf), ThresholdSource.RATE_BOUND
+            detail = f"rate {rate:g}"
+        else:
+            finite = student_logits[np.isfinite(student_logits).all(axis=1)]
+            _, scores = rule(torch.from_numpy(finite))
+            threshold = threshold_for_rate(scores.numpy(), rate)
+            source_kind = ThresholdSource.SAMPLE_QUANTILE
+            detail = f"the {1 - rate:g} quantile over {len(finite):,} rows (seed {config.seed})"
+    _LOG.info("rule %s, threshold %s: %s: %s", rule.name, threshold, source_kind.value, detail)
+    columns = LabelColumns(config.column_prefix)
+    plan_input = InputPlan(source, features, columns,
+                           columns.output_schema(source.schema, columns.cascade_fields()))
+    return CascadePlan(config, plan_input, num_classes, count_parameters(teacher),
+                       count_parameters(student), rule, float(threshold), source_kind, detail, rate)
 
 
-def _apply_calibration(config: RunConfig) -> None:
-    """Take rule, threshold (and learned deferral model) from a `titans calibrate` file."""
-    if not config.calibration:
-        return
+def plan_teacher_label(config: TeacherLabelConfig) -> TeacherLabelPlan:
+    _check_job(config)
+    source, sample, features = _plan_source(config)
+    x = _valid_rows(sample, features)
+    teacher = load_checked("teacher", config.teacher, features.dim)
+    classes = _check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
+    columns = LabelColumns(config.column_prefix)
+    plan_input = InputPlan(source, features, columns,
+                           columns.output_schema(source.schema, columns.teacher_fields(classes)))
+    return TeacherLabelPlan(config, plan_input, classes, count_parameters(teacher))
+
+
+def _check_job(c: JobConfig) -> None:
+    for name in ("batch_size", "teacher_batch_size", "sample_rows"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= c.max_dead_letter_rate <= 1.0:
+        raise ValueError(f"--max-dead-letter-rate must be between 0 and 1, got "
+                         f"{c.max_dead_letter_rate}")
+    existing = storage.list_under(c.output)
+    if existing and not c.overwrite:
+        raise ValueError(f"output directory {c.output!r} is not empty ({len(existing)} file(s), "
+                         f"e.g. {existing[0]}); choose another --output or pass --overwrite to "
+                         f"replace a previous run's outputs")
+
+
+def _check_cascade(c: RunConfig) -> None:
+    if c.threshold is not None and c.deferral_rate is not None:
+        raise ValueError("pass either --threshold or --deferral-rate, not both")
+    if c.threshold is not None and math.isnan(c.threshold):
+        raise ValueError("--threshold must be a number (-inf sends every row to the teacher, "
+                         "inf none), not NaN")
+    if c.deferral_rate is not None and not 0.0 <= c.deferral_rate <= 1.0:
+        raise ValueError(f"--deferral-rate must be between 0 and 1, got {c.deferral_rate}")
+    if not 0.0 <= c.audit_rate <= 1.0:
+        raise ValueError(f"--audit-rate must be between 0 and 1, got {c.audit_rate}")
+
+
+def _calibration(config: RunConfig) -> tuple[str, float, str | None]:
+    """(rule, threshold, learned deferral model) from a `titans calibrate` file."""
     given = [flag for flag, value in (("--threshold", config.threshold),
                                       ("--deferral-rate", config.deferral_rate),
                                       ("--rule", config.rule),
@@ -173,44 +235,54 @@ def _apply_calibration(config: RunConfig) -> None:
         cal = load_calibration(config.calibration)
     except (OSError, ValueError) as e:
         raise ValueError(f"--calibration {config.calibration!r}: {e}") from e
-    config.rule, config.threshold = cal["rule"], float(cal["threshold"])
-    config.deferral_model = cal.get("deferral_model")
+    return cal["rule"], float(cal["threshold"]), cal.get("deferral_model")
 
 
-def _outputs(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
-    try:
+def _plan_source(config: JobConfig) -> tuple[ParquetInput, pa.Table, FeatureSpec]:
+    files = match_files(input_pattern(config.input), exclude_under=config.output)
+    source = ParquetInput.from_files(files)
+    if source.num_rows == 0:
+        raise ValueError(f"the input {config.input!r} has no rows ({len(files)} file(s), all empty)")
+    if len(source.conflicts) == len(files):
+        raise ValueError("no input file fits the others' schema:\n  "
+                         + "\n  ".join(source.conflicts.values()))
+    for why in source.conflicts.values():
+        _LOG.warning("its rows go to the dead letter: %s", why)
+    if config.id_column and config.id_column not in source.schema.names:
+        raise ValueError(f"--id-column {config.id_column!r} is not in the input; its columns are "
+                         f"{source.schema.names}")
+    sample = source.sample(config.sample_rows, config.seed)
+    features = resolve_feature_spec(source.schema, tuple(config.feature_columns),
+                                    first_vector_length(sample, config.feature_columns))
+    return source, sample, features
+
+
+def _valid_rows(sample: pa.Table, features: FeatureSpec) -> np.ndarray:
+    x, reasons = feature_matrix(sample, features)
+    if reasons is not None:
+        x = x[np.array([r is None for r in reasons])]
+        if len(x) == 0:
+            example = next(r for r in reasons if r is not None)
+            raise ValueError(f"none of the {sample.num_rows:,} sampled rows has usable features "
+                             f"in {list(features.columns)} (e.g. {example}); check "
+                             f"--feature-columns")
+    return x
+
+
+def _check_on_sample(role: str, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """The model's outputs on sampled rows. A model that fails on every row is broken (a
+    launch error); one that fails on a few will see those rows dead-lettered."""
+    def forward(xb):
         with torch.inference_mode():
-            return model(as_tensor(x)).float()
-    except Exception as e:  # noqa: BLE001 - a model that fails on real rows
-        raise ValueError(f"a model failed on rows sampled from the input: {type(e).__name__}: "
-                         f"{e}") from e
+            return model(torch.from_numpy(xb)).float().numpy()
 
-
-def _check_config(c: RunConfig) -> None:
-    if c.threshold is not None and c.deferral_rate is not None:
-        raise ValueError("pass either --threshold or --deferral-rate, not both")
-    if c.deferral_rate is not None and not 0.0 <= c.deferral_rate <= 1.0:
-        raise ValueError(f"--deferral-rate must be between 0 and 1, got {c.deferral_rate}")
-    if not 0.0 <= c.audit_rate <= 1.0:
-        raise ValueError(f"--audit-rate must be between 0 and 1, got {c.audit_rate}")
-    for name in ("batch_size", "teacher_batch_size", "sample_rows"):
-        if getattr(c, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-def prepare_output(output: str, overwrite: bool, clear: bool = True) -> None:
-    """Refuse a non-empty output directory unless ``overwrite``; with ``clear``, remove a
-    previous run's outputs (only those: other files in the directory are left alone)."""
-    existing = FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
-    if not existing:
-        return
-    if not overwrite:
-        raise ValueError(f"output directory {output!r} is not empty; choose another --output or "
-                         f"pass --overwrite to replace a previous run's {', '.join(OUTPUTS)}")
-    for name in OUTPUTS if clear else ():
-        path = FileSystems.join(output, name)
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
+    out, failed = isolate_failures(forward, x)
+    if out is None:
+        raise ValueError(f"--{role} fails on every sampled row: {next(iter(failed.values()))}")
+    if failed:
+        _LOG.warning("--%s failed on %d of %d sampled rows (they will be dead-lettered), e.g. %s",
+                     role, len(failed), len(x), next(iter(failed.values())))
+    return out[np.setdiff1d(np.arange(len(x)), list(failed))] if failed else out
 
 
 def load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
@@ -223,7 +295,7 @@ def load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
             out = model(torch.zeros((2, dim)))
     except Exception as e:  # noqa: BLE001 - any failure here is a shape/contract problem
         raise ValueError(f"--{role} {ref.path!r} does not accept a float32 [batch, {dim}] input "
-                         f"(the width of --feature-columns): {type(e).__name__}: {e}") from e
+                         f"(the width of --feature-columns): {short_error(e)}") from e
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"--{role} {ref.path!r} must return logits [batch, classes]; for a "

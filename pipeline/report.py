@@ -5,98 +5,82 @@ is written on every runner, including Dataflow jobs whose launcher does not wait
 """
 from __future__ import annotations
 
+import dataclasses
 import io
-import time
 
-import apache_beam as beam
 import numpy as np
 
-from titans.models.storage import write_bytes, write_json
-from titans.transforms.dead_letter import reason_counts
-
-REASON_PREFIX = "dead_letter_reason:"
-SCORE_BINS = 50  # histogram of deferral scores over [0, 1], where every rule's score lies
+from titans.models.storage import write_bytes
+from titans.pipeline.counts import Count, Counts
+from titans.pipeline.stages import job_status
 
 
+def _rates(rows: int, wall_seconds: float) -> dict:
+    return {"wall_seconds": round(wall_seconds, 3),
+            "rows_per_second": round(rows / wall_seconds, 1) if wall_seconds > 0 else None}
 
 
-def count_rows(pcoll, key: str, label: str):
-    """(key, rows) for every table; the counts are summed by key in the report."""
-    return pcoll | label >> beam.Map(lambda t, k=key: (k, t.num_rows))
+@dataclasses.dataclass(frozen=True)
+class CascadeReport:
+    """build(counts, wall seconds) -> report.json of `titans run`."""
+    facts: dict
 
-
-def count_reasons(dead_tables, label: str):
-    return dead_tables | label >> beam.FlatMap(
-        lambda t: [(REASON_PREFIX + r, n) for r, n in reason_counts(t).items()])
-
-
-def count_scores(tables, source: str, column: str, label: str):
-    """(f"score_{source}:{bin}", rows) for the deferral scores of every table."""
-    def histogram(table):
-        scores = np.clip(np.asarray(table.column(column)), 0.0, 1.0)
-        counts, _ = np.histogram(scores, bins=SCORE_BINS, range=(0.0, 1.0))
-        return [(f"score_{source}:{i}", int(n)) for i, n in enumerate(counts) if n]
-    return tables | label >> beam.FlatMap(histogram)
-
-
-class WriteReport(beam.PTransform):
-    """Flattened (key, rows) counts -> ``path`` (JSON), merged with the run's static facts,
-    and, for a cascade, ``report.png``: the deferral scores of easy and hard rows."""
-
-    def __init__(self, path: str, facts: dict, start_time: float):
-        super().__init__()
-        self._path = path
-        self._facts = facts
-        self._start = start_time
-
-    def expand(self, counts):
-        return (counts
-                | "Sum" >> beam.CombinePerKey(sum)
-                | "ToDict" >> beam.combiners.ToDict()
-                | "Write" >> beam.Map(self._write))
-
-    def _write(self, counts: dict):
-        report = build_report(counts, self._facts, time.time() - self._start)
-        write_json(self._path, report)
-        if "deferral_score_histogram" in report:
-            plot_scores(report, self._path[:-len(".json")] + ".png")
+    def __call__(self, counts: Counts, wall_seconds: float) -> dict:
+        f = self.facts
+        rows_in, dead = counts[Count.IN], counts[Count.DEAD_LETTER]
+        easy, hard, deferred = counts[Count.EASY], counts[Count.HARD], counts[Count.DEFERRED]
+        scored = easy + deferred  # rows the student labeled or sent on
+        teacher_rows = counts[Count.TEACHER_SCORED]
+        sp, tp = f.get("student_parameters") or 0, f.get("teacher_parameters") or 0
+        report = {
+            **job_status(counts, f["max_dead_letter_rate"]),
+            "rows_in": rows_in,
+            "rows_easy": easy,
+            "rows_hard": hard,
+            "rows_dead_letter": dead,
+            "conservation_ok": rows_in == easy + hard + dead,
+            "rows_deferred": deferred,
+            "rows_deferred_teacher_failed": deferred - hard,
+            "rows_student_nonfinite": counts[Count.STUDENT_NONFINITE],
+            "rows_teacher_scored": teacher_rows,
+            # rows the student sent to the teacher, whatever the teacher then made of them
+            "deferral_rate": deferred / scored if scored else 0.0,
+            **{k: f[k] for k in ("rule", "threshold", "threshold_source", "requested_deferral_rate")},
+            **_rates(rows_in, wall_seconds),
+            "teacher_rows_avoided": easy,
+            "teacher_rows_avoided_share": easy / scored if scored else 0.0,
+            # compute proxy: parameters per row (an MLP costs ~2 FLOPs per weight per row)
+            "teacher_compute_avoided_share": (
+                1.0 - (scored * sp + teacher_rows * tp) / (scored * tp) if scored and tp else None),
+            "dead_letter_reasons": counts.dead_letter_reasons(),
+        }
+        histogram = counts.score_histogram()
+        if histogram:
+            report["deferral_score_histogram"] = histogram
+        if f.get("audit_rate"):
+            report.update(audit_figures(counts[Count.AUDITED], counts[Count.AUDIT_AGREE]))
+        report.update({k: v for k, v in f.items() if k not in report})
         return report
 
 
-def build_report(counts: dict, facts: dict, wall_seconds: float) -> dict:
-    rows_in = counts.get("in", 0)
-    easy, hard, dead = counts.get("easy", 0), counts.get("hard", 0), counts.get("dead_letter", 0)
-    labeled = easy + hard
-    sp, tp = facts.get("student_parameters") or 0, facts.get("teacher_parameters") or 0
-    report = {
-        "rows_in": rows_in,
-        "rows_easy": easy,
-        "rows_hard": hard,
-        "rows_dead_letter": dead,
-        "rows_teacher_scored": counts.get("teacher", 0),
-        "conservation_ok": rows_in == easy + hard + dead,
-        "deferral_rate": hard / labeled if labeled else 0.0,
-        **{k: facts[k] for k in ("rule", "threshold", "threshold_source", "requested_deferral_rate")
-           if k in facts},
-        "wall_seconds": round(wall_seconds, 3),
-        "rows_per_second": round(rows_in / wall_seconds, 1) if wall_seconds > 0 else None,
-        "teacher_rows_avoided": easy,
-        "teacher_rows_avoided_share": easy / labeled if labeled else 0.0,
-        # compute proxy: parameters per row (an MLP costs ~2 FLOPs per weight per row)
-        "teacher_compute_avoided_share": (
-            1.0 - (labeled * sp + hard * tp) / (labeled * tp) if labeled and tp else None),
-        "dead_letter_reasons": {k[len(REASON_PREFIX):]: v for k, v in sorted(counts.items())
-                                if k.startswith(REASON_PREFIX)},
-    }
-    if any(k.startswith("score_") for k in counts):
-        report["deferral_score_histogram"] = {
-            "bin_edges": np.linspace(0.0, 1.0, SCORE_BINS + 1).round(4).tolist(),
-            **{source: [counts.get(f"score_{source}:{i}", 0) for i in range(SCORE_BINS)]
-               for source in ("easy", "hard")}}
-    if facts.get("audit_rate"):
-        report.update(audit_figures(counts.get("audit", 0), counts.get("audit_agree", 0)))
-    report.update({k: v for k, v in facts.items() if k not in report})
-    return report
+@dataclasses.dataclass(frozen=True)
+class TeacherLabelReport:
+    """build(counts, wall seconds) -> report.json of `titans teacher-label`."""
+    facts: dict
+
+    def __call__(self, counts: Counts, wall_seconds: float) -> dict:
+        rows_in, labeled, dead = counts[Count.IN], counts[Count.LABELED], counts[Count.DEAD_LETTER]
+        report = {
+            **job_status(counts, self.facts["max_dead_letter_rate"]),
+            "rows_in": rows_in,
+            "rows_labeled": labeled,
+            "rows_dead_letter": dead,
+            "conservation_ok": rows_in == labeled + dead,
+            **_rates(rows_in, wall_seconds),
+            "dead_letter_reasons": counts.dead_letter_reasons(),
+        }
+        report.update({k: v for k, v in self.facts.items() if k not in report})
+        return report
 
 
 def audit_figures(audited: int, agree: int) -> dict:
@@ -113,6 +97,8 @@ def audit_figures(audited: int, agree: int) -> dict:
 
 def plot_scores(report: dict, path: str) -> None:
     """Stacked histogram of deferral scores (easy vs hard rows) with the threshold marked."""
+    if "deferral_score_histogram" not in report:
+        return
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -129,7 +115,7 @@ def plot_scores(report: dict, path: str) -> None:
         ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.4g}")
     ax.set_xlabel(f"deferral score ({report.get('rule')}; higher = harder)")
     ax.set_ylabel("rows")
-    ax.set_title(f"{report['rows_easy'] + report['rows_hard']:,} rows, "
+    ax.set_title(f"{report['rows_easy'] + report['rows_deferred']:,} rows, "
                  f"{report['deferral_rate']:.1%} to the teacher")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -140,9 +126,9 @@ def plot_scores(report: dict, path: str) -> None:
 
 def summary(report: dict) -> str:
     """A few readable lines for the end of a run."""
-    if report.get("mode", "").startswith("teacher-label"):
+    if report.get("mode") == "teacher-label":
         lines = [f"rows in: {report['rows_in']:,}   labeled by the teacher: "
-                 f"{report['rows_hard']:,}   dead letter: {report['rows_dead_letter']:,}"]
+                 f"{report['rows_labeled']:,}   dead letter: {report['rows_dead_letter']:,}"]
     else:
         lines = [
             f"rows in: {report['rows_in']:,}   easy (student): {report['rows_easy']:,}   "
@@ -154,6 +140,9 @@ def summary(report: dict) -> str:
             f"({report['teacher_rows_avoided_share']:.1%})" + (
                 f", teacher compute avoided: {report['teacher_compute_avoided_share']:.1%}"
                 if report.get("teacher_compute_avoided_share") is not None else "")]
+        if report.get("rows_student_nonfinite"):
+            lines.append(f"student output not finite on {report['rows_student_nonfinite']:,} "
+                         f"rows: sent to the teacher")
     if report.get("rows_audited"):
         lo, hi = report["audit_agreement_ci95"]
         lines.append(f"audit: student agrees with the teacher on {report['audit_agreement']:.1%} "
@@ -163,4 +152,6 @@ def summary(report: dict) -> str:
     if report["rows_dead_letter"]:
         lines.append("dead-letter reasons: " + "; ".join(
             f"{n:,} x {r}" for r, n in report.get("dead_letter_reasons", {}).items()))
+    if report["status"] != "complete":
+        lines.append(f"JOB FAILED: {report['status']} (no _SUCCESS marker written)")
     return "\n".join(lines)

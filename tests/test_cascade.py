@@ -11,7 +11,7 @@ import torch
 from conftest import DIM, RUNNER, features_table, logits_of, read_labels, write_dataset
 from titans.models.deferral import make_rule
 from titans.models.loading import save_torchscript
-from titans.pipeline.cascade import run_cascade
+from titans.pipeline.job import run_cascade, run_teacher_label
 from titans.pipeline.plan import RunConfig, plan_run
 from titans.models.loading import ModelRef
 
@@ -120,24 +120,26 @@ class Picky(torch.nn.Module):
         return self.linear(x)
 
 
-def test_a_batch_the_model_raises_on_goes_to_the_dead_letter(tmp_path, models):
+def test_a_row_the_model_raises_on_goes_to_the_dead_letter_alone(tmp_path, models):
     data = tmp_path / "data"
     x = np.random.default_rng(0).normal(size=(1000, DIM)).astype(np.float32)
-    x[10, 0] = 1000.0  # poisons the first 100-row batch only
+    x[[10, 11, 517], 0] = 1000.0  # the model raises on any batch holding one of these rows
     os.makedirs(data)
     pq.write_table(features_table(np.arange(1000), x), data / "part.parquet", row_group_size=100)
-    sample_ok = x.copy()
-    sample_ok[10, 0] = 0.0
     picky = str(tmp_path / "picky.pt")
     save_torchscript(Picky(), picky)
     config = RunConfig(input=str(data), output=str(tmp_path / "out"), student=ModelRef(picky),
-                       teacher=ModelRef(models[1]), batch_size=100, deferral_rate=0.2,
-                       sample_rows=50)  # the sample (first 50 rows of a row group) avoids row 10
+                       teacher=ModelRef(models[1]), batch_size=400, deferral_rate=0.2)
     report = run_cascade(plan_run(config), RUNNER)
-    assert report["rows_dead_letter"] == 100 and report["conservation_ok"]
+    assert report["rows_dead_letter"] == 3 and report["conservation_ok"]
     (reason, n), = report["dead_letter_reasons"].items()
-    assert n == 100 and "student model failed on this batch" in reason and "out of range" in reason
-    assert read_labels(tmp_path / "out").num_rows == 900
+    assert n == 3 and "student model failed on this row" in reason and "out of range" in reason
+    dead = pq.read_table(tmp_path / "out" / "dead_letter")
+    assert sorted(json.loads(r)["id"] for r in dead.column("row").to_pylist()) == [10, 11, 517]
+    assert set(dead.column("stage").to_pylist()) == {"student"}
+    assert read_labels(tmp_path / "out").num_rows == 997
+    # bisection, not one forward per row: 3 bad rows in batches of up to 400 rows
+    assert report["metrics"]["student_forward_calls"] < 3 + 2 * 3 * 10 + 3 * 3
 
 
 def test_two_parallel_workers_label_every_row_once(tmp_path, models):

@@ -13,8 +13,9 @@ from titans.models.deferral import make_rule
 from titans.transforms.features import FeatureSpec
 from titans.models.loading import ModelRef
 from titans.transforms.inference import ArrowModelHandler
-from titans.transforms.labels import AUDIT, ERROR, LabelColumns, StudentLabels, TeacherLabels
-from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateAudits,
+from titans.transforms.labels import (AUDIT, ERROR, ERROR_STAGE, LabelColumns, StudentLabels,
+                                      TeacherLabels)
+from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateTeacherRows,
                                      SplitByDeferral, SplitErrors)
 
 SPEC = FeatureSpec(("features",), DIM, vector=True)
@@ -59,7 +60,10 @@ def _scored(scores, errors=None):
     n = len(scores)
     t = pa.table({"id": list(range(n)), "label": [0] * n, "confidence": pa.array([0.5] * n, pa.float32()),
                   "deferral_score": pa.array(scores, pa.float32())})
-    return t.append_column(ERROR, pa.array(errors or [None] * n, pa.string()))
+    errors = errors or [None] * n
+    stages = [None if e is None else "validate" for e in errors]
+    return t.append_column(ERROR, pa.array(errors, pa.string())).append_column(
+        ERROR_STAGE, pa.array(stages, pa.string()))
 
 
 def test_split_routes_every_row_once():
@@ -76,9 +80,9 @@ def test_split_routes_every_row_once():
 
 
 def test_teacher_labels_replace_the_students():
-    table = _scored([0.9, 0.8]).drop_columns([ERROR])
+    table = _scored([0.9, 0.8]).drop_columns([ERROR, ERROR_STAGE])
     logits = torch.tensor([[0.0, 3.0], [2.0, 0.0]])
-    out = TeacherLabels(COLS)(table, logits, None)
+    out = TeacherLabels(COLS)(table, logits.numpy(), np.full(2, None, object))
     assert out.column("label").to_pylist() == [1, 0]
     assert out.column("source").to_pylist() == ["teacher", "teacher"]
     assert out.column("confidence").to_pylist() == [float(np.float32(torch.softmax(logits, -1).max(-1).values[i]))
@@ -104,10 +108,12 @@ def test_split_errors_and_audits_route_each_row_once():
     assert hard.column(AUDIT).to_pylist() == [False, True, True, True]
     # rows in order: id 3 (hard), then audited ids 0, 1, 2; the teacher says 1, 0, 1, 0
     teacher_logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
-    labeled = TeacherLabels(COLS)(hard, teacher_logits, None)
+    labeled = TeacherLabels(COLS)(hard, teacher_logits.numpy(), np.full(4, None, object))
+    labeled = labeled.append_column(ERROR, pa.nulls(4, pa.string())).append_column(
+        ERROR_STAGE, pa.nulls(4, pa.string()))
     with test_pipeline.TestPipeline(options=PipelineOptions(RUNNER)) as p:
-        out = p | "c2" >> beam.Create([labeled]) | beam.ParDo(SeparateAudits(COLS)).with_outputs(
-            AUDITED, main="hard")
+        out = p | "c2" >> beam.Create([labeled]) | beam.ParDo(
+            SeparateTeacherRows(COLS, ["id"])).with_outputs(AUDITED, DEAD_LETTER, main="hard")
         assert_that(out.hard | "h" >> beam.Map(lambda t: (t.column("id").to_pylist(), t.column_names)),
                     equal_to([([3], ["id", "label", "confidence", "deferral_score", "source"])]),
                     label="hard")

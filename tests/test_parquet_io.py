@@ -10,7 +10,11 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import RUNNER, features_table, write_dataset
-from titans.transforms.parquet_io import ReadParquetBatches, input_pattern, match_files
+from titans.transforms.parquet_io import ParquetInput, ReadParquetBatches, input_pattern, match_files
+
+
+def _input(path) -> ParquetInput:
+    return ParquetInput.from_files(match_files(input_pattern(str(path))))
 
 
 def _pipeline():
@@ -22,9 +26,8 @@ def test_batches_are_bounded_whatever_the_row_group(tmp_path):
     x = np.zeros((5000, 3), np.float32)
     pq.write_table(features_table(np.arange(5000), x), tmp_path / "big.parquet",
                    row_group_size=1_000_000)
-    schema = pq.read_schema(tmp_path / "big.parquet")
     with _pipeline() as p:
-        read = p | ReadParquetBatches(str(tmp_path / "*.parquet"), 1024, schema)
+        read = p | ReadParquetBatches(_input(tmp_path / "*.parquet"), 1024)
         sizes = read.tables | beam.Map(lambda t: t.num_rows)
         assert_that(sizes | "Max" >> beam.combiners.Top.Largest(1), equal_to([[1024]]), label="max")
         assert_that(sizes | "Sum" >> beam.CombineGlobally(sum), equal_to([5000]), label="sum")
@@ -32,24 +35,67 @@ def test_batches_are_bounded_whatever_the_row_group(tmp_path):
 
 def test_every_row_is_read_once_across_files_and_row_groups(tmp_path):
     write_dataset(tmp_path, 2500, files=3, row_group_size=300)
-    schema = pq.read_schema(tmp_path / "part-0.parquet")
     with _pipeline() as p:
-        read = p | ReadParquetBatches(input_pattern(str(tmp_path)), 128, schema)
+        read = p | ReadParquetBatches(_input(tmp_path), 128)
         ids = read.tables | beam.FlatMap(lambda t: t.column("id").to_pylist())
         assert_that(ids, equal_to(list(range(2500))))
 
 
-def test_a_file_with_another_schema_goes_to_the_dead_letter(tmp_path):
-    write_dataset(tmp_path, 100, files=1)
-    pq.write_table(pa.table({"id": [1000, 1001], "other": [1.0, 2.0]}), tmp_path / "odd.parquet")
-    schema = pq.read_schema(tmp_path / "part-0.parquet")
+def test_schemas_are_unified_across_files(tmp_path):
+    # an extra column in the alphabetically first file, another in a later one: neither file
+    # rules the schema; every row is read, with nulls where a file lacks a column
+    x = np.ones((3, 2), np.float32)
+    pq.write_table(features_table(np.arange(3), x).append_column("extra", pa.array([1, 2, 3])),
+                   tmp_path / "a.parquet")
+    pq.write_table(features_table(np.arange(3, 6), x).append_column("late", pa.array(["p", "q", "r"])),
+                   tmp_path / "b.parquet")
+    source = _input(tmp_path)
+    assert source.schema.names == ["id", "features", "note", "extra", "late"] and not source.conflicts
     with _pipeline() as p:
-        read = p | ReadParquetBatches(str(tmp_path / "*.parquet"), 64, schema)
+        read = p | ReadParquetBatches(source, 64)
+        rows = read.tables | beam.FlatMap(lambda t: zip(*[t.column(c).to_pylist()
+                                                          for c in ("id", "extra", "late")]))
+        assert_that(rows, equal_to([(0, 1, None), (1, 2, None), (2, 3, None),
+                                    (3, None, "p"), (4, None, "q"), (5, None, "r")]), label="rows")
+        assert_that(read.dead_letter, equal_to([]), label="no dead letter")
+
+
+def test_a_file_whose_column_cannot_be_cast_is_dead_lettered_by_name(tmp_path):
+    write_dataset(tmp_path, 100, files=2)
+    pq.write_table(pa.table({"id": [1000, 1001], "features": ["a", "b"]}), tmp_path / "odd.parquet")
+    source = _input(tmp_path)
+    (path, why), = source.conflicts.items()
+    assert path.endswith("odd.parquet") and "odd.parquet" in why and "'features'" in why
+    with _pipeline() as p:
+        read = p | ReadParquetBatches(source, 64)
         n_ok = read.tables | "ok" >> beam.Map(lambda t: t.num_rows) | "s1" >> beam.CombineGlobally(sum)
-        bad = read.dead_letter | beam.Map(lambda d: (d.rows.num_rows, d.stage,
-                                                              "missing column" in d.reasons))
+        bad = read.dead_letter | beam.Map(lambda d: (d.rows.column("id").to_pylist(), d.stage,
+                                                     "odd.parquet" in d.reasons))
         assert_that(n_ok, equal_to([100]), label="ok")
-        assert_that(bad, equal_to([(2, "read", True)]), label="bad")
+        assert_that(bad, equal_to([([1000, 1001], "read", True)]), label="bad")
+
+
+def test_unreadable_files_are_named_at_launch_one_line_each(tmp_path):
+    write_dataset(tmp_path, 100, files=1)
+    good = (tmp_path / "part-0.parquet").read_bytes()
+    (tmp_path / "truncated.parquet").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.parquet").write_bytes(b"id,features\n1,2\n")
+    with pytest.raises(ValueError) as e:
+        _input(tmp_path)
+    lines = str(e.value).splitlines()
+    assert "cannot read 2 of 3 input file(s)" in lines[0]
+    assert len(lines) == 3 and "text.parquet" in lines[1] and "truncated.parquet" in lines[2]
+
+
+def test_the_input_listing_leaves_out_the_output_directory(tmp_path):
+    write_dataset(tmp_path / "in", 10, files=1)
+    write_dataset(tmp_path / "in" / "out" / "labels", 10, files=1)
+    pattern = str(tmp_path / "in" / "**.parquet")  # Beam's recursive glob
+    assert len(match_files(pattern)) == 2
+    assert match_files(pattern, exclude_under=str(tmp_path / "in" / "out")) == [
+        str(tmp_path / "in" / "part-0.parquet")]
+    with pytest.raises(ValueError, match="no non-empty file matches"):
+        match_files(str(tmp_path / "in" / "**" / "*.parquet"), exclude_under=str(tmp_path / "in"))
 
 
 def test_input_errors_say_what_to_fix(tmp_path):

@@ -2,19 +2,22 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+from scipy.stats import beta
 
 from conftest import CLASSES, RUNNER, logits_of, read_labels, write_dataset
 from titans.models.calibration import save_calibration
 from titans.models.deferral import make_rule
-from titans.pipeline.cascade import run_cascade
-from titans.pipeline.plan import RunConfig, plan_run
+from titans.pipeline.job import run_cascade, run_teacher_label
+from titans.pipeline.plan import RunConfig, TeacherLabelConfig, plan_run, plan_teacher_label
 from titans.models.loading import ModelRef
 
 
 def _run(data, out, student, teacher, **kw):
-    config = RunConfig(input=str(data), output=str(out), student=student and ModelRef(student),
-                       teacher=ModelRef(teacher), batch_size=kw.pop("batch_size", 256), **kw)
-    return run_cascade(plan_run(config), RUNNER)
+    common = dict(input=str(data), output=str(out), teacher=ModelRef(teacher),
+                  batch_size=kw.pop("batch_size", 256), **kw)
+    if student is None:
+        return run_teacher_label(plan_teacher_label(TeacherLabelConfig(**common)), RUNNER)
+    return run_cascade(plan_run(RunConfig(student=ModelRef(student), **common)), RUNNER)
 
 
 def test_teacher_label_writes_the_teachers_probabilities(tmp_path, models):
@@ -29,8 +32,8 @@ def test_teacher_label_writes_the_teachers_probabilities(tmp_path, models):
     assert labels.column_names[:3] == ["id", "features", "note"]
     probs_type = labels.schema.field("teacher_probs").type  # what `titans distill` reads
     assert pa.types.is_fixed_size_list(probs_type) and probs_type.list_size == CLASSES
-    assert report["rows_in"] == report["rows_hard"] == 1200 and report["conservation_ok"]
-    assert report["mode"].startswith("teacher-label") and report["metrics"]["teacher_rows"] == 1200
+    assert report["rows_in"] == report["rows_labeled"] == 1200 and report["conservation_ok"]
+    assert report["mode"] == "teacher-label" and report["metrics"]["teacher_rows"] == 1200
 
 
 def test_audit_is_seeded_counted_once_and_leaves_labels_alone(tmp_path, models):
@@ -48,6 +51,12 @@ def test_audit_is_seeded_counted_once_and_leaves_labels_alone(tmp_path, models):
     assert a["metrics"]["teacher_rows"] == a["rows_hard"] + a["rows_audited"]
     lo, hi = a["audit_agreement_ci95"]
     assert lo <= a["audit_agreement"] <= hi
+    # Clopper-Pearson from its beta-quantile form: B(.025; k, n-k+1), B(.975; k+1, n-k)
+    n = a["rows_audited"]
+    k = round(a["audit_agreement"] * n)
+    assert 0 < k < n  # the closed form below needs both shape parameters positive
+    assert (lo, hi) == pytest.approx((beta.ppf(0.025, k, n - k + 1), beta.ppf(0.975, k + 1, n - k)),
+                                     rel=1e-9)
     other_seed = _run(tmp_path / "data", tmp_path / "c", student, teacher, deferral_rate=0.2,
                       audit_rate=0.3, seed=7)
     assert other_seed["rows_audited"] != a["rows_audited"] or \

@@ -105,7 +105,7 @@ def _from_vector(col, n: int, dim: int, name: str):
         reasons = reasons if reasons is not None else np.full(n, None, dtype=object)
         for i in np.flatnonzero(~finite):
             reasons[i] = f"null, NaN or inf value in feature vector {name!r}"
-        matrix[~finite] = 0.0
+        matrix = _zero_rows(matrix, ~finite)
     return matrix, reasons
 
 
@@ -121,14 +121,19 @@ def _from_scalars(table: pa.Table, spec: FeatureSpec, n: int):
     for i in bad_rows:
         cols = [spec.columns[j] for j in np.flatnonzero(~np.isfinite(matrix[i]))]
         reasons[i] = f"null, NaN or inf in feature column(s) {cols}"
-    matrix[bad_rows] = 0.0
-    return matrix, reasons
+    return _zero_rows(matrix, ~finite), reasons
 
 
 def _finite_rows(matrix: np.ndarray) -> np.ndarray:
     """Rows without NaN/inf. A NaN or inf anywhere makes the row sum non-finite, and float32
     values cannot overflow a float64 sum, so one reduction replaces an elementwise check."""
     return np.isfinite(matrix.sum(axis=1, dtype=np.float64))
+
+
+def _zero_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix`` with ``rows`` zeroed; a copy, since a zero-copy view of Arrow memory is
+    read-only (only batches with bad rows pay for it)."""
+    return np.where(rows[:, None], np.float32(0.0), matrix)
 
 
 def _to_float32(arr) -> np.ndarray:

@@ -18,9 +18,11 @@ import torch
 
 from titans.models.deferral import DeferralRule
 
-# internal columns, never written: why a row cannot be labeled (null when it can), whether a
-# row in the teacher stage is an audited easy row, and the student's label of such a row
+# internal columns, never written: why a row cannot be labeled (null when it can) and at which
+# stage, whether a row in the teacher stage is an audited easy row, and the student's label
+# of such a row
 ERROR = "__titans_error"
+ERROR_STAGE = "__titans_error_stage"
 AUDIT = "__titans_audit"
 STUDENT_LABEL = "__titans_student_label"
 
@@ -65,43 +67,66 @@ class LabelColumns:
         return pa.schema(list(input_schema) + added, metadata=input_schema.metadata)
 
 
-def _label_and_confidence(probs: torch.Tensor):
-    conf, label = probs.max(dim=-1)
-    return (pa.array(label.numpy().astype(np.int64)), pa.array(conf.numpy().astype(np.float32)))
+def _label_and_confidence(probs: np.ndarray, ok: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """argmax and max of each row of ``probs``; null where not ``ok``."""
+    if probs.shape[1] == 0:
+        return pa.nulls(len(ok), pa.int64()), pa.nulls(len(ok), pa.float32())
+    label = probs.argmax(axis=1).astype(np.int64)
+    conf = probs.max(axis=1).astype(np.float32)
+    return pa.array(label, mask=~ok), pa.array(conf, mask=~ok)
 
 
-def _errors(reasons, n: int) -> pa.Array:
-    return pa.nulls(n, pa.string()) if reasons is None else pa.array(reasons, pa.string())
+def finite_rows(logits: np.ndarray) -> np.ndarray:
+    """Rows whose outputs are all finite (a NaN or inf anywhere makes the row sum non-finite)."""
+    if logits.shape[1] == 0:
+        return np.zeros(len(logits), bool)
+    return np.isfinite(logits.sum(axis=1, dtype=np.float64))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    if logits.shape[1] == 0:
+        return logits
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
 class StudentLabels:
-    """annotate() for the student: label, confidence, deferral score, and the error column."""
+    """annotate() for the student: label, confidence and deferral score.
+
+    A row whose outputs are not finite gets no label and a NaN deferral score: the split
+    sends it to the teacher, so no label ever comes from a non-finite output.
+    """
     rule: DeferralRule
     columns: LabelColumns
 
-    def __call__(self, table: pa.Table, logits: torch.Tensor, reasons) -> pa.Table:
-        probs, score = self.rule(logits)
-        label, conf = _label_and_confidence(probs)
+    def __call__(self, table: pa.Table, logits: np.ndarray, errors: np.ndarray) -> pa.Table:
+        ok = finite_rows(logits)
+        n = table.num_rows
+        if logits.shape[1]:
+            probs, score = self.rule(torch.from_numpy(np.where(ok[:, None], logits, 0.0)))
+            probs, score = probs.numpy(), score.numpy().astype(np.float32)
+            score[~ok] = np.nan
+        else:
+            probs, score = logits, np.full(n, np.nan, np.float32)
+        label, conf = _label_and_confidence(probs, ok)
         c = self.columns
         table = table.append_column(c.label, label).append_column(c.confidence, conf)
-        table = table.append_column(c.deferral_score, pa.array(score.numpy().astype(np.float32)))
-        return table.append_column(ERROR, _errors(reasons, table.num_rows))
+        return table.append_column(c.deferral_score, pa.array(score))
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherLabels:
     """annotate() for the teacher on hard rows: its label and confidence replace the student's
-    (audited easy rows keep the student's label aside, to be compared)."""
+    (audited easy rows keep the student's label aside, to be compared). A non-finite teacher
+    output is an error: the row goes to the dead letter."""
     columns: LabelColumns
 
-    def __call__(self, table: pa.Table, logits: torch.Tensor, reasons) -> pa.Table:
-        if reasons is not None:  # the student stage already routed such rows away
-            raise ValueError(f"teacher got rows it cannot score: {set(r for r in reasons if r)}")
+    def __call__(self, table: pa.Table, logits: np.ndarray, errors: np.ndarray) -> pa.Table:
+        ok = _check_finite(logits, errors, "teacher")
         c = self.columns
         if AUDIT in table.column_names:
             table = table.append_column(STUDENT_LABEL, table.column(c.label))
-        label, conf = _label_and_confidence(torch.softmax(logits.float(), dim=-1))
+        label, conf = _label_and_confidence(_softmax(logits), ok)
         table = table.set_column(table.column_names.index(c.label), c.label, label)
         table = table.set_column(table.column_names.index(c.confidence), c.confidence, conf)
         return with_source(table, c, "teacher")
@@ -111,16 +136,26 @@ class TeacherLabels:
 class TeacherProbs:
     """annotate() for `titans teacher-label`: label, confidence and all K probabilities."""
     columns: LabelColumns
+    num_classes: int
 
-    def __call__(self, table: pa.Table, logits: torch.Tensor, reasons) -> pa.Table:
-        probs = torch.softmax(logits.float(), dim=-1)
-        label, conf = _label_and_confidence(probs)
+    def __call__(self, table: pa.Table, logits: np.ndarray, errors: np.ndarray) -> pa.Table:
+        ok = _check_finite(logits, errors, "teacher")
+        probs = _softmax(logits)
+        if probs.shape[1] == 0:
+            probs = np.full((table.num_rows, self.num_classes), np.nan, np.float32)
+        label, conf = _label_and_confidence(probs, ok)
         c = self.columns
-        k = probs.shape[-1]
-        flat = pa.array(probs.numpy().astype(np.float32).reshape(-1))
+        flat = pa.array(np.where(ok[:, None], probs, 0.0).astype(np.float32).reshape(-1))
         table = table.append_column(c.label, label).append_column(c.confidence, conf)
-        table = table.append_column(c.probs, pa.FixedSizeListArray.from_arrays(flat, k))
-        return table.append_column(ERROR, _errors(reasons, table.num_rows))
+        return table.append_column(c.probs, pa.FixedSizeListArray.from_arrays(flat, self.num_classes))
+
+
+def _check_finite(logits: np.ndarray, errors: np.ndarray, name: str) -> np.ndarray:
+    """Rows with finite outputs; the others (not already in error) get an error."""
+    ok = finite_rows(logits)
+    bad = ~ok & (errors == None)  # noqa: E711 - elementwise on an object array
+    errors[bad] = f"{name} output is not finite (NaN or inf logits)"
+    return ok
 
 
 def with_source(table: pa.Table, columns: LabelColumns, source: str) -> pa.Table:

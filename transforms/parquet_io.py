@@ -1,93 +1,202 @@
 """Read and write Parquet as bounded Arrow tables, on any Beam filesystem (local, gs://, ...).
 
-Reading is planned per row group, not per file: a file's footer is split into
-(file, row group) units, the units are reshuffled so workers share them, and each unit
-is decoded ``batch_size`` rows at a time. So a batch never exceeds ``batch_size`` rows
-whatever the file layout (pyarrow writes 1M-row groups by default, Spark ~128 MB ones),
-and a few huge files still spread over many workers.
+At launch every file's footer is read (``read_footers``, on a thread pool): an unreadable
+file is named before anything runs, and the files' schemas are unified into one
+(``unify_schemas``): a column missing from a file is null there, and a file whose column
+cannot be cast to the unified type has all its rows dead-lettered, with the file named.
+
+Reading is planned per row group, not per file: files are split into (file, row group)
+units, the units are reshuffled so workers share them, and each unit is decoded
+``batch_size`` rows at a time. So a batch never exceeds ``batch_size`` rows whatever the
+file layout (pyarrow writes 1M-row groups by default, Spark ~128 MB ones), and a few huge
+files still spread over many workers.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
-import random
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import filebasedsink, fileio, filesystem
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io import filebasedsink, filesystem
 
+from titans.models import storage
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
 
 _LOG = logging.getLogger("titans")
+_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 
 
-def input_pattern(path: str) -> str:
-    """A directory (local or URL) means every ``*.parquet`` file directly inside it."""
+def input_pattern(path: str, suffix: str = "*.parquet") -> str:
+    """A directory (local or URL) means every ``suffix`` file directly inside it."""
     if any(ch in path for ch in "*?["):
         return path
-    if path.endswith("/") or _is_local_dir(path):
-        return FileSystems.join(path.rstrip("/"), "*.parquet")
+    if path.endswith("/") or (not storage.is_url(path) and os.path.isdir(path)):
+        return storage.join(path.rstrip("/"), suffix)
     return path
 
 
-def _is_local_dir(path: str) -> bool:
-    import os
+def match_files(pattern: str, exclude_under: str | None = None) -> list[str]:
+    """Sorted non-empty files matching ``pattern``, leaving out any below ``exclude_under``
+    (a run's own output directory, which a recursive glob over the input tree would
+    otherwise read back). ValueError with what to fix if there are none."""
+    from apache_beam.io.filesystems import FileSystems
 
-    return "://" not in path and os.path.isdir(path)
-
-
-def match_files(pattern: str) -> list[str]:
-    """Sorted paths matching ``pattern``; ValueError with what to fix if there are none."""
     try:
         result = FileSystems.match([pattern])[0]
     except Exception as e:  # noqa: BLE001 - bad scheme, missing bucket, no credentials...
         raise ValueError(f"cannot list input {pattern!r}: {e}") from e
     files = sorted(m.path for m in result.metadata_list if m.size_in_bytes > 0)
+    if exclude_under:
+        prefix = storage.absolute(exclude_under).rstrip("/") + "/"
+        kept = [f for f in files if not storage.absolute(f).startswith(prefix)]
+        if len(kept) < len(files):
+            _LOG.warning("input %r also matches %d file(s) under the output directory %r; "
+                         "they are not read", pattern, len(files) - len(kept), exclude_under)
+        files = kept
     if not files:
         raise ValueError(f"no non-empty file matches input {pattern!r}; check the path, or pass "
-                         f"a directory of .parquet files or a glob like 'data/*.parquet'")
+                         f"a directory of data files or a glob like 'data/*.parquet'")
     return files
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
     """Local files are memory-mapped; anything else goes through Beam's filesystems."""
-    if "://" not in path:
+    if not storage.is_url(path):
         return pq.ParquetFile(path, memory_map=True)
-    return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"))
+    return pq.ParquetFile(storage.open_read(path))
 
 
-def read_schema(path: str) -> pa.Schema:
-    try:
-        return open_parquet(path).schema_arrow
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read {path!r} as Parquet: {e}") from e
+@dataclasses.dataclass(frozen=True)
+class Footer:
+    path: str
+    schema: pa.Schema
+    num_rows: int
+    row_groups: int
 
 
-def sample_rows(files: list[str], rows: int, seed: int, schema: pa.Schema) -> pa.Table:
-    """About ``rows`` rows from randomly chosen row groups (the first rows of each).
+def read_footers(files: list[str], threads: int = 16) -> list[Footer]:
+    """Every file's footer, read in parallel (object stores answer slowly but concurrently).
+    ValueError naming every file that cannot be read as Parquet, one line each."""
+    def footer(path):
+        try:
+            meta = open_parquet(path).metadata
+            return Footer(path, meta.schema.to_arrow_schema(), meta.num_rows, meta.num_row_groups)
+        except Exception as e:  # noqa: BLE001 - truncated, not Parquet, unreadable: name it
+            return f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    Reads at most 32 files' footers and decodes only the rows it keeps, so it stays
-    cheap on huge datasets. Rows are spread over up to 32 (file, row group) units and
-    conformed to ``schema``; rows that cannot be are left out.
+    with ThreadPoolExecutor(min(threads, max(1, len(files)))) as pool:
+        results = list(pool.map(footer, files))
+    bad = [r for r in results if isinstance(r, str)]
+    if bad:
+        raise ValueError(f"cannot read {len(bad)} of {len(files)} input file(s) as Parquet; remove "
+                         f"or repair them:\n  " + "\n  ".join(bad))
+    return results
+
+
+def unify_schemas(footers: list[Footer]) -> tuple[pa.Schema, dict[str, str]]:
+    """(one schema for every file, {path: why its rows cannot be read into it}).
+
+    Columns are the union over all files, in order of first appearance; a column's type is
+    the one most files have (the first file's on a tie). A file whose column has another type
+    is cast at read time, row by row where needed; a type that cannot be cast at all makes
+    the whole file a conflict, dead-lettered with this reason.
     """
-    rng = random.Random(seed)
-    chosen = rng.sample(files, min(len(files), 32))
-    units = [(f, g) for f in chosen for g in range(open_parquet(f).num_row_groups)]
-    rng.shuffle(units)
-    units = units[:32]
-    per_unit = max(1, -(-rows // max(1, len(units))))
-    tables = []
-    for f, g in units:
-        batches = open_parquet(f).iter_batches(batch_size=per_unit, row_groups=[g])
-        first = next(iter(batches), None)
-        if first is not None:
-            tables.append(split_conforming(pa.Table.from_batches([first]), schema)[0])
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    types: dict[str, collections.Counter] = {}
+    for f in footers:
+        for field in f.schema:
+            types.setdefault(field.name, collections.Counter())[field.type] += 1
+    fields = []
+    for name, counter in types.items():
+        best = max(counter.values())
+        first = next(f.schema.field(name).type for f in footers
+                     if name in f.schema.names and counter[f.schema.field(name).type] == best)
+        fields.append(pa.field(name, first))
+    schema = pa.schema(fields, metadata=footers[0].schema.metadata)
+    conflicts = {}
+    for f in footers:
+        for field in f.schema:
+            target = schema.field(field.name).type
+            if field.type != target and not _castable(field.type, target):
+                conflicts[f.path] = (f"{f.path}: column {field.name!r} is {field.type}, which "
+                                     f"cannot be cast to {target} (its type in the other files)")
+                break
+    return schema, conflicts
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    try:
+        pa.array([], source).cast(target)
+        return True
+    except _CAST_ERRORS:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetInput:
+    """What the launch learnt about the input: the files, their unified schema, and the files
+    whose rows cannot be read into it ({path: reason})."""
+    files: tuple[str, ...]
+    schema: pa.Schema
+    conflicts: dict
+    num_rows: int
+
+    @classmethod
+    def from_files(cls, files: list[str]) -> "ParquetInput":
+        footers = read_footers(files)
+        schema, conflicts = unify_schemas(footers)
+        return cls(tuple(files), schema, conflicts, sum(f.num_rows for f in footers))
+
+    def sample(self, rows: int, seed: int, units: int = 32) -> pa.Table:
+        """About ``rows`` rows from up to ``units`` random row groups (the first rows of
+        each), conformed to the schema. Decodes only the rows it keeps."""
+        rng = np.random.default_rng(seed)
+        files = [f for f in self.files if f not in self.conflicts]
+        chosen = [files[i] for i in rng.permutation(len(files))[:units]]
+        candidates = [(f, g) for f in chosen for g in range(open_parquet(f).num_row_groups)]
+        picked = [candidates[i] for i in rng.permutation(len(candidates))[:units]]
+        per_unit = max(1, -(-rows // max(1, len(picked))))
+        tables = []
+        for f, g in picked:
+            first = next(iter(open_parquet(f).iter_batches(batch_size=per_unit, row_groups=[g])), None)
+            if first is not None:
+                tables.append(conform(pa.Table.from_batches([first]), self.schema)[0])
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table | None, str]:
+    """(rows conformed to ``schema``, the rows that cannot be or None, why).
+
+    Missing columns become nulls. The common case is one cast of the whole table; only when
+    that fails are rows cast one by one, so a few odd rows (a vector of the wrong length in
+    a variable-length list column, say) do not take their whole batch down with them.
+    """
+    if table.schema.equals(schema, check_metadata=False):
+        return table, None, ""
+    n = table.num_rows
+    table = pa.table({name: (table.column(name) if name in table.column_names
+                             else pa.nulls(n, schema.field(name).type)) for name in schema.names})
+    try:
+        return table.cast(schema), None, ""
+    except _CAST_ERRORS as e:
+        reason = str(e).splitlines()[0]
+    ok = np.zeros(n, bool)
+    for i in range(n):
+        try:
+            table.slice(i, 1).cast(schema)
+            ok[i] = True
+        except _CAST_ERRORS:
+            pass
+    good = table.filter(pa.array(ok)).cast(schema) if ok.any() else schema.empty_table()
+    return good, (table.filter(pa.array(~ok)) if not ok.all() else None), reason
 
 
 class _SplitIntoRowGroups(beam.DoFn):
@@ -99,77 +208,64 @@ class _SplitIntoRowGroups(beam.DoFn):
 class _ReadRowGroup(beam.DoFn):
     """One row group -> tables of at most ``batch_size`` rows, conformed to the input schema.
 
-    Rows that cannot be conformed (a file whose schema differs from the first file's)
-    go to the ``dead_letter`` output with the reason, so they are still counted.
+    Rows that cannot be conformed, every row of a conflicting file, and the rows of a row
+    group that turns out to be unreadable go to the ``dead_letter`` output with the reason.
     """
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, batch_size: int, schema: pa.Schema):
+    def __init__(self, batch_size: int, schema: pa.Schema, conflicts: dict):
         self._batch_size = batch_size
         self._schema = schema
+        self._conflicts = dict(conflicts)
 
     def process(self, unit):
         path, group = unit
-        batches = open_parquet(path).iter_batches(batch_size=self._batch_size, row_groups=[group])
-        for batch in read_ahead(batches):
-            good, bad, reason = split_conforming(pa.Table.from_batches([batch]), self._schema)
-            if good.num_rows:
-                yield good
-            if bad is not None:
-                yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
-                    bad, f"{path} does not fit the first input file's schema: {reason}", READ))
-
-
-def split_conforming(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table | None, str]:
-    """(rows conformed to ``schema``, the rows that cannot be or None, why).
-
-    The common case is one cast of the whole table; only when that fails are rows cast
-    one by one, so a few odd rows (a vector of the wrong length in a variable-length
-    list column, say) do not take their whole batch down with them.
-    """
-    if table.schema.equals(schema, check_metadata=False):
-        return table, None, ""
-    missing = [n for n in schema.names if n not in table.column_names]
-    if missing:
-        return schema.empty_table(), table, f"missing column(s) {missing}"
-    table = table.select(schema.names)
-    try:
-        return table.cast(schema), None, ""
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-        reason = str(e).splitlines()[0]
-    ok = np.zeros(table.num_rows, bool)
-    for i in range(table.num_rows):
+        conflict = self._conflicts.get(path)
+        pf = open_parquet(path)
+        done = 0
         try:
-            table.slice(i, 1).cast(schema)
-            ok[i] = True
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            pass
-    good = table.filter(pa.array(ok)).cast(schema) if ok.any() else schema.empty_table()
-    return good, (table.filter(pa.array(~ok)) if not ok.all() else None), reason
+            for batch in read_ahead(pf.iter_batches(batch_size=self._batch_size, row_groups=[group])):
+                table = pa.Table.from_batches([batch])
+                done += table.num_rows
+                if conflict:
+                    yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(table, conflict, READ))
+                    continue
+                good, bad, reason = conform(table, self._schema)
+                if good.num_rows:
+                    yield good
+                if bad is not None:
+                    yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
+                        bad, f"{path}: rows do not fit the input schema: {reason}", READ))
+        except Exception as e:  # noqa: BLE001 - a corrupt page: the rest of the group is lost
+            total = pf.metadata.row_group(group).num_rows
+            lost = pa.table({"file": pa.repeat(pa.scalar(path), total - done),
+                             "row_group": pa.repeat(pa.scalar(group), total - done),
+                             "row_in_group": pa.array(np.arange(done, total))})
+            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
+                lost, f"{path}: cannot read row group {group}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}", READ))
 
 
 class ReadParquetBatches(beam.PTransform):
-    """Files matching ``pattern`` -> PCollection of pa.Table with at most ``batch_size`` rows.
+    """The input's files -> PCollection of pa.Table with at most ``batch_size`` rows.
 
-    Tagged outputs: ``tables`` (conforming to ``schema``) and ``dead_letter``
-    (DeadLetter for batches whose schema cannot be made to conform).
+    Tagged outputs: ``tables`` (conforming to the input's schema) and ``dead_letter``
+    (DeadLetter for rows that cannot be made to conform).
     """
 
-    def __init__(self, pattern: str, batch_size: int, schema: pa.Schema):
+    def __init__(self, source: ParquetInput, batch_size: int):
         super().__init__()
-        self._pattern = pattern
+        self._source = source
         self._batch_size = batch_size
-        self._schema = schema
 
     def expand(self, pbegin):
+        s = self._source
         return (
             pbegin
-            | "MatchFiles" >> fileio.MatchFiles(self._pattern)
-            | "NonEmpty" >> beam.Filter(lambda m: m.size_in_bytes > 0)
-            | "Paths" >> beam.Map(lambda m: m.path)
+            | "Files" >> beam.Create(list(s.files))
             | "SplitIntoRowGroups" >> beam.ParDo(_SplitIntoRowGroups())
             | "Spread" >> beam.Reshuffle()
-            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, self._schema))
+            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, s.schema, s.conflicts))
             .with_output_types(pa.Table, dead_letter=DeadLetter)
             .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
 
@@ -211,11 +307,12 @@ def _is_floating(t: pa.DataType) -> bool:
 
 
 class WriteParquetBatches(beam.PTransform):
-    """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.parquet`` (snappy), a row group per table."""
+    """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.parquet`` (snappy), a row group per table.
+    Outputs the final paths once they are in place (renamed from their temp files)."""
 
     def __init__(self, directory: str, schema: pa.Schema, prefix: str = "part"):
         super().__init__()
-        self._prefix = FileSystems.join(directory, prefix)
+        self._prefix = storage.join(directory, prefix)
         self._schema = schema
 
     def expand(self, tables):

@@ -8,22 +8,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from titans.transforms.dead_letter import VALIDATE, DeadLetter
-from titans.transforms.labels import AUDIT, ERROR, STUDENT_LABEL, LabelColumns, with_source
+from titans.transforms.dead_letter import DeadLetter
+from titans.transforms.labels import (AUDIT, ERROR, ERROR_STAGE, STUDENT_LABEL, LabelColumns,
+                                      with_source)
 
 EASY, HARD, DEAD_LETTER, AUDITED = "easy", "hard", "dead_letter", "audited"
 
 
-def split_errors(table: pa.Table, input_names: list[str]):
-    """(rows that can be labeled without the error column, DeadLetter or None)."""
+def split_errors(table: pa.Table, input_names: list[str]) -> tuple[pa.Table, list[DeadLetter]]:
+    """(rows that can be labeled, without the error columns; a DeadLetter per stage for the
+    rows that cannot)."""
     errors = table.column(ERROR)
-    bad = np.asarray(pc.is_valid(errors))
-    dead = None
-    if bad.any():
+    dead = []
+    if errors.null_count < table.num_rows:
+        bad = np.asarray(pc.is_valid(errors))
         rows = table.filter(pa.array(bad))
-        dead = DeadLetter(rows.select(input_names), rows.column(ERROR).to_pylist(), VALIDATE)
+        stages = np.asarray(rows.column(ERROR_STAGE).to_pylist(), dtype=object)
+        for stage in dict.fromkeys(stages):
+            mine = rows.filter(pa.array(stages == stage))
+            dead.append(DeadLetter(mine.select(input_names), mine.column(ERROR).to_pylist(), stage))
         table = table.filter(pa.array(~bad))
-    return table.drop_columns([ERROR]), dead
+    return table.drop_columns([ERROR, ERROR_STAGE]), dead
 
 
 class SplitErrors(beam.DoFn):
@@ -34,15 +39,16 @@ class SplitErrors(beam.DoFn):
 
     def process(self, table: pa.Table):
         ok, dead = split_errors(table, self._input_names)
-        if dead is not None:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead)
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, d)
         if ok.num_rows:
             yield ok
 
 
 class SplitByDeferral(beam.DoFn):
     """Rows with an error -> dead_letter; deferral_score > threshold -> hard; the rest -> easy,
-    labeled by the student.
+    labeled by the student. A NaN score (the student's output was not finite) is hard: such
+    a row is never labeled by the student.
 
     With ``audit_rate`` A, about A of the easy rows are also sent, in the hard output and
     flagged in the AUDIT column, to the teacher: their labels stay the student's, and the
@@ -61,12 +67,12 @@ class SplitByDeferral(beam.DoFn):
     def process(self, table: pa.Table):
         c = self._columns
         table, dead = split_errors(table, self._input_names)
-        if dead is not None:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead)
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, d)
         if table.num_rows == 0:
             return
         score = np.asarray(table.column(c.deferral_score))
-        hard_mask = score > self._threshold
+        hard_mask = ~(score <= self._threshold)  # NaN compares false: hard
         easy = table.filter(pa.array(~hard_mask)) if hard_mask.any() else table
         hard = table.filter(pa.array(hard_mask)) if hard_mask.any() else None
         if self._audit_rate > 0:
@@ -86,23 +92,31 @@ class SplitByDeferral(beam.DoFn):
         return pa.concat_tables(parts)
 
 
-class SeparateAudits(beam.DoFn):
-    """Teacher-scored rows -> main: the hard rows, to be written; ``audited``: (rows,
-    rows where the student's label equals the teacher's) for each table's audited rows."""
+class SeparateTeacherRows(beam.DoFn):
+    """Teacher-scored rows -> main: the hard rows the teacher labeled, to be written;
+    ``dead_letter``: hard rows the teacher failed on; ``audited``: (rows, rows where the
+    student's label equals the teacher's) for each table's audited easy rows, which are
+    already written with the student's label (an audited row the teacher failed on is
+    left out of the audit)."""
 
-    def __init__(self, columns: LabelColumns):
+    def __init__(self, columns: LabelColumns, input_names: list[str]):
         self._columns = columns
+        self._input_names = list(input_names)
 
     def process(self, table: pa.Table):
-        if AUDIT not in table.column_names:
-            yield table
-            return
-        audit = np.asarray(table.column(AUDIT))
+        audit = (np.asarray(table.column(AUDIT)) if AUDIT in table.column_names
+                 else np.zeros(table.num_rows, bool))
         if audit.any():
             rows = table.filter(pa.array(audit))
+            ok = np.asarray(pc.is_null(rows.column(ERROR)))
             agree = np.asarray(rows.column(STUDENT_LABEL)) == np.asarray(
-                rows.column(self._columns.label))
-            yield beam.pvalue.TaggedOutput(AUDITED, (rows.num_rows, int(agree.sum())))
-        hard = table.filter(pa.array(~audit)).drop_columns([AUDIT, STUDENT_LABEL])
+                rows.column(self._columns.label).fill_null(-1))
+            yield beam.pvalue.TaggedOutput(AUDITED, (int(ok.sum()), int((agree & ok).sum())))
+            table = table.filter(pa.array(~audit))
+        if AUDIT in table.column_names:
+            table = table.drop_columns([AUDIT, STUDENT_LABEL])
+        hard, dead = split_errors(table, self._input_names)
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, d)
         if hard.num_rows:
             yield hard

@@ -1,0 +1,142 @@
+"""Running a planned job, with the output protocol a labeling job promises.
+
+1. Everything that can fail before the data is touched is checked first: the plan's launch
+   checks, then the pipeline options and runner (building the pipeline), then a write probe
+   into the output directory.
+2. Only then does ``--overwrite`` delete a previous run's outputs: every object under
+   ``labels/`` and ``dead_letter/`` (temp files of a killed run included) and the report
+   files, on any filesystem (object stores are listed by prefix).
+3. The pipeline writes its files through temp-file-and-rename, then report.json, then
+   ``_SUCCESS`` last (see ``stages.finish``). Without ``_SUCCESS`` an output is incomplete
+   (a killed run) or failed (over the dead-letter budget).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from titans.models import storage
+from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
+
+_LOG = logging.getLogger("titans")
+
+Build = Callable[[beam.Pipeline, object, float], None]
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    options = PipelineOptions(beam_args)
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    return options
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Probe that ``output`` is writable; with ``overwrite``, then remove a previous run's
+    outputs (only those: other files in the directory are left alone)."""
+    if not storage.is_url(output):
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create output directory {output!r}: {e}") from e
+    probe = storage.join(output, "_titans_write_probe")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except Exception as e:  # noqa: BLE001 - read-only, no permission, no bucket...
+        raise ValueError(f"cannot write to output directory {output!r}: {e}") from e
+    if not overwrite:
+        return
+    removed = sum(storage.delete_under(storage.join(output, name)) for name in OUTPUTS[:2])
+    for name in OUTPUTS[2:]:
+        path = storage.join(output, name)
+        if storage.exists(path):
+            storage.delete(path)
+            removed += 1
+    others = storage.list_under(output)
+    _LOG.info("--overwrite: removed %d file(s) of a previous run from %s%s", removed, output,
+              f"; left {len(others)} other file(s) alone" if others else "")
+
+
+def run_job(plan, build: Build, beam_args: list[str], start: float | None = None) -> dict:
+    """Run a planned job to the end and return its report; ``start``: when the command began."""
+    start = time.time() if start is None else start
+    # matplotlib (for report.png, drawn at the end) takes ~0.3 s to import: do it while the
+    # pipeline runs, which leaves the GIL free most of the time
+    threading.Thread(target=importlib.import_module, args=("matplotlib.backends.backend_agg",),
+                     daemon=True).start()
+    options = pipeline_options(beam_args)
+    try:
+        p = beam.Pipeline(options=options)  # an unknown runner fails here, before any deletion
+    except ValueError as e:
+        raise ValueError(f"pipeline options: {e}") from e
+    build(p, plan, start)
+    output = plan.config.output
+    prepare_output(output, plan.config.overwrite)
+    result = p.run()
+    result.wait_until_finish()
+    # the in-pipeline report timed the pipeline only: restate wall time as launch-to-finish
+    report = storage.read_json(storage.join(output, REPORT))
+    wall = time.time() - start
+    report["wall_seconds"] = round(wall, 3)
+    report["rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
+    report["runner"] = str(options.view_as(StandardOptions).runner)
+    report["metrics"] = titans_counters(result)
+    storage.write_json(storage.join(output, REPORT), report)
+    if report["status"] == "complete":
+        mark_complete(output, report)  # again, so that _SUCCESS stays the last file written
+    return report
+
+
+def titans_counters(result) -> dict:
+    """The pipeline's own counters (rows and forward calls per model), summed over workers."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace("titans"))["counters"]
+    except (NotImplementedError, KeyError, AttributeError):  # runners without metrics
+        return {}
+    totals: dict[str, int] = {}
+    for c in counters:
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+    return dict(sorted(totals.items()))
+
+
+def run_cascade(plan, beam_args: list[str], start: float | None = None) -> dict:
+    from titans.pipeline.cascade import build_pipeline
+
+    return run_job(plan, build_pipeline, beam_args, start)
+
+
+def run_teacher_label(plan, beam_args: list[str], start: float | None = None) -> dict:
+    from titans.pipeline.teacher_label import build_pipeline
+
+    return run_job(plan, build_pipeline, beam_args, start)
+
+
+def launch(config, beam_args: list[str], start: float | None = None) -> int:
+    """Plan, run and summarise a `titans run` (RunConfig) or `titans teacher-label`
+    (TeacherLabelConfig) job; the command's exit code: 0 done, 1 the job failed its
+    dead-letter budget (report written, no _SUCCESS), 2 a launch check failed."""
+    from titans.pipeline.plan import RunConfig, plan_run, plan_teacher_label
+    from titans.pipeline.report import summary
+
+    cascade = isinstance(config, RunConfig)
+    command = "run" if cascade else "teacher-label"
+    try:
+        plan = plan_run(config) if cascade else plan_teacher_label(config)
+        report = (run_cascade if cascade else run_teacher_label)(plan, beam_args, start)
+    except ValueError as e:  # launch-time checks: say what to fix, no traceback
+        print(f"titans {command}: error: {e}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    print(f"labels: {storage.join(config.output, 'labels')}/  report: "
+          f"{storage.join(config.output, REPORT)}")
+    return 0 if report["status"] == "complete" else 1

@@ -1,0 +1,114 @@
+"""The stages every titans pipeline shares: read the input, write the dead letter, and
+finish with the report and the completion marker once every output file is in place."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.pvalue import AsList
+
+from titans.models import storage
+from titans.pipeline import counts
+from titans.pipeline.counts import Count, Counts
+from titans.pipeline.plan import InputPlan
+from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
+from titans.transforms.dead_letter import DeadLetter, ToDeadLetter
+from titans.transforms.labels import AUDIT
+from titans.transforms.parquet_io import ReadParquetBatches, WriteParquetBatches
+
+# what a run writes into its output directory; --overwrite removes exactly these
+LABELS, DEAD_LETTER, REPORT, PLOT, SUCCESS = "labels", "dead_letter", "report.json", "report.png", "_SUCCESS"
+OUTPUTS = (LABELS, DEAD_LETTER, REPORT, PLOT, SUCCESS)
+
+
+def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int):
+    """(tables, dead-letter PCollection, [counts of rows in])."""
+    read = p | "ReadBatches" >> ReadParquetBatches(plan.source, batch_size)
+    rejected = read.dead_letter | "RejectedAtRead" >> beam.Map(lambda d: d.rows)
+    return read.tables, read.dead_letter, [counts.rows(read.tables, Count.IN, "CountIn"),
+                                           counts.rows(rejected, Count.IN, "CountInRejected")]
+
+
+def tables_typed(pcoll):
+    """Declare a RunInference output as pa.Table so Beam codes and sizes it with the Arrow
+    coder (its default, pickle, serialises every batch just to sample its size). RunInference
+    with exception handling rejects an output type hint, so it is set on the PCollection."""
+    pcoll.element_type = pa.Table
+    return pcoll
+
+
+def failures(dlq, stage: str, input_names: list[str]):
+    """RunInference's failed batches (an error outside the model's forward, which isolates
+    its own failures row by row) -> DeadLetter per table, input columns only. Audited easy
+    rows are dropped: they are labeled by the student already."""
+    def to_dead_letter(failure):
+        tables, (_, exc_repr, _) = failure
+        for table in tables:
+            if AUDIT in table.column_names:
+                table = table.filter(pc.invert(table.column(AUDIT)))
+            yield DeadLetter(table.select(input_names), f"{stage} stage failed on this batch: "
+                                                        f"{exc_repr}", stage)
+    return dlq.failed_inferences | f"{stage.title()}Failures" >> beam.FlatMap(
+        to_dead_letter).with_output_types(DeadLetter)
+
+
+def finish(output: str, dead_parts: list, count_parts: list, written: list,
+           build_report: Callable[[Counts, float], dict], start_time: float,
+           plot: Callable[[dict, str], None] | None = None) -> None:
+    """Write the dead letter; then, once every output file (``written``: PCollections of
+    final paths) is in place, the report and, if the job kept its promises, ``_SUCCESS``."""
+    dead = (dead_parts | "MergeDeadLetter" >> beam.Flatten()
+            | "FormatDeadLetter" >> ToDeadLetter())
+    written = written + [dead | "WriteDeadLetter" >> WriteParquetBatches(
+        storage.join(output, DEAD_LETTER), DEAD_LETTER_SCHEMA)]
+    count_parts = count_parts + [counts.rows(dead, Count.DEAD_LETTER, "CountDeadLetter"),
+                                 counts.reasons(dead, "CountReasons")]
+    sums = (count_parts | "MergeCounts" >> beam.Flatten()
+            | "Sum" >> beam.CombinePerKey(sum) | "ToDict" >> beam.combiners.ToDict())
+    _ = sums | "Finish" >> beam.Map(_Finish(output, build_report, start_time, plot),
+                                    *[AsList(w) for w in written])
+
+
+class _Finish:
+    """Write report.json (and the plot), then _SUCCESS last; runs after every writer has
+    renamed its files into place, since it waits for their final paths as side inputs."""
+
+    def __init__(self, output: str, build_report, start_time: float, plot):
+        self._output = output
+        self._build = build_report
+        self._start = start_time
+        self._plot = plot
+
+    def __call__(self, sums: dict, *written: list[str]) -> dict:
+        report = self._build(Counts(sums), time.time() - self._start)
+        report["output_files"] = sum(len(w) for w in written)
+        storage.write_json(storage.join(self._output, REPORT), report)
+        if self._plot is not None:
+            self._plot(report, storage.join(self._output, PLOT))
+        if report["status"] == "complete":
+            mark_complete(self._output, report)
+        return report
+
+
+def mark_complete(output: str, report: dict) -> None:
+    """``_SUCCESS``: the last file a job writes; downstream readers wait for it."""
+    storage.write_json(storage.join(output, SUCCESS), {
+        "rows_in": report["rows_in"], "rows_dead_letter": report["rows_dead_letter"],
+        "report": REPORT})
+
+
+def job_status(counts: Counts, max_dead_letter_rate: float) -> dict:
+    """The report's status and conservation fields, shared by every pipeline."""
+    rows_in, dead = counts[Count.IN], counts[Count.DEAD_LETTER]
+    rate = dead / rows_in if rows_in else 0.0
+    exceeded = rate > max_dead_letter_rate
+    return {
+        "status": (f"failed: {rate:.2%} of rows went to the dead letter, more than "
+                   f"--max-dead-letter-rate {max_dead_letter_rate:g}; this usually means a wrong "
+                   f"flag (feature columns, model), not bad data" if exceeded else "complete"),
+        "dead_letter_rate": rate,
+        "dead_letter_budget_exceeded": exceeded,
+    }

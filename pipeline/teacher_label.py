@@ -1,0 +1,43 @@
+"""`titans teacher-label`: the teacher on every row, writing its class probabilities, so a
+student can be distilled from unlabeled data at scale."""
+from __future__ import annotations
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.ml.inference.base import RunInference
+
+from titans.models import storage
+from titans.pipeline import counts
+from titans.pipeline.counts import Count
+from titans.pipeline.plan import TeacherLabelPlan
+from titans.pipeline.report import TeacherLabelReport
+from titans.pipeline.stages import LABELS, failures, finish, read_input, tables_typed
+from titans.transforms.dead_letter import TEACHER, DeadLetter
+from titans.transforms.inference import ArrowModelHandler
+from titans.transforms.labels import TeacherProbs
+from titans.transforms.parquet_io import WriteParquetBatches
+from titans.transforms.split import DEAD_LETTER, SplitErrors
+
+
+def teacher_handler(plan: TeacherLabelPlan) -> ArrowModelHandler:
+    c = plan.config
+    return ArrowModelHandler(c.teacher, plan.input.features,
+                             TeacherProbs(plan.input.columns, plan.num_classes),
+                             batch_size=c.teacher_batch_size, name=TEACHER,
+                             resource_hints=c.teacher_resource_hints)
+
+
+def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, start_time: float) -> None:
+    """read -> teacher -> write, plus dead letter and report."""
+    c, names = plan.config, plan.input.input_names
+    tables, read_dead, count_parts = read_input(p, plan.input, c.batch_size)
+    scored, failed = tables | "ScoreTeacher" >> RunInference(
+        teacher_handler(plan)).with_exception_handling()
+    labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(SplitErrors(names)).with_output_types(
+        pa.Table, dead_letter=DeadLetter).with_outputs(DEAD_LETTER, main="ok")
+    written = [labeled.ok | "WriteTeacherLabels" >> WriteParquetBatches(
+        storage.join(c.output, LABELS), plan.input.output_schema, prefix="teacher")]
+    count_parts += [counts.rows(labeled.ok, Count.LABELED, "CountLabeled"),
+                    counts.rows(tables_typed(scored), Count.TEACHER_SCORED, "CountTeacherScored")]
+    finish(c.output, [read_dead, labeled[DEAD_LETTER], failures(failed, TEACHER, names)],
+           count_parts, written, TeacherLabelReport(plan.facts()), start_time)
