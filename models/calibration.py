@@ -24,10 +24,10 @@ import math
 
 import numpy as np
 
+from titans.models.defaults import BOUND, BOUNDS, DELTA
 from titans.models.deferral import threshold_for_rate
 from titans.models.storage import read_bytes, write_bytes
 
-BOUNDS = ("binomial", "hoeffding_bentkus")
 CAL_METHODS = ("budget", "ltt")
 REQUIRED_KEYS = ("rule", "threshold", "method", "deferral_rate")
 
@@ -58,16 +58,15 @@ def cascade_curve(scores, student_pred, teacher_pred, labels=None,
         thresholds.append(float(t))
         accuracy.append(float((cascade == truth).mean()))
     order = np.argsort(realised, kind="stable")  # realised rates grow with r; sort to be safe
-    x, acc = np.asarray(realised)[order], np.asarray(accuracy)[order]
-    auc = float(np.sum(np.diff(x) * (acc[1:] + acc[:-1]) / 2))  # trapezoid rule
+    auc = float(np.trapezoid(np.asarray(accuracy)[order], np.asarray(realised)[order]))
     return {"deferral_rate": realised, "threshold": thresholds, "accuracy": accuracy, "auc": auc}
 
 
 # --------------------------------------------------------------------------- Learn then Test
 
 def ltt_threshold(scores, student_pred, teacher_pred, labels=None, *, max_accuracy_loss: float = 0.01,
-                  delta: float = 0.1, target_accuracy: float | None = None,
-                  bound: str = "binomial") -> dict:
+                  delta: float = DELTA, target_accuracy: float | None = None,
+                  bound: str = BOUND) -> dict:
     """The cheapest threshold whose risk is certified <= eps by Learn then Test (Angelopoulos et al. 2021).
 
     Candidates are -inf (defer every row) and every distinct score; a row is easy iff score <= t.
@@ -177,12 +176,10 @@ def binomial_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, 
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n == 0:
         return 0.0, 1.0
-    from scipy import stats
+    from scipy.stats import binomtest  # here, not at import: only a report with audits needs it
 
-    a = 1.0 - confidence
-    lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))
-    return lo, hi
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 # --------------------------------------------------------------------------- CAL.json

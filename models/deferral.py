@@ -54,13 +54,18 @@ class Margin(DeferralRule):
         return 1.0 - (top2[:, 0] - top2[:, 1])
 
 
+def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) / log K per row, in [0, 1] (1 = uniform); 0 log 0 = 0; 0 when K = 1."""
+    ent = -torch.xlogy(probs, probs).sum(dim=-1)
+    k = probs.shape[-1]
+    return ent / math.log(k) if k > 1 else ent
+
+
 class Entropy(DeferralRule):
     name = "entropy"
 
     def score(self, probs):
-        k = probs.shape[-1]
-        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
-        return ent / math.log(k) if k > 1 else ent
+        return normalised_entropy(probs)
 
 
 class DeferHead(DeferralRule):

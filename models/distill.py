@@ -9,9 +9,11 @@ Methods (losses in ``titans.models.losses``):
   easy   kd with cascade-aware per-row weights, re-estimated every epoch from the current student
   defer  learning to defer: K+1 outputs, the last means "ask the teacher" (read by DeferHead)
 
-Determinism: the same seed gives the same weights (torch.manual_seed for anything global, a
-seeded torch.Generator for the shuffles). The returned module is an ``MLP`` in eval mode, so
-``titans.models.loading.save_torchscript`` can script it.
+Determinism: the same seed gives the same weights: a seeded torch.Generator of its own shuffles
+the rows, and anything that draws from torch's global generator (dropout) runs in a forked
+one seeded with the seed, so the caller's global random state is neither used nor changed.
+The returned module is an ``MLP`` in eval mode, so ``titans.models.loading.save_torchscript``
+can script it.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from titans.models import losses
+from titans.models import defaults, losses
 from titans.models.architectures import MLP, parse_hidden
+from titans.models.defaults import METHODS
+from titans.models.forward import forward_in_chunks
 
-METHODS = ("kd", "easy", "defer")
 log = logging.getLogger(__name__)
 
 
@@ -63,9 +66,11 @@ def train_supervised(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: 
 
 
 def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
-            labels: np.ndarray | None = None, method: str = "kd", target_deferral: float = 0.2,
-            temperature: float = 2.0, alpha: float = 0.5, defer_alpha: float = 1.0,
-            floor: float = losses.FLOOR, epochs: int = 30, lr: float = 1e-2, batch_size: int = 64,
+            labels: np.ndarray | None = None, method: str = "kd",
+            target_deferral: float = defaults.TARGET_DEFERRAL,
+            temperature: float = defaults.TEMPERATURE, alpha: float = defaults.ALPHA,
+            defer_alpha: float = 1.0, floor: float = losses.FLOOR, epochs: int = defaults.EPOCHS,
+            lr: float = defaults.LR, batch_size: int = defaults.TRAIN_BATCH_SIZE,
             weight_decay: float = 1e-4, seed: int = 0,
             val: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
             progress: bool = True) -> list[dict]:
@@ -146,32 +151,34 @@ def _loop(model, n, step, evaluate, *, epochs, lr, batch_size, weight_decay, see
     """Shared minibatch loop: AdamW, a seeded shuffle per epoch, one log line per epoch."""
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
-    torch.manual_seed(seed)  # anything global (dropout), so a seed fixes the whole run
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the shuffles
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            loss = step(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        row = {"epoch": epoch, "train_loss": total / n, **evaluate()}
-        history.append(row)
-        line = f"{desc} epoch {epoch + 1}/{epochs} " + " ".join(
-            f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
-        if progress:
-            bar.write(line)
-        else:
-            log.info(line)
+    # dropout draws from the global generator: seed a fork of it, restored on the way out
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for epoch in bar:
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = perm[start:start + batch_size]
+                loss = step(idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            row = {"epoch": epoch, "train_loss": total / n, **evaluate()}
+            history.append(row)
+            line = f"{desc} epoch {epoch + 1}/{epochs} " + " ".join(
+                f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
+            if progress:
+                bar.write(line)
+            else:
+                log.info(line)
     model.eval()
     return history
 
@@ -180,10 +187,10 @@ def _logits(model: nn.Module, X: torch.Tensor, chunk: int = 4096) -> torch.Tenso
     """Forward in eval mode without gradients, in chunks; leaves the model's mode as it was."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = torch.cat([model(X[i:i + chunk]) for i in range(0, len(X), chunk)])
-    model.train(was_training)
-    return out
+    try:
+        return forward_in_chunks(model, X.numpy(), chunk)
+    finally:
+        model.train(was_training)
 
 
 def _features(X) -> torch.Tensor:

@@ -8,21 +8,25 @@ regression (``hidden=()``) or a tiny MLP on standardised features of the probabi
     score  = sigmoid(f(phi(p)))      f fitted by L-BFGS on  BCE(score, wrong) + l2 * ||W||^2
 
 where "wrong" is 1[student != teacher] on a calibration set (or 1[student != label] when labels
-exist). The artifact is plain JSON (``save`` / ``load``); the object is plain tensors, so Beam can
-pickle it into a DoFn.
+exist). scikit-learn fits it (StandardScaler, then LogisticRegression or MLPClassifier with
+solver="lbfgs"); only the fitted numbers are kept. The artifact is plain JSON (``save`` /
+``load``), never a pickle, and scoring is plain torch on those numbers, so `titans run` needs
+no scikit-learn objects and Beam can pickle the rule into a DoFn.
 """
 from __future__ import annotations
 
 import json
-import math
+import warnings
 
 import numpy as np
 import torch
 
-from titans.models.deferral import DeferralRule
+from titans.models.deferral import DeferralRule, normalised_entropy
 from titans.models.storage import read_bytes, write_bytes
 
-FORMAT = "titans.learned_deferral/1"
+FORMAT = "titans.learned_deferral/2"
+# /1: fitted with torch's L-BFGS, standardised with the sample std (key "std"); scored the same
+READABLE_FORMATS = ("titans.learned_deferral/1", FORMAT)
 MAX_TOP_K = 5
 
 
@@ -31,11 +35,9 @@ def deferral_features(probs: torch.Tensor) -> torch.Tensor:
     if probs.dim() != 2 or probs.shape[1] < 2:
         raise ValueError(f"need class probabilities [B, K] with K >= 2, got {tuple(probs.shape)}")
     probs = probs.float()
-    n_classes = probs.shape[1]
-    top = probs.topk(min(n_classes, MAX_TOP_K), dim=-1).values
+    top = probs.topk(min(probs.shape[1], MAX_TOP_K), dim=-1).values
     margin = top[:, 0] - top[:, 1]
-    entropy = -torch.xlogy(probs, probs).sum(dim=-1) / math.log(n_classes)
-    return torch.cat([top, margin[:, None], entropy[:, None]], dim=1)
+    return torch.cat([top, margin[:, None], normalised_entropy(probs)[:, None]], dim=1)
 
 
 def feature_names(num_classes: int) -> list[str]:
@@ -51,50 +53,51 @@ class LearnedDeferral(DeferralRule):
         self.l2 = float(l2)
         self.max_iter = int(max_iter)
         self.num_classes: int | None = None
-        self.mean = self.std = None
+        self.mean = self.scale = None
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight [out, in], bias [out])
         self.train_info: dict = {}
 
     # ------------------------------------------------------------------ fitting
     def fit(self, student_probs, target_wrong, seed: int = 0) -> "LearnedDeferral":
         """Fit on a calibration set: student probabilities [N, K] and 1[student wrong] [N]."""
+        from sklearn.exceptions import ConvergenceWarning  # only when fitting: calibrate, not run
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.neural_network import MLPClassifier
+        from sklearn.preprocessing import StandardScaler
+
         probs = torch.as_tensor(np.asarray(student_probs, dtype=np.float32))
         y = np.asarray(target_wrong)
         if y.shape != (probs.shape[0],):
             raise ValueError(f"target_wrong must have shape ({probs.shape[0]},), got {y.shape}")
         if not np.isin(y, (0, 1)).all():
             raise ValueError("target_wrong must be 0/1 (or bool): 1 where the student is wrong")
-        y = torch.as_tensor(y.astype(np.float32))
-        n_wrong = int(y.sum())
-        if n_wrong in (0, len(y)):
-            raise ValueError(f"cannot learn when the student is wrong on {n_wrong} of {len(y)} rows: "
+        y = y.astype(np.int64)
+        n, n_wrong = len(y), int(y.sum())
+        if n_wrong in (0, n):
+            raise ValueError(f"cannot learn when the student is wrong on {n_wrong} of {n} rows: "
                              f"use a larger or more varied calibration set, or a confidence rule")
-        feats = deferral_features(probs)
+        feats = deferral_features(probs).double().numpy()
+        scaler = StandardScaler().fit(feats)  # a constant feature keeps scale 1
+        z = scaler.transform(feats)
+        # sklearn's penalties, rewritten as mean BCE + l2 * ||W||^2 (biases not penalised):
+        # LogisticRegression: C sum(BCE) + ||w||^2 / 2;  MLPClassifier: mean(BCE) + alpha ||W||^2 / 2n
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter is the budget we chose
+            if self.hidden:
+                clf = MLPClassifier(self.hidden, solver="lbfgs", alpha=2.0 * n * self.l2,
+                                    max_iter=self.max_iter, random_state=seed).fit(z, y)
+                fitted = [(w.T, b) for w, b in zip(clf.coefs_, clf.intercepts_)]
+            else:
+                c = 1.0 / (2.0 * n * self.l2) if self.l2 > 0 else np.inf
+                clf = LogisticRegression(C=c, max_iter=self.max_iter).fit(z, y)
+                fitted = [(clf.coef_, clf.intercept_)]
         self.num_classes = probs.shape[1]
-        self.mean = feats.mean(dim=0)
-        std = feats.std(dim=0)
-        self.std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant feature: leave as is
-        z = (feats - self.mean) / self.std
-
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            widths = (z.shape[1], *self.hidden, 1)
-            linears = [torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
-        params = [p for lin in linears for p in lin.parameters()]
-        opt = torch.optim.LBFGS(params, max_iter=self.max_iter, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            logit = _forward(z, [(lin.weight, lin.bias) for lin in linears])
-            # BCE(sigmoid(f), wrong) + l2 * sum ||W||^2 (biases not penalised)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
-            loss = loss + self.l2 * sum((lin.weight ** 2).sum() for lin in linears)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        self.layers = [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in linears]
-        self.train_info = {"rows": int(len(y)), "wrong_rate": n_wrong / len(y), "seed": int(seed)}
+        self.mean = torch.tensor(scaler.mean_, dtype=torch.float32)
+        self.scale = torch.tensor(scaler.scale_, dtype=torch.float32)
+        self.layers = [(torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+                       for w, b in fitted]
+        self.train_info = {"rows": n, "wrong_rate": n_wrong / n, "seed": int(seed),
+                           "iterations": int(np.max(clf.n_iter_))}
         return self
 
     # ------------------------------------------------------------------ scoring
@@ -104,7 +107,7 @@ class LearnedDeferral(DeferralRule):
         if probs.shape[-1] != self.num_classes:
             raise ValueError(f"learned deferral model was fitted for {self.num_classes} classes, "
                              f"got probabilities with {probs.shape[-1]}")
-        z = (deferral_features(probs) - self.mean) / self.std
+        z = (deferral_features(probs) - self.mean) / self.scale
         with torch.no_grad():
             return torch.sigmoid(_forward(z, self.layers))
 
@@ -118,7 +121,7 @@ class LearnedDeferral(DeferralRule):
         if not self.layers:
             raise RuntimeError("nothing to save: the model is not fitted")
         return {"format": FORMAT, "hidden": list(self.hidden), "l2": self.l2, "max_iter": self.max_iter,
-                "num_classes": self.num_classes, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "num_classes": self.num_classes, "mean": self.mean.tolist(), "scale": self.scale.tolist(),
                 "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in self.layers],
                 "train": self.train_info}
 
@@ -128,14 +131,16 @@ class LearnedDeferral(DeferralRule):
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "learned deferral model") -> "LearnedDeferral":
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") not in READABLE_FORMATS:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"{where}: not a learned deferral model (format {got!r}, expected {FORMAT!r})")
+            raise ValueError(f"{where}: not a learned deferral model (format {got!r}, expected "
+                             f"one of {READABLE_FORMATS})")
         try:
             model = cls(hidden=tuple(d["hidden"]), l2=d["l2"], max_iter=d["max_iter"])
             model.num_classes = int(d["num_classes"])
             model.mean = torch.tensor(d["mean"], dtype=torch.float32)
-            model.std = torch.tensor(d["std"], dtype=torch.float32)
+            scale = d["scale"] if d["format"] == FORMAT else d["std"]
+            model.scale = torch.tensor(scale, dtype=torch.float32)
             model.layers = [(torch.tensor(layer["weight"], dtype=torch.float32),
                              torch.tensor(layer["bias"], dtype=torch.float32)) for layer in d["layers"]]
             model.train_info = dict(d.get("train", {}))

@@ -177,6 +177,21 @@ def test_clopper_pearson_interval():
         binomial_interval(11, 10)
 
 
+@pytest.mark.parametrize("k, n, lo, hi", [
+    # exact 95% intervals, 4 decimals, as tabulated: 81/263 is Newcombe (1998)'s example
+    # (method 5, "exact"); k = 0 and k = n have the closed forms 1 - 0.025^(1/n), 0.025^(1/n)
+    (0, 10, 0.0, 0.3085),
+    (1, 10, 0.0025, 0.4450),
+    (5, 10, 0.1871, 0.8129),
+    (81, 263, 0.2527, 0.3676),
+    (29, 29, 0.8806, 1.0),
+])
+def test_clopper_pearson_matches_published_values(k, n, lo, hi):
+    got = binomial_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=5e-5)
+    assert binomial_interval(0, 0) == (0.0, 1.0)
+
+
 # ------------------------------------------------------------------ CAL.json
 
 def cal_data():

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from titans.models.deferral import make_rule, threshold_for_rate
+from titans.models.deferral import RULES, make_rule, normalised_entropy, threshold_for_rate
+from titans.pipeline.defaults import RULE, RULE_NAMES
 
 
 def probs_to_logits(p):
@@ -46,3 +47,13 @@ def test_threshold_for_rate_counts_exactly_without_ties():
     assert threshold_for_rate(scores, 1.0) == float("-inf")
     with pytest.raises(ValueError):
         threshold_for_rate(scores, 1.5)
+
+
+def test_the_command_line_knows_every_rule():
+    assert set(RULE_NAMES) == set(RULES) | {"learned"} and RULE in RULE_NAMES
+
+
+def test_normalised_entropy_treats_zero_probabilities_as_zero():
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25] * 4])
+    assert normalised_entropy(p).tolist() == pytest.approx([0.5, 0.0, 1.0], abs=1e-7)
+    assert normalised_entropy(torch.ones(3, 1)).tolist() == [0.0, 0.0, 0.0]  # K = 1

@@ -4,6 +4,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from titans.models.architectures import MLP
 from titans.models.deferral import DeferHead, make_rule
 from titans.models.distill import distill, make_student, train_supervised
 from titans.models.loading import load_model, save_torchscript
@@ -49,6 +50,38 @@ def test_same_seed_same_weights_different_seed_different(digits):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert ha == hb
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_leaves_the_callers_random_state_alone(digits):
+    d = digits
+    X, P = d["X"][:200], d["P"][:200]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    expected_next = torch.rand(3)
+    torch.set_rng_state(before)
+    s = make_student("8", 64, 10, "kd", seed=0)
+    distill(s, X, P, epochs=2, seed=0, progress=False)
+    train_supervised(make_student("8", 64, 10, seed=0), X, d["y"][:200], epochs=1, seed=0,
+                     progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_dropout_training_is_seeded_too(digits):
+    """Dropout draws from torch's global generator: the same seed still gives the same weights,
+    however the caller's generator was left."""
+    d = digits
+    X, P = d["X"][:200], d["P"][:200]
+
+    def run(caller_seed):
+        torch.manual_seed(0)
+        s = MLP(64, 10, (16,), dropout=0.5)
+        torch.manual_seed(caller_seed)
+        distill(s, X, P, epochs=2, seed=5, progress=False)
+        return s.state_dict()
+
+    a, b = run(1), run(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_kd_and_easy_students_learn_the_teacher(digits):

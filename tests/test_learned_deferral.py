@@ -1,6 +1,8 @@
 """The learned deferral rule: learns who is wrong, round-trips exactly, pickles for Beam."""
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -66,6 +68,44 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, fitted):
     assert torch.equal(loaded(logits)[1], fitted(logits)[1])
     assert loaded.describe()["features"] == ["p_top1", "p_top2", "p_top3", "p_top4", "p_top5",
                                              "margin", "norm_entropy"]
+
+
+def test_reads_the_first_format(tmp_path, fitted):
+    """titans.learned_deferral/1 files (fitted before scikit-learn did it) still load: the
+    same numbers under the key "std" instead of "scale"."""
+    old = fitted.to_dict()
+    assert old.pop("format") == "titans.learned_deferral/2"
+    old = {"format": "titans.learned_deferral/1", "std": old.pop("scale"), **old}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    logits, _ = synthetic(50, seed=6)
+    assert torch.equal(LearnedDeferral.load(str(path))(logits)[1], fitted(logits)[1])
+
+
+def test_scoring_a_saved_model_needs_no_scikit_learn(tmp_path, fitted):
+    path = str(tmp_path / "learned.json")
+    fitted.save(path)
+    code = ("import sys, torch\n"
+            "from titans.models.deferral import make_rule\n"
+            f"rule = make_rule('learned', {path!r})\n"
+            "print(rule(torch.randn(4, 10))[1].shape, 'sklearn' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["torch.Size([4])", "False"]
+
+
+def test_logistic_fit_minimises_the_documented_objective():
+    """mean BCE + l2 * ||w||^2 on the standardised features: its gradient vanishes at the fit."""
+    logits, wrong = synthetic(500, seed=7)
+    probs = torch.softmax(logits, dim=-1)
+    model = LearnedDeferral(l2=1e-2, max_iter=1000).fit(probs.numpy(), wrong, seed=0)
+    z = ((deferral_features(probs) - model.mean) / model.scale).double()
+    (w, b), = model.layers
+    w, b = w.double().requires_grad_(), b.double().requires_grad_()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        (z @ w.T + b).squeeze(-1), torch.tensor(wrong, dtype=torch.float64)) + 1e-2 * (w ** 2).sum()
+    loss.backward()
+    assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
 
 
 def test_pickles_for_beam(fitted):
