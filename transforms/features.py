@@ -127,7 +127,8 @@ def _from_scalars(table: pa.Table, spec: FeatureSpec, n: int):
 def _finite_rows(matrix: np.ndarray) -> np.ndarray:
     """Rows without NaN/inf. A NaN or inf anywhere makes the row sum non-finite, and float32
     values cannot overflow a float64 sum, so one reduction replaces an elementwise check."""
-    return np.isfinite(matrix.sum(axis=1, dtype=np.float64))
+    with np.errstate(invalid="ignore"):  # inf - inf is the point here
+        return np.isfinite(matrix.sum(axis=1, dtype=np.float64))
 
 
 def _zero_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:

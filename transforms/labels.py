@@ -80,7 +80,8 @@ def finite_rows(logits: np.ndarray) -> np.ndarray:
     """Rows whose outputs are all finite (a NaN or inf anywhere makes the row sum non-finite)."""
     if logits.shape[1] == 0:
         return np.zeros(len(logits), bool)
-    return np.isfinite(logits.sum(axis=1, dtype=np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is the point here
+        return np.isfinite(logits.sum(axis=1, dtype=np.float64))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
