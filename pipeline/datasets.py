@@ -1,4 +1,4 @@
-"""In-process reads of a (small enough) Parquet dataset, and models run over it in chunks.
+"""In-process reads of a (small enough) Parquet dataset, and its seeded splits.
 
 Shared by the training-side commands (`titans distill`, `titans calibrate`): they need a few
 million rows in memory at most, so they read with pyarrow directly instead of starting a
@@ -12,14 +12,12 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from titans.models.storage import is_url
 from titans.pipeline.plan import first_vector_length
-from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
-                                        resolve_feature_spec)
-from titans.transforms.parquet_io import (input_pattern, match_files, open_parquet, read_schema,
-                                          split_conforming)
+from titans.transforms.features import FeatureSpec, feature_matrix, resolve_feature_spec
+from titans.transforms.parquet_io import (ParquetInput, conform, input_pattern, match_files,
+                                          open_parquet)
 
 
 @dataclasses.dataclass
@@ -52,7 +50,7 @@ def read_dataset(path: str, features: tuple[str, ...], label_column: str | None 
     named it (for error messages). Raises ValueError saying what to fix.
     """
     files = match_files(input_pattern(path))
-    schema = read_schema(files[0])
+    schema = ParquetInput.from_files(files).schema
     extra = dict(extra or {})
     _require_columns(schema, features, label_column, extra)
     wanted = list(dict.fromkeys([*features, *([label_column] if label_column else []), *extra]))
@@ -62,7 +60,7 @@ def read_dataset(path: str, features: tuple[str, ...], label_column: str | None 
     for f in files:
         table = _read_columns(f, wanted)
         rows_read += table.num_rows
-        good, bad, _ = split_conforming(table, sub_schema)
+        good, bad, _ = conform(table, sub_schema)
         tables.append(good)
         if bad is not None:
             _count(dropped, "not fitting the first file's schema", bad.num_rows)
@@ -90,7 +88,7 @@ def read_dataset(path: str, features: tuple[str, ...], label_column: str | None 
 
 
 def _read_columns(path: str, wanted: list[str]) -> pa.Table:
-    """The ``wanted`` columns this file has (split_conforming reports the ones it lacks)."""
+    """The ``wanted`` columns this file has (conform fills the ones it lacks with nulls)."""
     try:
         pf = open_parquet(path)
         return pf.read(columns=[c for c in wanted if c in pf.schema_arrow.names])
@@ -125,11 +123,18 @@ def check_labels(labels: np.ndarray | None, num_classes: int, column: str | None
                          f"0..{num_classes - 1} in the teacher's class order")
 
 
-def predict(model: torch.nn.Module, x: np.ndarray, chunk: int = 65536) -> torch.Tensor:
-    """Logits (float32, CPU) of ``model`` on every row of ``x``, ``chunk`` rows per forward."""
-    with torch.inference_mode():
-        parts = [model(as_tensor(x[i:i + chunk])).float() for i in range(0, len(x), chunk)]
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first, second) sorted row indices: a seeded random ``fraction`` of the ``n`` rows goes
+    second (round(fraction * n) rows, at least 1 and at most n - 1 when fraction > 0)."""
+    from sklearn.model_selection import train_test_split
+
+    n_second = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        n_second = min(max(n_second, 1), n - 1)
+    if n_second == 0:
+        return np.arange(n), np.arange(0)
+    first, second = train_test_split(np.arange(n), test_size=n_second, random_state=seed)
+    return np.sort(first), np.sort(second)
 
 
 def check_output_path(path: str, flag: str) -> None:

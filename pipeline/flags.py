@@ -1,10 +1,41 @@
-"""Command-line pieces shared by the titans subcommands."""
+"""Every flag of the `titans` command line, and the parser built from them.
+
+Light on purpose: `titans --help` and parsing any command import argparse and the two
+defaults modules, never torch, Beam, pyarrow or numpy. The commands import what they need
+once the flags are parsed (``titans.pipeline.cli``).
+"""
 from __future__ import annotations
 
 import argparse
 
-from titans.models.loading import ModelRef
+from titans.models import defaults as train_defaults
+from titans.pipeline import defaults
 
+IN_MEMORY_NOTE = ("The data is read into memory with pyarrow: fine for the millions of rows a "
+                  "student needs; labeling a dataset at scale is done by `titans teacher-label` "
+                  "and `titans run`.")
+# commands whose unknown flags are Beam pipeline options; the others parse strictly
+BEAM_COMMANDS = ("run", "teacher-label", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="titans", allow_abbrev=False,
+        description="Batch model cascades for offline labeling: a small student labels the "
+                    "easy rows, a large teacher only the hard ones.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level of titans' own messages (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_run_parser(sub)
+    add_teacher_label_parser(sub)
+    add_distill_parser(sub)
+    add_calibrate_parser(sub)
+    add_demo_parser(sub)
+    return parser
+
+
+# =========================================================================== shared pieces
 
 def add_model_flags(p: argparse.ArgumentParser, role: str, required: bool = True) -> None:
     p.add_argument(f"--{role}", required=required, metavar="MODEL",
@@ -19,13 +50,282 @@ def add_model_flags(p: argparse.ArgumentParser, role: str, required: bool = True
                         f"e.g. '{{\"in_features\": 64, \"out_features\": 10}}'")
 
 
-def model_ref(args: argparse.Namespace, role: str) -> ModelRef:
-    """The --ROLE, --ROLE-class, --ROLE-class-kwargs (and --ROLE-device, if any) flags."""
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow model files that can run code when loaded: a torch.export "
+                        "archive with pickled members can run arbitrary code on this machine "
+                        "(and on every worker) when it is loaded. Only for files you trust; "
+                        "off by default")
+
+
+def model_ref(args: argparse.Namespace, role: str):
+    """The --ROLE, --ROLE-class, --ROLE-class-kwargs (and --ROLE-device, if any) flags, with
+    --trust-model-code, as a ``titans.models.loading.ModelRef``."""
+    from titans.models.loading import ModelRef  # imports torch: only once a command runs
+
     return ModelRef(getattr(args, role), getattr(args, f"{role}_class"),
                     getattr(args, f"{role}_class_kwargs"),
-                    getattr(args, f"{role}_device", "cpu"))
+                    getattr(args, f"{role}_device", "cpu"),
+                    trust_code=getattr(args, "trust_model_code", False))
 
 
 def feature_columns(spec: str) -> tuple[str, ...]:
     """``"a, b,c"`` -> ("a", "b", "c")."""
     return tuple(c.strip() for c in spec.split(",") if c.strip())
+
+
+def share(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _feature_columns_flag(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--feature-columns", default="features", metavar="COL[,COL...]",
+                   help="one vector column (list or fixed-size list of numbers) or several "
+                        "numeric columns concatenated in order (default: %(default)s)" + extra)
+
+
+def _seed_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--seed", type=int, default=0, help=f"seeds {what} (default: %(default)s)")
+
+
+# =========================================================================== run, teacher-label
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, metavar="PATTERN",
+                   help="Parquet file, directory (its *.parquet files) or glob; local or a URL "
+                        "of a Beam filesystem, such as gs://bucket/data/*.parquet")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output directory (local or URL): labels/ (Parquet shards), "
+                        "dead_letter/ (rows that could not be labeled, with the reason), "
+                        "report.json and report.png")
+    _feature_columns_flag(p)
+    p.add_argument("--id-column", metavar="COL",
+                   help="column that identifies a row; checked to exist (every input column "
+                        "is passed through to the output anyway)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's outputs in a non-empty --output directory")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, metavar="N",
+                   help="rows per Arrow batch read from Parquet and per student forward pass, "
+                        "whatever the files' row-group size (default: %(default)s)")
+    p.add_argument("--max-dead-letter-rate", type=share, default=defaults.MAX_DEAD_LETTER_RATE,
+                   metavar="R",
+                   help="the job exits non-zero (report still written) when more than this "
+                        "share of input rows is dead-lettered: that usually means a wrong flag, "
+                        "not bad data (default: %(default)s)")
+
+
+def _add_teacher_stage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher-batch-size", type=int, default=defaults.TEACHER_BATCH_SIZE,
+                   metavar="N",
+                   help="rows per teacher forward pass; hard rows from several batches are "
+                        "merged up to this size (default: %(default)s)")
+    p.add_argument("--teacher-device", default="auto", metavar="DEVICE",
+                   help="cpu, cuda or auto = cuda when the worker has a GPU; asking for cuda "
+                        "on a worker without one fails rather than silently using the CPU "
+                        "(default: %(default)s)")
+    p.add_argument("--teacher-accelerator", metavar="HINT",
+                   help="Beam resource hint for the teacher stage only, e.g. "
+                        "'type:nvidia-l4;count:1;install-nvidia-driver' on Dataflow; "
+                        "no effect on local runners")
+    p.add_argument("--teacher-min-ram", metavar="SIZE",
+                   help="Beam min_ram resource hint for the teacher stage, e.g. 16GB")
+    p.add_argument("--column-prefix", default="", metavar="PREFIX",
+                   help="prefix for the columns titans adds (label, confidence, ...), for an "
+                        "input that already has a column of that name (default: none)")
+    p.add_argument("--sample-rows", type=int, default=defaults.SAMPLE_ROWS, metavar="N",
+                   help="rows sampled (from up to 32 random row groups) before the pipeline "
+                        "starts, to check the models on real rows and to set the threshold "
+                        "for --deferral-rate (default: %(default)s)")
+    _seed_flag(p, "the sample and --audit-rate")
+
+
+def add_run_parser(sub) -> argparse.ArgumentParser:
+    run = sub.add_parser(
+        "run", allow_abbrev=False, help="label a Parquet dataset with the cascade",
+        description="Label every row of a Parquet dataset: the student scores all rows, rows "
+                    "whose deferral score is above the threshold go to the teacher. Flags not "
+                    "listed below are Beam pipeline options (default --runner DirectRunner).")
+    _add_input_flags(run)
+    add_model_flags(run, "student")
+    add_model_flags(run, "teacher")
+    add_trust_flag(run)
+    run.add_argument("--rule", choices=defaults.RULE_NAMES,
+                     help="deferral score, higher = harder: max_prob = 1 - max p; margin = "
+                          "1 - (p1 - p2); entropy = H(p)/log K; defer_head = p(defer) of a "
+                          "`titans distill --method defer` student; learned = a post-hoc model, "
+                          f"see --deferral-model (default: {defaults.RULE})")
+    how = run.add_mutually_exclusive_group()
+    how.add_argument("--threshold", type=float, metavar="T",
+                     help="send a row to the teacher when its deferral score > T")
+    how.add_argument("--deferral-rate", type=float, metavar="R",
+                     help="share of rows to send to the teacher (0-1); the threshold is the "
+                          "(1-R) quantile of student scores on a sample of the input "
+                          f"(--sample-rows). Default when no --threshold: {defaults.DEFERRAL_RATE}")
+    how.add_argument("--calibration", metavar="CAL.json",
+                     help="rule and threshold chosen by `titans calibrate` (for a budget or "
+                          "with an accuracy guarantee); replaces --rule/--threshold/"
+                          "--deferral-rate/--deferral-model")
+    run.add_argument("--deferral-model", metavar="PATH",
+                     help="trained post-hoc deferral model for --rule learned (written by "
+                          "`titans calibrate`)")
+    run.add_argument("--audit-rate", type=float, default=0.0, metavar="A",
+                     help="also send a seeded random share A of the easy rows to the teacher; "
+                          "their labels stay the student's, and the report gives the "
+                          "student-teacher agreement on them with a 95%% confidence interval "
+                          "(default: %(default)s, no audit)")
+    run.add_argument("--student-device", default="cpu", metavar="DEVICE",
+                     help="cpu, cuda or auto (default: %(default)s)")
+    _add_teacher_stage_flags(run)
+    return run
+
+
+def add_teacher_label_parser(sub) -> argparse.ArgumentParser:
+    label = sub.add_parser(
+        "teacher-label", allow_abbrev=False,
+        help="label every row with the teacher, writing its class probabilities",
+        description="The same Beam pipeline with the teacher on every row: writes label, "
+                    "confidence and teacher_probs (all K probabilities) next to every input "
+                    "column, so a student can be distilled (`titans distill --teacher-probs "
+                    "teacher_probs`) from unlabeled data at scale. Flags not listed below are "
+                    "Beam pipeline options.")
+    _add_input_flags(label)
+    add_model_flags(label, "teacher")
+    add_trust_flag(label)
+    _add_teacher_stage_flags(label)
+    return label
+
+
+# =========================================================================== distill, calibrate
+
+def _data_flags(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    p.add_argument(flag, required=True, metavar="PATTERN",
+                   help=f"the {what}: Parquet file, directory (its *.parquet files) or glob; local "
+                        f"or a URL such as gs://bucket/data/*.parquet. Files are conformed to the "
+                        f"first file's schema")
+    _feature_columns_flag(p, "; rows with a null, NaN or wrong-length feature vector are dropped "
+                             "and counted")
+    p.add_argument("--label-column", metavar="COL",
+                   help="integer class ids 0..K-1 in the teacher's class order (optional); rows "
+                        "with a null label are dropped")
+
+
+def add_distill_parser(sub) -> argparse.ArgumentParser:
+    d = train_defaults
+    p = sub.add_parser(
+        "distill", allow_abbrev=False,
+        help="train a small student from a teacher (its model or its stored probabilities)",
+        description="Distill a student MLP from a teacher's probabilities and save it as "
+                    "TorchScript for `titans run`. Give exactly one of --teacher (run it over the "
+                    "training rows) or --teacher-probs (a column of K probabilities per row, as "
+                    "`titans teacher-label` writes it). A seeded --val-fraction of the rows is held "
+                    "out for the per-epoch validation line. " + IN_MEMORY_NOTE)
+    _data_flags(p, "--train", "training set")
+    add_model_flags(p, "teacher", required=False)
+    add_trust_flag(p)
+    p.add_argument("--teacher-probs", metavar="COL",
+                   help="column holding the teacher's class probabilities (list of K floats per "
+                        "row, e.g. teacher_probs from `titans teacher-label`), instead of --teacher")
+    p.add_argument("--out", required=True, metavar="STUDENT.pt",
+                   help="where to save the student (TorchScript; local path or URL)")
+    p.add_argument("--method", required=True, choices=d.METHODS,
+                   help="kd: Hinton distillation; easy: kd that down-weights the share "
+                        "--target-deferral of rows the cascade sends to the teacher anyway; "
+                        "defer: K+1 outputs, the last means 'ask the teacher' (use it with "
+                        "--rule defer_head)")
+    p.add_argument("--student-arch", default=d.STUDENT_ARCH, metavar="WIDTHS",
+                   help="hidden layer widths of the student MLP, e.g. 64,64, or 'linear' "
+                        "(default: %(default)s)")
+    p.add_argument("--target-deferral", type=float, default=d.TARGET_DEFERRAL, metavar="R",
+                   help="share of rows the cascade will send to the teacher, used by easy and "
+                        "defer (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.EPOCHS, metavar="N",
+                   help="passes over the training rows (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.LR, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.TRAIN_BATCH_SIZE, metavar="N",
+                   help="rows per training step (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.TEMPERATURE, metavar="T",
+                   help="softening temperature of kd/easy (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=d.ALPHA,
+                   help="weight of cross-entropy on --label-column in kd/easy; the rest is the "
+                        "distillation term; unused without labels (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=d.VAL_FRACTION, metavar="F",
+                   help="share of rows held out for validation, seeded (default: %(default)s)")
+    _seed_flag(p, "the split, the initialisation and the shuffles: the same seed and data give "
+                  "identical weights")
+    return p
+
+
+def add_calibrate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "calibrate", allow_abbrev=False,
+        help="choose the deferral rule and threshold on a labeled or unlabeled calibration set",
+        description="Run the student and the teacher on a calibration set, compare every "
+                    "deferral rule (accuracy vs deferral curves), and write the chosen rule and "
+                    "threshold to CAL.json for `titans run`. The rows are split in two seeded "
+                    "random halves: the `learned` rule is fitted on one half (saved as "
+                    "<CAL stem>.learned.json), and every rule's curve and threshold is computed "
+                    "on the other, so the rules are compared on the same rows and the LTT "
+                    "guarantee holds (n_fit_rows / n_calibration_rows in CAL.json). A student "
+                    "with K+1 outputs (--method defer) has no learned rule and uses every row. "
+                    "Without --label-column, accuracy means agreement with the teacher. "
+                    + IN_MEMORY_NOTE)
+    _data_flags(p, "--input", "calibration set (rows like those the cascade will label)")
+    add_model_flags(p, "student")
+    add_model_flags(p, "teacher")
+    add_trust_flag(p)
+    p.add_argument("--out", required=True, metavar="CAL.json",
+                   help="calibration file to write. Local paths inside it (student, teacher, "
+                        "deferral_model) are made absolute, so `titans run --calibration` works "
+                        "from any directory; URLs are kept as given")
+    p.add_argument("--rule", choices=defaults.RULE_NAMES,
+                   help=f"the operating rule (default: {defaults.RULE}, or defer_head for a "
+                        f"student with K+1 outputs, which only defer_head can run); learned is "
+                        f"skipped, with a note, when the student is never or always wrong on the "
+                        f"fitting half")
+    p.add_argument("--plot", metavar="CURVE.png",
+                   help="plot every rule's curve with the operating point (PNG or SVG)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--deferral-rate", type=float, metavar="R",
+                     help="budget: the threshold sends this share of the held-out rows to the "
+                          "teacher; no accuracy guarantee")
+    how.add_argument("--max-accuracy-loss", type=float, metavar="EPS",
+                     help="Learn then Test: the cheapest threshold whose accuracy loss against "
+                          "the teacher is <= EPS with probability >= 1 - --delta (against the "
+                          "teacher's answers when there are no labels)")
+    how.add_argument("--target-accuracy", type=float, metavar="A",
+                     help="Learn then Test: the cheapest threshold whose cascade accuracy is >= A "
+                          "with probability >= 1 - --delta; needs --label-column")
+    p.add_argument("--delta", type=float, metavar="D",
+                   help="LTT: allowed probability that the guarantee fails "
+                        f"(default: {train_defaults.DELTA})")
+    p.add_argument("--bound", choices=train_defaults.BOUNDS,
+                   help="LTT: p-values from the exact binomial tail or Hoeffding-Bentkus "
+                        f"(default: {train_defaults.BOUND})")
+    _seed_flag(p, "the split into halves and the learned rule's fit")
+    return p
+
+
+# =========================================================================== demo
+
+def add_demo_parser(sub) -> argparse.ArgumentParser:
+    demo = sub.add_parser(
+        "demo", allow_abbrev=False,
+        help="train a student and a teacher on scikit-learn's digits and run the cascade",
+        description="Builds a real dataset from scikit-learn's bundled handwritten digits, "
+                    "trains a small student and a larger teacher (seconds on a CPU), saves "
+                    "them as TorchScript and runs the same cascade as `titans run` on the "
+                    "test split. Extra flags are Beam pipeline options.")
+    demo.add_argument("--output", default="titans-demo-output", metavar="DIR",
+                      help="where to write data, models and the run (default: %(default)s); "
+                           "replaced if it holds a previous demo")
+    demo.add_argument("--deferral-rate", type=float, default=defaults.DEFERRAL_RATE, metavar="R",
+                      help="share of test rows sent to the teacher (default: %(default)s)")
+    _seed_flag(demo, "the split and the training")
+    return demo

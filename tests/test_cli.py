@@ -1,7 +1,12 @@
-"""`titans run` end to end as a subprocess, and its launch-time errors."""
+"""`titans run` end to end as a subprocess, its launch-time errors, every flag's help, how fast
+the command line answers, and how the command exits."""
+import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +15,10 @@ import torch
 from conftest import DIM, RUNNER, write_dataset
 from titans.models.architectures import MLP
 from titans.models.loading import save_torchscript
-from titans.pipeline.cli import main
+from titans.models import defaults as train_defaults
+from titans.pipeline import defaults
+from titans.pipeline.cli import build_parser, fast_exit_is_safe, job_config, main, parse
+from titans.pipeline.flags import model_ref
 
 
 def test_titans_run_end_to_end(tmp_path, models):
@@ -107,6 +115,41 @@ def test_unknown_flag_is_an_error(capsys, setup):
     assert "unrecognized arguments: --thresold" in capsys.readouterr().err
 
 
+# every flag of every command, written out here rather than read from the parser
+MODEL_FLAGS = {f"--{role}{suffix}" for role in ("student", "teacher")
+               for suffix in ("", "-class", "-class-kwargs")}
+JOB_FLAGS = {"--input", "--output", "--feature-columns", "--id-column", "--overwrite",
+             "--batch-size", "--max-dead-letter-rate", "--trust-model-code",
+             "--teacher-batch-size", "--teacher-device", "--teacher-accelerator",
+             "--teacher-min-ram", "--column-prefix", "--sample-rows", "--seed"}
+FLAGS = {
+    "run": JOB_FLAGS | MODEL_FLAGS | {"--rule", "--threshold", "--deferral-rate", "--calibration",
+                                      "--deferral-model", "--audit-rate", "--student-device"},
+    "teacher-label": JOB_FLAGS | {"--teacher", "--teacher-class", "--teacher-class-kwargs"},
+    "distill": {"--train", "--feature-columns", "--label-column", "--teacher", "--teacher-class",
+                "--teacher-class-kwargs", "--trust-model-code", "--teacher-probs", "--out",
+                "--method", "--student-arch", "--target-deferral", "--epochs", "--lr",
+                "--batch-size", "--temperature", "--alpha", "--val-fraction", "--seed"},
+    "calibrate": MODEL_FLAGS | {"--input", "--feature-columns", "--label-column",
+                                "--trust-model-code", "--out", "--rule", "--plot",
+                                "--deferral-rate", "--max-accuracy-loss", "--target-accuracy",
+                                "--delta", "--bound", "--seed"},
+    "demo": {"--output", "--deferral-rate", "--seed"},
+}
+# flags whose argparse default is None but whose help must still say what happens without them
+IMPLIED_DEFAULTS = {("run", "--rule"): defaults.RULE,
+                    ("run", "--deferral-rate"): str(defaults.DEFERRAL_RATE),
+                    ("calibrate", "--rule"): defaults.RULE,
+                    ("calibrate", "--delta"): str(train_defaults.DELTA),
+                    ("calibrate", "--bound"): train_defaults.BOUND}
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"titans": parser, **sub.choices}
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
@@ -115,3 +158,138 @@ def test_help_explains_every_flag(capsys):
                  "--rule", "--threshold", "--deferral-rate", "--batch-size", "--overwrite",
                  "--teacher-batch-size", "--teacher-accelerator", "--sample-rows"):
         assert flag in text
+
+    commands = subcommands()
+    assert set(commands) == {"titans", *FLAGS}
+    for command, parser in commands.items():
+        actions = [a for a in parser._actions if not isinstance(a, (argparse._HelpAction,
+                                                                    argparse._SubParsersAction))]
+        flags = {a.option_strings[0] for a in actions}
+        assert flags == FLAGS.get(command, {"--log-level"}), command
+        for action in actions:
+            where = f"titans {command} {action.option_strings[0]}"
+            assert action.help and len(action.help) >= 20, f"{where}: help too short"
+            help_text = " ".join((action.help % dict(vars(action), prog="titans")).split())
+            default = IMPLIED_DEFAULTS.get((command, action.option_strings[0]), action.default)
+            if default not in (None, False, ""):
+                assert str(default) in help_text, f"{where}: help does not give its default"
+
+
+def test_parser_defaults_come_from_the_defaults_modules():
+    args, _ = parse(["run", "--input", "i", "--output", "o", "--student", "s", "--teacher", "t"])
+    assert (args.batch_size, args.teacher_batch_size, args.sample_rows,
+            args.max_dead_letter_rate) == (defaults.BATCH_SIZE, defaults.TEACHER_BATCH_SIZE,
+                                           defaults.SAMPLE_ROWS, defaults.MAX_DEAD_LETTER_RATE)
+    args, _ = parse(["distill", "--train", "t", "--out", "o", "--method", "kd"])
+    assert (args.epochs, args.lr, args.batch_size, args.temperature, args.alpha,
+            args.val_fraction, args.target_deferral, args.student_arch) == (
+        train_defaults.EPOCHS, train_defaults.LR, train_defaults.TRAIN_BATCH_SIZE,
+        train_defaults.TEMPERATURE, train_defaults.ALPHA, train_defaults.VAL_FRACTION,
+        train_defaults.TARGET_DEFERRAL, train_defaults.STUDENT_ARCH)
+    assert parse(["demo"])[0].deferral_rate == defaults.DEFERRAL_RATE
+
+
+def test_trust_model_code_and_dead_letter_budget_reach_the_job_config():
+    base = ["--input", "i", "--output", "o", "--teacher", "t"]
+    config = job_config(parse(["run", *base, "--student", "s"])[0])
+    assert not config.teacher.trust_code and not config.student.trust_code
+    assert config.max_dead_letter_rate == defaults.MAX_DEAD_LETTER_RATE
+    config = job_config(parse(["run", *base, "--student", "s", "--trust-model-code",
+                               "--max-dead-letter-rate", "0.5"])[0])
+    assert config.teacher.trust_code and config.student.trust_code
+    assert config.max_dead_letter_rate == 0.5
+    config = job_config(parse(["teacher-label", *base, "--trust-model-code",
+                               "--max-dead-letter-rate", "0"])[0])
+    assert config.teacher.trust_code and config.max_dead_letter_rate == 0.0
+    args, _ = parse(["calibrate", "--input", "i", "--student", "s", "--teacher", "t", "--out", "o",
+                     "--trust-model-code"])
+    assert model_ref(args, "student").trust_code and model_ref(args, "teacher").trust_code
+    args, _ = parse(["distill", "--train", "i", "--teacher", "t", "--out", "o", "--method", "kd"])
+    assert not model_ref(args, "teacher").trust_code
+    assert "arbitrary code" in " ".join(
+        [a for a in subcommands()["run"]._actions if "--trust-model-code" in a.option_strings][0]
+        .help.split())
+
+
+def test_max_dead_letter_rate_must_be_a_share(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["run", "--input", "i", "--output", "o", "--student", "s", "--teacher", "t",
+               "--max-dead-letter-rate", "1.5"])
+    assert e.value.code == 2 and "must be between 0 and 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the command line is light
+
+def test_building_the_parser_imports_no_heavy_library():
+    code = ("import sys\n"
+            "from titans.pipeline.cli import build_parser, parse\n"
+            "build_parser()\n"
+            "parse(['distill', '--train', 't', '--out', 'o', '--method', 'kd'])\n"
+            "print(sorted(m for m in ('torch', 'apache_beam', 'pyarrow', 'numpy', 'sklearn',\n"
+            "                         'scipy', 'matplotlib') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def titans_command() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "titans")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "titans.pipeline.cli"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+def test_help_answers_well_under_a_second(argv):
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        done = subprocess.run(titans_command() + argv, capture_output=True, text=True, timeout=60)
+        times.append(time.perf_counter() - t)
+        assert done.returncode == 0 and "usage: titans" in done.stdout
+    # ~0.05 s on a quiet machine (importing torch or Beam alone takes over 1 s)
+    assert statistics.median(times) < 1.0, times
+
+
+# ------------------------------------------------------------------ exit
+
+@pytest.mark.parametrize("beam_args, safe", [
+    ([], True),
+    (["--runner", "FnApiRunner"], True),
+    (["--runner=DirectRunner", "--direct_num_workers", "2"], True),
+    (["--runner", "DirectRunner", "--direct_running_mode", "multi_threading"], True),
+    (["--runner", "apache_beam.runners.direct.direct_runner.DirectRunner"], True),
+    (["--runner", "DirectRunner", "--direct_running_mode", "multi_processing"], False),
+    (["--direct_running_mode=multi_processing"], False),
+    (["--runner", "FnApiRunner", "--environment_type", "PROCESS"], False),
+    (["--runner", "PortableRunner", "--job_endpoint", "localhost:8099"], False),
+    (["--runner", "PrismRunner"], False),
+    (["--runner", "DataflowRunner", "--project", "p"], False),
+    (["--runner", "FlinkRunner"], False),
+])
+def test_fast_exit_only_after_an_in_process_runner(beam_args, safe):
+    run = ["run", "--input", "i", "--output", "o", "--student", "s", "--teacher", "t"]
+    assert fast_exit_is_safe(run + beam_args) is safe
+    assert fast_exit_is_safe(["teacher-label", *run[1:5], "--teacher", "t", *beam_args]) is safe
+    assert fast_exit_is_safe(["demo", *beam_args]) is safe
+
+
+def test_fast_exit_after_commands_without_a_pipeline():
+    assert fast_exit_is_safe(["distill", "--train", "t", "--out", "o", "--method", "kd"])
+    assert fast_exit_is_safe(["calibrate", "--input", "i", "--student", "s", "--teacher", "t",
+                              "--out", "o"])
+
+
+@pytest.mark.parametrize("runner, atexit_runs", [("FnApiRunner", False), ("PortableRunner", True)])
+def test_entry_point_runs_exit_handlers_unless_the_runner_was_in_process(runner, atexit_runs):
+    """The titans command as a process, its work stubbed out: a portable runner's job server
+    is stopped by an atexit handler, which must run; after an in-process run there is none
+    to wait for and teardown is skipped."""
+    code = ("import atexit, sys\n"
+            "from titans.pipeline import cli\n"
+            "atexit.register(lambda: print('exit handler ran', flush=True))\n"
+            "cli.main = lambda argv: print('done', flush=True) or 3\n"
+            "sys.argv = ['titans', 'run', '--input', 'i', '--output', 'o', '--student', 's',\n"
+            f"            '--teacher', 't', '--runner', '{runner}']\n"
+            "cli.entry_point()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.split() == ["done"] + (["exit", "handler", "ran"] if atexit_runs else [])

@@ -1,6 +1,6 @@
 """`titans distill` and `titans calibrate` in-process, on real Parquet files and real models."""
-import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -11,12 +11,12 @@ import torch
 
 from conftest import CLASSES, DIM, features_table, save_models
 from titans.models.architectures import MLP
-from titans.models.calibration import load_calibration, ltt_threshold
+from titans.models.calibration import load_calibration
 from titans.models.deferral import make_rule
 from titans.models.learned_deferral import LearnedDeferral
 from titans.models.loading import load_model, save_torchscript
-from titans.pipeline.train import (_split, add_calibrate_parser, add_distill_parser,
-                                   run_calibrate, run_distill)
+from titans.pipeline.cli import main
+from titans.pipeline.datasets import split_rows
 
 N = 1200
 
@@ -25,13 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(*argv) -> int:
-    """What `titans distill|calibrate ...` will do once cli.py registers the parsers."""
-    parser = argparse.ArgumentParser(prog="titans")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_distill_parser(sub)
-    add_calibrate_parser(sub)
-    args = parser.parse_args([str(a) for a in argv])
-    return {"distill": run_distill, "calibrate": run_calibrate}[args.command](args)
+    """`titans distill|calibrate ...`, in this process."""
+    return main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -116,28 +111,70 @@ def test_calibrate_budget_writes_curves_learned_model_and_plot(world, tmp_path, 
     assert plot.stat().st_size > 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
     # the threshold realises the rate on the held-out half, recomputed here from scratch
-    held, _ = _split(N, 0.5, 0)
+    held, _ = split_rows(N, 0.5, 0)
     with torch.inference_mode():
         _, score = make_rule("margin")(torch.jit.load(world["student"])(torch.from_numpy(world["x"])))
     realised = float((score.numpy()[held] > data["threshold"]).mean())
     assert realised == pytest.approx(0.2, abs=0.005) and realised == data["deferral_rate"]
 
 
-def test_calibrate_ltt_matches_ltt_threshold_on_the_held_out_half(world, tmp_path, capsys):
+def binom_cdf(k, n, p):
+    return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k + 1))
+
+
+def linear_model(path, rows):
+    """TorchScript of logits = W x with W given row by row (no bias): a model whose outputs
+    are chosen through the features."""
+    model = MLP(len(rows[0]), len(rows), ())
+    with torch.no_grad():
+        model.net[0].weight.copy_(torch.tensor(rows, dtype=torch.float32))
+        model.net[0].bias.zero_()
+    save_torchscript(model, str(path))
+    return str(path)
+
+
+def test_calibrate_ltt_certifies_the_threshold_worked_out_by_hand(tmp_path, capsys):
+    """100 rows, features (u, v, s, t0, t1). The student's logits are (u, v, s) with a defer
+    output (so every row is calibrated on, no half is set aside), the teacher's (t0, t1).
+    u, v = 1, 0: the student always says class 0, and its defer score e^s / (1 + e + e^s)
+    grows with s = rank. The teacher says 1 at ranks 10, 20, 30 and the labels agree with
+    it there (the student's only costly mistakes); at rank 95 the label is 1 and both are
+    wrong (no loss from keeping it). Losses among rows kept easy at threshold = score of rank
+    r: 0 for r <= 9, 1 for 10..19, 2 from 20. P(Bin(100, .05) <= 1) = .037 <= delta = .1 <
+    P(Bin(100, .05) <= 2) = .118, so Learn then Test certifies up to rank 19 and stops at 20.
+    """
+    n = 100
+    s = np.arange(n) / 10.0 - 5.0
+    teacher_says_1 = np.isin(np.arange(n), (10, 20, 30))
+    x = np.stack([np.ones(n), np.zeros(n), s, (~teacher_says_1).astype(float),
+                  teacher_says_1.astype(float)], axis=1).astype(np.float32)
+    y = teacher_says_1.astype(np.int64)
+    y[95] = 1
+    os.makedirs(tmp_path / "data")
+    pq.write_table(features_table(np.arange(n), x).append_column("y", pa.array(y)),
+                   tmp_path / "data" / "part-0.parquet")
+    eye = np.eye(5).tolist()
+    student = linear_model(tmp_path / "student.pt", eye[:3])
+    teacher = linear_model(tmp_path / "teacher.pt", eye[3:])
+
     cal = tmp_path / "cal.json"
-    assert cli("calibrate", "--input", world["data"], "--student", world["student"],
-               "--teacher", world["teacher"], "--out", cal, "--label-column", "y",
-               "--rule", "entropy", "--max-accuracy-loss", "0.05", "--delta", "0.1",
-               "--seed", "1") == 0
+    assert cli("calibrate", "--input", tmp_path / "data", "--student", student,
+               "--teacher", teacher, "--out", cal, "--label-column", "y",
+               "--max-accuracy-loss", "0.05", "--delta", "0.1", "--seed", "1") == 0
     assert "guarantee: with probability >= 0.9" in capsys.readouterr().out
     data = load_calibration(str(cal))
-    held, _ = _split(N, 0.5, 1)
-    with torch.inference_mode():
-        s_logits = torch.jit.load(world["student"])(torch.from_numpy(world["x"]))
-        t_pred = torch.jit.load(world["teacher"])(torch.from_numpy(world["x"])).argmax(-1).numpy()
-    _, score = make_rule("entropy")(s_logits)
-    expected = ltt_threshold(score.numpy()[held], s_logits.argmax(-1).numpy()[held], t_pred[held],
-                             world["y"][held], max_accuracy_loss=0.05, delta=0.1)
+    score_19 = math.exp(s[19]) / (1 + math.e + math.exp(s[19]))
+    expected = {
+        "threshold": pytest.approx(score_19, rel=1e-6), "deferral_rate": 0.8, "risk": 0.01,
+        "p_value": pytest.approx(binom_cdf(1, 100, 0.05), rel=1e-6), "eps": 0.05, "delta": 0.1,
+        "n": 100, "bound": "binomial", "mode": "loss_vs_teacher_labels", "certified": True,
+        "n_rejected": 21,  # -inf and the scores of ranks 0..19
+        "guarantee": "with probability >= 0.9 over the calibration draw, the share of rows the "
+                     "student gets wrong where the teacher is right (an upper bound on the "
+                     "accuracy loss vs the teacher) is <= 0.05, assuming calibration and test "
+                     "rows are exchangeable",
+    }
+    assert data["rule"] == "defer_head" and data["n_calibration_rows"] == n
     assert data["method"] == "ltt" and data["guarantee"] == expected
     assert data["threshold"] == expected["threshold"]
     assert data["accuracy_reference"] == "labels" and 0 < data["teacher_accuracy"] < 1
@@ -263,6 +300,19 @@ def test_calibrate_errors(world, tmp_path, capsys, case, message):
     err = capsys.readouterr().err
     assert err.startswith("titans calibrate: error: ") and message in err, err
     assert "Traceback" not in err and not out.exists() and not (tmp_path / "cal.learned.json").exists()
+
+
+@pytest.mark.parametrize("command", ["distill", "calibrate"])
+def test_distill_and_calibrate_refuse_beam_options(world, tmp_path, capsys, command):
+    """They start no pipeline: a Beam option there is a mistake, not something to pass on."""
+    argv = {"distill": ("--train", world["data"], "--teacher", world["teacher"], "--method", "kd"),
+            "calibrate": ("--input", world["data"], "--student", world["student"], "--teacher",
+                          world["teacher"], "--deferral-rate", "0.2")}[command]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli(command, *argv, "--out", out, "--runner", "DirectRunner")
+    assert e.value.code == 2 and not out.exists()
+    assert "unrecognized arguments: --runner DirectRunner" in capsys.readouterr().err
 
 
 def test_help_says_training_data_is_read_into_memory(capsys):

@@ -1,0 +1,133 @@
+"""`titans distill`: read the training rows, get the teacher's probabilities, train a student,
+save it as TorchScript for `titans run`.
+
+The flags are in ``titans.pipeline.flags``; the training loop in ``titans.models.distill``.
+Anything wrong with the inputs is a ValueError that says what to fix, printed as
+``titans distill: error: ...`` with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from titans.models.architectures import parse_hidden
+from titans.models.distill import distill, make_student
+from titans.models.forward import forward_in_chunks
+from titans.models.loading import save_torchscript
+from titans.models.storage import absolute, write_bytes
+from titans.pipeline import defaults
+from titans.pipeline.console import print_distill_summary, run_reporting_errors
+from titans.pipeline.datasets import (check_labels, check_output_path, read_dataset,
+                                      split_rows)
+from titans.pipeline.flags import feature_columns, model_ref
+from titans.pipeline.plan import load_checked
+from titans.transforms.features import FeatureSpec, feature_matrix, is_list_type
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    return run_reporting_errors("distill", lambda: _distill(args))
+
+
+def _distill(args) -> None:
+    _check_distill_args(args)
+    check_output_path(args.out, "--out")
+    extra = {args.teacher_probs: "--teacher-probs"} if args.teacher_probs else {}
+    ds = read_dataset(args.train, feature_columns(args.feature_columns), args.label_column, extra)
+    print(ds.describe())
+    if args.teacher_probs:
+        probs = probs_from_column(ds.extra[args.teacher_probs], args.teacher_probs)
+    else:
+        teacher = load_checked("teacher", model_ref(args, "teacher"), ds.features.dim)
+        logits = forward_in_chunks(teacher, ds.x, defaults.BATCH_SIZE)
+        probs = torch.softmax(logits, dim=-1).numpy()
+        if probs.shape[1] < 2:
+            raise ValueError(f"--teacher {args.teacher!r} has {probs.shape[1]} output; a "
+                             f"classifier needs at least 2 classes")
+    k = probs.shape[1]
+    check_labels(ds.labels, k, args.label_column)
+    train, val = split_rows(len(ds.x), args.val_fraction, args.seed)
+    labels = None if ds.labels is None else ds.labels[train]
+    val_labels = None if ds.labels is None else ds.labels[val]
+    student = make_student(args.student_arch, ds.features.dim, k, args.method, seed=args.seed)
+    history = distill(
+        student, ds.x[train], probs[train], labels=labels, method=args.method,
+        target_deferral=args.target_deferral, temperature=args.temperature, alpha=args.alpha,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        val=(ds.x[val], probs[val], val_labels) if len(val) else None, progress=True)
+    final = {k_: v for k_, v in history[-1].items() if k_ != "epoch"}
+    metadata = {
+        "method": args.method, "arch": args.student_arch,
+        "feature_columns": list(ds.features.columns), "feature_dim": ds.features.dim,
+        "num_classes": k, "outputs": k + (args.method == "defer"),
+        "target_deferral": args.target_deferral, "seed": args.seed,
+        "teacher": absolute(args.teacher) if args.teacher else f"column {args.teacher_probs}",
+        "label_column": args.label_column, "train_rows": len(train), "val_rows": len(val),
+        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+        "temperature": args.temperature, "alpha": args.alpha, "final": final,
+    }
+    save_student(student, args.out, metadata)
+    print_distill_summary(args, len(train), len(val), k, final)
+
+
+def _check_distill_args(a) -> None:
+    if bool(a.teacher) == bool(a.teacher_probs):
+        raise ValueError("give exactly one of --teacher MODEL (run the teacher over the training "
+                         "rows) or --teacher-probs COL (its stored probabilities)"
+                         + (", not both" if a.teacher else ""))
+    if a.teacher_probs and (a.teacher_class or a.teacher_class_kwargs):
+        raise ValueError("--teacher-class/--teacher-class-kwargs go with --teacher, not "
+                         "--teacher-probs")
+    parse_hidden(a.student_arch)  # ValueError with the expected form
+    checks = [
+        (0.0 <= a.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {a.val_fraction}"),
+        (0.0 <= a.target_deferral <= 1.0,
+         f"--target-deferral must be in [0, 1], got {a.target_deferral}"),
+        (a.epochs >= 1, f"--epochs must be at least 1, got {a.epochs}"),
+        (a.batch_size >= 1, f"--batch-size must be at least 1, got {a.batch_size}"),
+        (a.lr > 0, f"--lr must be > 0, got {a.lr}"),
+        (a.temperature > 0, f"--temperature must be > 0, got {a.temperature}"),
+        (0.0 <= a.alpha <= 1.0, f"--alpha must be in [0, 1], got {a.alpha}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def probs_from_column(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """A list column of K probabilities per row -> float32 [rows, K]; ValueError if it is not one."""
+    flag = f"--teacher-probs {name!r}"
+    t = column.type
+    if not is_list_type(t) \
+            or not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        raise ValueError(f"{flag} must be a list of K probabilities per row (as `titans "
+                         f"teacher-label` writes it), but it is {t}")
+    first = column.drop_null().slice(0, 1).to_pylist()
+    k = len(first[0]) if first else 0
+    if k < 2:
+        raise ValueError(f"{flag} must hold at least 2 probabilities per row; its first row "
+                         f"has {k}")
+    probs, reasons = feature_matrix(pa.table({name: column}), FeatureSpec((name,), k, vector=True))
+    if reasons is not None:
+        bad = [r for r in reasons if r is not None]
+        raise ValueError(f"{flag}: {len(bad):,} row(s) do not hold {k} finite numbers like the "
+                         f"first row (first problem: {bad[0]}); every row needs the teacher's "
+                         f"K probabilities")
+    sums = probs.sum(axis=1, dtype=np.float64)
+    wrong = np.flatnonzero((probs < 0).any(axis=1) | (np.abs(sums - 1.0) > 1e-3))
+    if wrong.size:
+        i = int(wrong[0])
+        raise ValueError(f"{flag} must hold probabilities (non-negative, summing to 1 per row), "
+                         f"but {wrong.size:,} row(s) do not (e.g. a row summing to {sums[i]:.4g}); "
+                         f"if it holds logits, store their softmax")
+    return probs
+
+
+def save_student(student: torch.nn.Module, path: str, metadata: dict) -> None:
+    """TorchScript with metadata, written to a local path or any URL Beam/fsspec can write."""
+    buf = io.BytesIO()
+    save_torchscript(student, buf, metadata)
+    write_bytes(path, buf.getvalue())
