@@ -1,0 +1,148 @@
+"""Flex Template entry point: `titans run` on the launcher VM, handing the job to Dataflow.
+
+The image sets FLEX_TEMPLATE_PYTHON_PY_FILE to this file. Dataflow's launcher runs it as
+`python launch.py --input=gs://... --teacher_batch_size=8192 ... --runner=DataflowRunner
+--project=... --region=... --temp_location=... --template_location=gs://.../job_object`:
+the template parameters (named like metadata.json, i.e. argparse dests) plus Beam options.
+
+What differs from `titans run`:
+  * parameters come as --dest=value; they are turned back into titans flags
+    (--teacher_batch_size=8192 -> --teacher-batch-size=8192, --overwrite=true -> --overwrite,
+    --overwrite=false and empty values -> dropped);
+  * --runner defaults to DataflowRunner, not the DirectRunner (a launcher VM must never run
+    the job itself);
+  * on Dataflow it returns as soon as the job is handed over. `titans run` waits for the
+    job and then rereads and rewrites report.json, but under a Flex Template Beam only writes
+    the job graph to --template_location (no job id, nothing to wait for, no report yet) and
+    the launcher must exit promptly. The job writes report.json and then _SUCCESS itself
+    when its writers are done; only the post-run fields (wall time restated from launch to
+    finish, runner name, the pipeline's counters) are missing from that report.
+
+Local runners (--runner FnApiRunner, DirectRunner) run the plain `titans run`, which is how
+the tests exercise this file without Google Cloud.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_metadata import is_switch, long_flag, run_actions  # noqa: E402
+
+_LOG = logging.getLogger("titans")
+TRUE = {"true", "1", "yes", "on"}
+FALSE = {"false", "0", "no", "off", ""}
+
+
+def to_cli_args(argv: list[str]) -> list[str]:
+    """Template parameters (--dest=value) -> `titans run` flags; anything else is left as is
+    (Beam and Dataflow options)."""
+    actions = {a.dest: a for a in run_actions()}
+    for a in list(actions.values()):  # a flag given in its own spelling is accepted too
+        actions.setdefault(long_flag(a)[2:], a)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        action = actions.get(name)
+        if action is None:
+            out.append(arg)
+            continue
+        if is_switch(action):
+            if not eq:
+                out.append(long_flag(action))
+            elif value.strip().lower() in TRUE:
+                out.append(long_flag(action))
+            elif value.strip().lower() not in FALSE:
+                raise SystemExit(f"launch.py: {name}={value!r} must be true or false")
+            continue
+        if not eq:  # --flag VALUE as two arguments
+            if i >= len(argv):
+                raise SystemExit(f"launch.py: {arg} needs a value")
+            value = argv[i]
+            i += 1
+        if value == "":  # an unset optional parameter: use titans' default
+            continue
+        out.append(f"{long_flag(action)}={value}")
+    return out
+
+
+def runner_of(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--runner" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--runner="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def is_dataflow(runner: str | None) -> bool:
+    return runner is not None and runner.split(".")[-1] in ("DataflowRunner", "Dataflow")
+
+
+class Submitted(Exception):
+    """Raised instead of waiting: the pipeline was handed to Dataflow."""
+
+    def __init__(self, result):
+        super().__init__("submitted")
+        self.result = result
+
+
+def run_and_return(cli_args: list[str]) -> int:
+    """`titans run` up to the job submission: the same flag checks, launch-time plan (files,
+    schema, models, threshold) and output preparation, then Pipeline.run() -- and return
+    instead of waiting for the job and reading its report.
+
+    The hook is Beam's Pipeline.run, not a titans function, so it does not depend on how
+    titans' own modules are laid out: the first Pipeline.run() that returns raises
+    Submitted, which no titans code catches (it only turns ValueError into exit code 2)."""
+    import apache_beam as beam
+    from titans.pipeline import cli
+
+    real_run = beam.Pipeline.run
+
+    def run_then_return(self, *args, **kwargs):
+        raise Submitted(real_run(self, *args, **kwargs))
+
+    beam.Pipeline.run = run_then_return
+    try:
+        code = cli.main(cli_args)
+    except Submitted as s:
+        result = s.result
+        if getattr(result, "has_job", False):
+            print(f"titans: Dataflow job {result.job_id()} submitted; not waiting for it")
+        else:
+            print("titans: job graph handed to Dataflow (Flex Template launch); the job "
+                  "writes labels/, dead_letter/ and report.json under --output")
+        return 0
+    finally:
+        beam.Pipeline.run = real_run
+    return code  # an error before submission (exit code 2 and a message from titans)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = to_cli_args(argv)
+    runner = runner_of(args)
+    if runner is None:
+        args.append("--runner=DataflowRunner")
+        runner = "DataflowRunner"
+    if not is_dataflow(runner):
+        from titans.pipeline.cli import main as titans_main
+
+        return titans_main(["run", *args])
+    if not any(a.split("=", 1)[0] in ("--sdk_container_image", "--worker_harness_container_image",
+                                       "--setup_file", "--extra_package", "--extra_packages")
+               for a in args):
+        # not fatal: the image may also be set by the service (environment.sdkContainerImage)
+        _LOG.warning("no --sdk_container_image: unless Dataflow sets the worker image, workers "
+                     "start the stock Beam image, which has neither torch nor titans. Pass the "
+                     "image this template was built from as parameter sdk_container_image.")
+    return run_and_return(["run", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
