@@ -613,7 +613,8 @@ class ReadResult(tuple):
 
 
 class ReadTFRecordBatches(beam.PTransform):
-    """TFRecord files matching ``pattern`` -> PCollection of pa.Table, each of at most
+    """TFRecord files matching ``pattern`` (a glob, a file, or a directory: its ``*.tfr*``
+    files) -> PCollection of pa.Table, each of at most
     ``batch_size`` rows conforming to ``schema``.
 
     Outputs ``tables`` and ``dead_letter`` (DeadLetter, stage "read": damaged files, records
@@ -626,7 +627,7 @@ class ReadTFRecordBatches(beam.PTransform):
         super().__init__()
         for field in schema:
             kind_of(field.type)
-        self._pattern = pattern
+        self._pattern = tfrecord_pattern(pattern)
         self._batch_size = batch_size
         self._schema = schema
         self._compression = _compression(compression)
