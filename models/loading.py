@@ -8,38 +8,42 @@ Its forward takes float32 ``[batch, features]`` and returns logits ``[batch, out
 
 Model files run no code unless the user opts in (``trust_code``, ``--trust-model-code``)
 ------------------------------------------------------------------------------------
-The format is told by content, never by the file's name. What torch 2.13 does with each one,
-and what we refuse without ``trust_code`` (a ModelLoadError naming the flag):
+Formats are told by content, never by the file's name. What torch 2.13 does with each, and
+what we refuse without ``trust_code`` (a ModelLoadError that names the flag):
 
 * state_dict: ``torch.load(weights_only=True)``, a restricted unpickler that builds only
-  tensors and plain containers; a pickle that needs more is refused.
+  tensors and plain containers. A pickle that needs more is refused.
 * torch.export: ``torch.export.load`` trusts the file completely. It unpickles in full the
-  weights and constants whose config says ``use_pickle``, and "opaque" constants; it retries
-  the sample inputs (always a pickle) and legacy weight/constant members with
-  ``weights_only=False`` when the restricted load fails, as does its fallback for pre-2.7
-  zips; it dlopens AOTInductor libraries (``data/aotinductor/``); it passes every shape
+  weights and constants whose config says ``use_pickle`` and "opaque" constants
+  (``pickle.loads``); it retries the sample inputs (always a pickle) and legacy
+  ``data/weights|constants/<model>.pt`` members with ``weights_only=False`` when the
+  restricted load fails, as does its fallback to the pre-2.7 layout (members at the zip's
+  root); it dlopens AOTInductor libraries (``data/aotinductor/``); it passes each shape
   expression to ``sympy.sympify``, which is Python ``eval``, and ``exec``s the program's
-  ``guards_code``; a pytree spec can import any module; and the graph may call
-  ``torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch``, which imports
-  any module. Before torch reads the archive we read it with torch's own archive reader and
-  accept only what ``torch.export.save`` writes for a plain program: raw (unpickled) weights
-  and constants, sample inputs that load with ``weights_only=True``, shape expressions and
-  guards that are arithmetic on sizes, tuple/list/dict pytree specs. After loading, the graph
-  may call only aten operators and the arithmetic on sizes. Programs with pickled tensor
-  subclasses, custom or opaque objects, higher-order ops, or AOTInductor code need the flag.
-* TorchScript: ``torch.jit.load`` unpickles with TorchScript's own unpickler, which cannot
-  reach Python (a ``data.pkl`` naming ``os.system`` fails to load). But the file's TorchScript
-  code runs: at load, in any ``__setstate__`` method, and at every call. It may call any
-  registered operator, and ``aten::save`` / ``aten::from_file`` write and read any path: a
-  crafted file writes a file of its choosing while being loaded. PyTorch's security policy
-  says to treat TorchScript as code. So we refuse a TorchScript file that mentions
-  ``__setstate__`` and, once loaded (before anything is called), any method that calls a file
-  or RPC operator, an operator outside aten/prim, or a method we cannot see into.
+  ``guards_code``; a pytree spec may import any module; and the graph may call operators that
+  read or write files (``aten::from_file``) or torch functions that import modules.
+  So before torch reads the archive we read it with torch's own archive reader and accept only
+  what ``torch.export.save`` writes for a plain program: raw weights and constants, sample
+  inputs that load with ``weights_only=True``, shape expressions and guards that are
+  arithmetic on sizes, tuple/list/dict pytree specs; once loaded, the graph may call only aten
+  operators (not the file ones) and arithmetic on sizes. A normal ``torch.export.save`` of a
+  module passes (it stores weights raw); programs with tensor subclasses, custom objects,
+  higher-order ops or AOTInductor code need the flag.
+* TorchScript: ``torch.jit.load`` uses TorchScript's own unpickler, which cannot reach Python
+  (a ``data.pkl`` naming ``os.system`` fails to load, flag or not). But the file's TorchScript
+  code runs, at load in any ``__setstate__`` and at every call, and it may call any registered
+  operator: ``aten::save`` and ``aten::from_file`` write and read any path (a crafted file
+  writes a file of its choosing while being loaded). PyTorch's security policy says to treat
+  TorchScript as code. So we refuse a file that mentions ``__setstate__`` and, once loaded and
+  before anything is called, any method that calls a file or RPC operator, an operator outside
+  aten/prim, a call we cannot inline, or uses objects of TorchScript classes (their methods run
+  implicitly: ``with`` runs ``__enter__``, sorting runs ``__lt__``), ``with torch.no_grad()``
+  in ``forward`` included.
 * Anything else (``torch.save(model)``, a plain pickle) needs full unpickling: refused.
 
-With ``trust_code`` none of these checks run, and ``torch.load(weights_only=False)`` reads a
-pickled ``nn.Module`` (``torch.save(model)``) or a state_dict checkpoint holding other objects:
-the user has said the file is as trusted as their own code.
+With ``trust_code`` no check runs, and ``torch.load(weights_only=False)`` reads a pickled
+``nn.Module`` (``torch.save(model)``, its class importable) or a state_dict checkpoint holding
+other objects: the user has said the file is as trusted as their own code.
 
 Limits: this covers the ways we found for torch 2.13 to run a model file's code. It does not
 guard against memory-safety bugs in torch's C++ readers (PyTorch supports loading TorchScript
@@ -133,18 +137,17 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: dict | N
                                      f"{type(model).__name__}, not a module. If it is a "
                                      "state_dict, also pass its class as module:Class.")
         elif data[:1] == b"\x80" or _mentions(data, b"data.pkl"):  # a pickle, zipped or not
-            raise ModelLoadError(
-                f"cannot load model {path!r}: it is a pickle, not TorchScript or torch.export. "
-                "If it is a state_dict, also pass its class as module:Class. A pickled model "
-                "(torch.save(model)) loads only by full unpickling, which could run arbitrary "
-                f"code on this machine; {_TRUST_ADVICE}")
+            raise _Unsafe("it is a pickle, not TorchScript or torch.export. If it is a state_dict, "
+                          "also pass its class as module:Class. A pickled model "
+                          "(torch.save(model)) loads only by full unpickling")
         else:
             raise ModelLoadError(f"cannot load model {path!r}: not a TorchScript, torch.export "
                                  "or torch.save file. If it is a state_dict, also pass its class "
                                  "as module:Class.")
     except _Unsafe as e:
         raise ModelLoadError(f"cannot load model {path!r}: {e}. Loading it could run arbitrary "
-                             f"code on this machine (and on every worker); {_TRUST_ADVICE}") from None
+                             "code on this machine (and on every worker); pass --trust-model-code "
+                             "only if you trust the file") from None
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -158,9 +161,6 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: dict | N
         except NotImplementedError:  # exported programs refuse .eval(); they are frozen anyway
             pass
     return model
-
-
-_TRUST_ADVICE = "pass --trust-model-code only if you trust the file"
 
 
 class _Unsafe(Exception):
@@ -369,20 +369,33 @@ def _check_ops(model) -> None:
                         and target.namespace == "aten" and target.name() not in _FILE_OPS):
                     raise _Unsafe(f"its graph calls {target}, which is not a plain aten operator")
         return
+    # Objects of TorchScript classes (and torchbind objects) have methods that run without a
+    # call in the graph (with-statements run __enter__, sorting runs __lt__, ...): refused.
+    modules = {m._c._type().qualified_name() for m in model.modules()}
     for module in model.modules():
         for name in module._c._method_names():
-            _check_script_graph(module._c._get_method(name).inlined_graph, name)
+            _check_script_graph(module._c._get_method(name).inlined_graph, name, modules)
 
 
-def _check_script_graph(graph, method: str) -> None:
+def _check_script_graph(graph, method: str, modules: set[str]) -> None:
     for node in graph.nodes():
         kind = node.kind()
         if kind in _SCRIPT_OPS_REFUSED or kind.split("::")[0] not in ("aten", "prim"):
             raise _Unsafe(f"its TorchScript method {method} calls {kind}")
+        for value in [*node.inputs(), *node.outputs()]:
+            if _is_object_type(value.type(), modules):
+                raise _Unsafe(f"its TorchScript method {method} uses {value.type()} objects, "
+                              "whose methods we do not check")
         for block in node.blocks():
-            _check_script_graph(block, method)
+            _check_script_graph(block, method, modules)
         if node.hasAttribute("Subgraph"):  # prim::fork and fused groups
-            _check_script_graph(node.g("Subgraph"), method)
+            _check_script_graph(node.g("Subgraph"), method, modules)
+
+
+def _is_object_type(t, modules: set[str]) -> bool:
+    if t.kind() in ("ClassType", "InterfaceType"):
+        return t.qualified_name() not in modules
+    return any(_is_object_type(c, modules) for c in t.containedTypes())
 
 
 def save_torchscript(model: torch.nn.Module, path: str, metadata: dict | None = None) -> None:

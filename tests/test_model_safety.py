@@ -15,8 +15,7 @@ import torch
 from titans.models.architectures import MLP
 from titans.models.loading import ModelLoadError, ModelRef, load_model, save_torchscript
 
-torch.manual_seed(0)
-X = torch.randn(7, 5)
+X = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
 
 
 class Trap:
@@ -46,11 +45,12 @@ def export_bytes(model=None, batch=torch.export.Dim("batch")) -> bytes:
     return buf.getvalue()
 
 
-def rezip(data: bytes, edit=lambda name, content: content, add=(), top=()) -> bytes:
+def rezip(data: bytes, edit=lambda name, content: content, add=(), top=(),
+          compression=zipfile.ZIP_STORED) -> bytes:
     """The archive with each member (name inside its folder) passed through ``edit`` (None
     drops it), plus ``add`` members in the folder and ``top`` members at the zip's root."""
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", compression) as dst:
         root = src.namelist()[0].split("/")[0]
         for info in src.infolist():
             inner = info.filename.split("/", 1)[1]
@@ -114,11 +114,18 @@ def pickled_constant(data, marker):
                  add={"data/constants/tensor_0": saved(Trap(marker))})
 
 
-def opaque_constant(data, marker):  # torch unpickles these with pickle.loads
-    entry = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
-             "tensor_meta": None}
+def opaque_constant(data, marker):
+    """torch reads opaque_obj_ constants with pickle.loads, whatever use_pickle says; with
+    use_pickle false and a tensor_meta, the payload also passes as raw float32 storage."""
+    payload = pickle.dumps(Trap(marker))
+    payload += b"\0" * (-len(payload) % 4)  # pickle ignores bytes after its STOP
+    meta = {"dtype": 7, "sizes": [{"as_int": len(payload) // 4}], "requires_grad": False,
+            "device": {"type": "cpu", "index": None}, "strides": [{"as_int": 1}],
+            "storage_offset": {"as_int": 0}, "layout": 7}
+    entry = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": False,
+             "tensor_meta": meta}
     return rezip(data, edit_json(CONSTANTS, lambda c: c["config"].update(c=entry)),
-                 add={"data/constants/opaque_obj_0": pickle.dumps(Trap(marker))})
+                 add={"data/constants/opaque_obj_0": payload})
 
 
 def pickled_sample_inputs(data, marker):  # weights_only=True fails, then torch unpickles in full
@@ -169,7 +176,6 @@ def test_booby_trapped_export_archive_is_refused_whatever_its_name(tmp_path, tra
     path = tmp_path / name
     path.write_bytes(trap(export_bytes(), marker))
     assert_refused(path, marker)
-    assert_refused(path, marker, model_class=None, device="cpu")
     with pytest.raises(ModelLoadError, match="--trust-model-code"):
         ModelRef(str(path)).load("cpu")
     assert not marker.exists()
@@ -316,6 +322,7 @@ class ReadsOnCall(torch.nn.Module):
         return x[:, :3] + torch.from_file(self.secret, size=3, dtype=torch.uint8)
 
 
+@pytest.mark.filterwarnings("ignore:'torch.load' received a zip file")
 def test_torchscript_that_runs_code_on_load_or_call_is_refused(tmp_path):
     marker = tmp_path / "ran"
     on_load, on_call, reads = (str(tmp_path / n) for n in ("load.pt", "call.bin", "read.pt2"))
@@ -326,12 +333,20 @@ def test_torchscript_that_runs_code_on_load_or_call_is_refused(tmp_path):
     assert not marker.exists()
 
     assert "__setstate__" in assert_refused(on_load, marker)
+    deflated = tmp_path / "deflated.pt"  # torch reads compressed members too
+    deflated.write_bytes(rezip(open(on_load, "rb").read(), compression=zipfile.ZIP_DEFLATED))
+    assert b"__setstate__" not in deflated.read_bytes()
+    assert "__setstate__" in assert_refused(deflated, marker)
+    with pytest.raises(ModelLoadError, match="TorchScript"):  # torch.load refuses it too
+        load_model(on_load, "titans.models.architectures:MLP")
+    assert not marker.exists()
     assert "aten::save" in assert_refused(on_call, marker)
     assert "aten::from_file" in assert_refused(reads)
 
-    load_model(on_load, trust_code=True)  # the traps are real
-    assert marker.exists()
-    marker.unlink()
+    for trap in (on_load, deflated):  # the traps are real
+        load_model(str(trap), trust_code=True)
+        assert marker.exists()
+        marker.unlink()
     load_model(on_call, trust_code=True)(X)
     assert marker.exists()
 
