@@ -98,7 +98,8 @@ def run_stage(model_path: str, device: str, batches: int, batch_rows: int, disti
             Metrics.counter(NAMESPACE, "rows").inc(table.num_rows)
             Metrics.distribution(NAMESPACE, "done_us").update(time.time_ns() // 1000)
 
-    handler = ProbedHandler(ModelRef(model_path, device=device), FeatureSpec(columns=("features",), dim=DIM, vector=True),
+    handler = ProbedHandler(ModelRef(model_path, device=device),
+                            FeatureSpec(columns=("features",), dim=DIM, vector=True),
                             TeacherLabels(LabelColumns()), batch_size=batch_rows, name="teacher")
     start = time.perf_counter()
     p = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
