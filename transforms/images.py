@@ -1,0 +1,183 @@
+"""Encoded images (PNG, JPEG, ...) in a binary column -> a float32 batch [B, C, H, W].
+
+The same contract as ``features.feature_matrix``: a matrix for the whole batch and a reason
+for every row that cannot be used (null, does not decode, a size that does not fit), whose
+slot is left at zero, so a batch is always scored whole and bad rows go to the dead letter.
+
+Decoding is Pillow's, on a thread pool: Pillow releases the GIL while it decodes, so the
+workers run in parallel. Each worker takes a contiguous slice of the batch (not one task per
+image: for small images the cost of a task is as large as the decode) and writes uint8
+pixels into one preallocated [B, H, W, C] buffer; scaling to [0, 1] and normalising per
+channel is then one vectorised pass per channel slice, also on the pool (numpy releases the
+GIL in its loops), which also moves channels first.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import re
+import threading
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+_CHANNELS = {"RGB": 3, "L": 1}
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _POOLS_LOCK:  # one pool per size per process, reused by every batch
+        if threads not in _POOLS:
+            _POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, "titans-images")
+        return _POOLS[threads]
+
+
+def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None,
+                  mean=None, std=None, threads: int | None = None, draft: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encoded images -> (float32 [B, C, H, W], reasons or None).
+
+    ``mode`` "RGB" (C=3) or "L" (C=1); every image is converted to it. ``size`` (H, W)
+    resizes every image (bilinear); without it the images of a batch must share one size
+    (the most common one; others get a reason). Pixels are scaled to [0, 1], then
+    ``(x - mean[c]) / std[c]`` per channel when ``mean``/``std`` are given. ``draft``
+    lets JPEG decode at a reduced scale before resizing (faster for large photos, slightly
+    different pixels). Reasons: an object array with a string for each bad row and None
+    for good ones, or None when every row is fine.
+    """
+    if mode not in _CHANNELS:
+        raise ValueError(f"mode must be 'RGB' or 'L', not {mode!r}")
+    channels = _CHANNELS[mode]
+    scale, offset = _normalisation(channels, mean, std)
+    blobs = _blobs(column)
+    n = len(blobs)
+    threads = threads or default_threads()
+    reasons = np.full(n, None, dtype=object)
+    if size is not None:
+        h, w = int(size[0]), int(size[1])
+        pixels = np.zeros((n, h, w, channels), np.uint8)
+        _run(threads, n, lambda lo, hi: _decode_into(blobs, lo, hi, mode, (w, h), draft, pixels,
+                                                    reasons))
+    else:
+        pixels = _decode_same_size(blobs, mode, threads, reasons)
+    out = np.empty((n, channels) + pixels.shape[1:3], np.float32)
+    _run(threads, n, lambda lo, hi: _normalise(pixels, lo, hi, scale, offset, out), min_rows=64)
+    bad = np.array([r is not None for r in reasons], bool) if n else np.zeros(0, bool)
+    if bad.any():
+        out[bad] = 0.0
+        return out, reasons
+    return out, None
+
+
+def _blobs(column) -> list:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise ValueError(f"an image column holds encoded bytes (binary), not {column.type}")
+    return column.to_pylist()  # bytes objects: Pillow reads them without another copy
+
+
+def _normalisation(channels: int, mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) per channel so that x_float = x_uint8 * scale + offset."""
+    mean = np.zeros(channels) if mean is None else np.broadcast_to(np.asarray(mean, float), channels)
+    std = np.ones(channels) if std is None else np.broadcast_to(np.asarray(std, float), channels)
+    if (std <= 0).any():
+        raise ValueError(f"std must be positive, got {std.tolist()}")
+    return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+def _run(threads: int, n: int, fn, min_rows: int = 1) -> None:
+    """fn(lo, hi) over contiguous slices of [0, n), on the pool (inline when small)."""
+    parts = max(1, min(threads, n // max(1, min_rows)))
+    if parts == 1:
+        if n:
+            fn(0, n)
+        return
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    futures = [_pool(threads).submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for f in futures:
+        f.result()
+
+
+def _open(blob, mode: str, wh: tuple[int, int] | None, draft: bool) -> Image.Image:
+    im = Image.open(io.BytesIO(blob))
+    if draft and wh is not None and im.format == "JPEG":
+        im.draft(mode, wh)
+    if im.mode != mode:
+        im = im.convert(mode)  # also decodes
+    else:
+        im.load()
+    if wh is not None and im.size != wh:
+        im = im.resize(wh, Image.Resampling.BILINEAR)
+    return im
+
+
+def _decode_into(blobs, lo, hi, mode, wh, draft, pixels, reasons):
+    for i in range(lo, hi):
+        blob = blobs[i]
+        if blob is None:
+            reasons[i] = "null image"
+            continue
+        try:
+            im = _open(blob, mode, wh, draft)
+            pixels[i] = np.asarray(im).reshape(pixels.shape[1:])
+        except Exception as e:  # noqa: BLE001 - any undecodable image is a row's problem
+            reasons[i] = _why(e)
+
+
+def _decode_same_size(blobs, mode, threads, reasons) -> np.ndarray:
+    """Without a target size: decode each image on its own, then keep the common size."""
+    n = len(blobs)
+    arrays: list = [None] * n
+
+    def work(lo, hi):
+        for i in range(lo, hi):
+            if blobs[i] is None:
+                reasons[i] = "null image"
+                continue
+            try:
+                arrays[i] = np.asarray(_open(blobs[i], mode, None, False))
+            except Exception as e:  # noqa: BLE001
+                reasons[i] = _why(e)
+
+    _run(threads, n, work)
+    shapes = [a.shape[:2] for a in arrays if a is not None]
+    if not shapes:
+        return np.zeros((n, 0, 0, _CHANNELS[mode]), np.uint8)
+    values, counts = np.unique(np.array(shapes), axis=0, return_counts=True)
+    h, w = (int(v) for v in values[np.argmax(counts)])
+    pixels = np.zeros((n, h, w, _CHANNELS[mode]), np.uint8)
+    for i, a in enumerate(arrays):
+        if a is None:
+            continue
+        if a.shape[:2] != (h, w):
+            reasons[i] = (f"image is {a.shape[0]}x{a.shape[1]}, the batch's images are {h}x{w} "
+                          f"(pass a size to resize them)")
+            continue
+        pixels[i] = a.reshape(h, w, -1)
+    return pixels
+
+
+def _normalise(pixels, lo, hi, scale, offset, out):
+    for c in range(out.shape[1]):
+        np.multiply(pixels[lo:hi, :, :, c], scale[c], out=out[lo:hi, c], dtype=np.float32,
+                    casting="unsafe")
+        if offset[c]:
+            out[lo:hi, c] += offset[c]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image Pillow can read (PNG, JPEG, ...)"
+    text = _ADDRESS.sub("", str(e).splitlines()[0] if str(e) else "")
+    return f"image does not decode: {type(e).__name__}: {text}"
