@@ -48,13 +48,20 @@ def test_parameters_become_titans_flags():
         launch.to_cli_args(["--overwrite=maybe"])
 
 
+def test_options_nobody_knows_are_dropped_not_fatal():
+    args = ["--input=gs://b/in/", "--launcher_only_option=1", "--runner=DataflowRunner",
+            "--sdk_container_image=img", "--teacher-batch-size=8"]
+    assert launch.drop_unknown(args) == ["--input=gs://b/in/", "--runner=DataflowRunner",
+                                         "--sdk_container_image=img", "--teacher-batch-size=8"]
+
+
 def test_launch_runs_the_cascade_on_a_local_runner(tmp_path, models):
     write_dataset(tmp_path / "data", 600, files=1)
     student, teacher = models
     cmd = [sys.executable, str(LAUNCH), f"--input={tmp_path / 'data'}",
            f"--output={tmp_path / 'out'}", f"--student={student}", f"--teacher={teacher}",
            "--deferral_rate=0.25", "--teacher_batch_size=128", "--overwrite=false",
-           "--id_column=id", "--threshold=", "--runner=FnApiRunner"]
+           "--id_column=id", "--threshold=", "--runner=FnApiRunner", "--some_launcher_flag=x"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -9,6 +9,8 @@ What differs from `titans run`:
   * parameters come as --dest=value; they are turned back into titans flags
     (--teacher_batch_size=8192 -> --teacher-batch-size=8192, --overwrite=true -> --overwrite,
     --overwrite=false and empty values -> dropped);
+  * options that are neither titans flags nor Beam options (the launcher's own) are left out
+    with a warning, as a plain Beam program would, instead of failing the launch;
   * --runner defaults to DataflowRunner, not the DirectRunner (a launcher VM must never run
     the job itself);
   * on Dataflow it returns as soon as the job is handed over. `titans run` waits for the
@@ -70,6 +72,29 @@ def to_cli_args(argv: list[str]) -> list[str]:
     return out
 
 
+def drop_unknown(args: list[str]) -> list[str]:
+    """Leave out options that are neither titans flags nor Beam options, with a warning.
+
+    `titans run` rejects such flags (a typo should not be dropped silently), but the launcher
+    may add options of its own that this Beam version does not know; a plain Beam program
+    drops those (PipelineOptions discards unparseable args), and so does this entry point."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    known = {s for a in parser._actions for s in a.option_strings}  # pylint: disable=protected-access
+    known |= {s for a in run_actions() for s in a.option_strings}
+    kept = []
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            _LOG.warning("launch.py: ignoring %s: neither a titans run flag nor a Beam option", arg)
+            continue
+        kept.append(arg)
+    return kept
+
+
 def runner_of(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--runner" and i + 1 < len(argv):
@@ -125,7 +150,7 @@ def run_and_return(cli_args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = to_cli_args(argv)
+    args = drop_unknown(to_cli_args(argv))
     runner = runner_of(args)
     if runner is None:
         args.append("--runner=DataflowRunner")
