@@ -26,7 +26,8 @@ from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelLoadError, ModelRef, count_parameters
 from titans.pipeline import defaults
-from titans.transforms.features import FeatureSpec, feature_matrix, resolve_feature_spec
+from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
+                                        resolve_feature_spec)
 from titans.transforms.inference import isolate_failures, short_error
 from titans.transforms.labels import LabelColumns
 from titans.transforms.parquet_io import ParquetInput, input_pattern, match_files
@@ -274,7 +275,7 @@ def _check_on_sample(role: str, model: torch.nn.Module, x: np.ndarray) -> np.nda
     launch error); one that fails on a few will see those rows dead-lettered."""
     def forward(xb):
         with torch.inference_mode():
-            return model(torch.from_numpy(xb)).float().numpy()
+            return model(as_tensor(xb)).float().numpy()
 
     out, failed = isolate_failures(forward, x)
     if out is None:
