@@ -7,9 +7,11 @@ slot is left at zero, so a batch is always scored whole and bad rows go to the d
 Decoding is Pillow's, on a thread pool: Pillow releases the GIL while it decodes, so the
 workers run in parallel. Each worker takes a contiguous slice of the batch (not one task per
 image: for small images the cost of a task is as large as the decode) and writes uint8
-pixels into one preallocated [B, H, W, C] buffer; scaling to [0, 1] and normalising per
-channel is then one vectorised pass per channel slice, also on the pool (numpy releases the
-GIL in its loops), which also moves channels first.
+the model's float32 [C, H, W] slot of each image right after decoding it (scaling to [0, 1],
+normalising per channel and moving channels first in one numpy pass per channel, while the
+pixels are still in cache; numpy releases the GIL in its loops). Pixels come out of Pillow
+through the Arrow C data interface, a view of Pillow's own buffer (``np.asarray(image)``
+copies through an encoder, which costs as much as decoding a small PNG).
 """
 from __future__ import annotations
 
@@ -62,13 +64,11 @@ def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None
     reasons = np.full(n, None, dtype=object)
     if size is not None:
         h, w = int(size[0]), int(size[1])
-        pixels = np.zeros((n, h, w, channels), np.uint8)
-        _run(threads, n, lambda lo, hi: _decode_into(blobs, lo, hi, mode, (w, h), draft, pixels,
-                                                    reasons))
+        out = np.empty((n, channels, h, w), np.float32)
+        _run(threads, n, lambda lo, hi: _decode_into(blobs, lo, hi, mode, (w, h), draft, scale,
+                                                    offset, out, reasons))
     else:
-        pixels = _decode_same_size(blobs, mode, threads, reasons)
-    out = np.empty((n, channels) + pixels.shape[1:3], np.float32)
-    _run(threads, n, lambda lo, hi: _normalise(pixels, lo, hi, scale, offset, out), min_rows=64)
+        out = _decode_same_size(blobs, mode, threads, scale, offset, reasons)
     bad = np.array([r is not None for r in reasons], bool) if n else np.zeros(0, bool)
     if bad.any():
         out[bad] = 0.0
@@ -119,20 +119,36 @@ def _open(blob, mode: str, wh: tuple[int, int] | None, draft: bool) -> Image.Ima
     return im
 
 
-def _decode_into(blobs, lo, hi, mode, wh, draft, pixels, reasons):
+def _pixels(im: Image.Image) -> np.ndarray:
+    """[H, W, C] uint8 view of a decoded "L" or "RGB" image.
+
+    Through the Arrow C data interface (Pillow >= 11.2) it is a view of Pillow's own
+    buffer: ``np.asarray(im)`` goes through ``tobytes()``, an encoder pass and a copy,
+    which on a 28x28 PNG cost as much as decoding it.
+    """
+    w, h = im.size
+    try:
+        arr = pa.array(im)
+    except Exception:  # noqa: BLE001 - an older Pillow, or an image in several blocks
+        return np.asarray(im).reshape(h, w, -1)
+    if pa.types.is_fixed_size_list(arr.type):  # RGB is stored as RGBX: 4 bytes a pixel
+        return np.asarray(arr.values).reshape(h, w, arr.type.list_size)[:, :, :3]
+    return np.asarray(arr).reshape(h, w, 1)
+
+
+def _decode_into(blobs, lo, hi, mode, wh, draft, scale, offset, out, reasons):
     for i in range(lo, hi):
         blob = blobs[i]
         if blob is None:
             reasons[i] = "null image"
             continue
         try:
-            im = _open(blob, mode, wh, draft)
-            pixels[i] = np.asarray(im).reshape(pixels.shape[1:])
+            _normalise(_pixels(_open(blob, mode, wh, draft)), scale, offset, out[i])
         except Exception as e:  # noqa: BLE001 - any undecodable image is a row's problem
             reasons[i] = _why(e)
 
 
-def _decode_same_size(blobs, mode, threads, reasons) -> np.ndarray:
+def _decode_same_size(blobs, mode, threads, scale, offset, reasons) -> np.ndarray:
     """Without a target size: decode each image on its own, then keep the common size."""
     n = len(blobs)
     arrays: list = [None] * n
@@ -143,34 +159,40 @@ def _decode_same_size(blobs, mode, threads, reasons) -> np.ndarray:
                 reasons[i] = "null image"
                 continue
             try:
-                arrays[i] = np.asarray(_open(blobs[i], mode, None, False))
+                arrays[i] = _pixels(_open(blobs[i], mode, None, False))
             except Exception as e:  # noqa: BLE001
                 reasons[i] = _why(e)
 
     _run(threads, n, work)
     shapes = [a.shape[:2] for a in arrays if a is not None]
     if not shapes:
-        return np.zeros((n, 0, 0, _CHANNELS[mode]), np.uint8)
+        return np.zeros((n, len(scale), 0, 0), np.float32)
     values, counts = np.unique(np.array(shapes), axis=0, return_counts=True)
     h, w = (int(v) for v in values[np.argmax(counts)])
-    pixels = np.zeros((n, h, w, _CHANNELS[mode]), np.uint8)
+    out = np.empty((n, len(scale), h, w), np.float32)
     for i, a in enumerate(arrays):
-        if a is None:
-            continue
-        if a.shape[:2] != (h, w):
+        if a is not None and a.shape[:2] != (h, w):
             reasons[i] = (f"image is {a.shape[0]}x{a.shape[1]}, the batch's images are {h}x{w} "
                           f"(pass a size to resize them)")
-            continue
-        pixels[i] = a.reshape(h, w, -1)
-    return pixels
+            arrays[i] = None
+
+    def normalise(lo, hi):
+        for i in range(lo, hi):
+            if arrays[i] is not None:
+                _normalise(arrays[i], scale, offset, out[i])
+
+    _run(threads, n, normalise)
+    return out
 
 
-def _normalise(pixels, lo, hi, scale, offset, out):
-    for c in range(out.shape[1]):
-        np.multiply(pixels[lo:hi, :, :, c], scale[c], out=out[lo:hi, c], dtype=np.float32,
-                    casting="unsafe")
+def _normalise(pixels: np.ndarray, scale, offset, out: np.ndarray) -> None:
+    """[H, W, C'] uint8 -> out [C, H, W] float32 = pixels * scale + offset, per channel.
+
+    One image at a time, right after its decode, while its pixels are still in cache."""
+    for c in range(out.shape[0]):
+        np.multiply(pixels[:, :, c], scale[c], out=out[c], casting="unsafe")
         if offset[c]:
-            out[lo:hi, c] += offset[c]
+            np.add(out[c], offset[c], out=out[c])
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
