@@ -1,0 +1,80 @@
+"""gs:// for real: input, models, output, dead letter, report and --overwrite against a GCS
+JSON API on localhost. Object stores have no directories, so everything is by prefix."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import DIM, RUNNER, features_table, read_parquet_under, upload, write_dataset
+from titans.models import storage
+
+
+def _titans_run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "run", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _ids(url: str) -> list[int]:
+    labels = read_parquet_under(storage.join(url, "labels"))
+    dead = read_parquet_under(storage.join(url, "dead_letter"))
+    ids = labels.column("id").to_pylist()
+    if dead is not None:
+        ids += [json.loads(r)["id"] for r in dead.column("row").to_pylist()]
+    return sorted(ids)
+
+
+def test_cascade_on_gcs_end_to_end_with_overwrite(tmp_path, models, gcs_bucket):
+    local = tmp_path / "data"
+    write_dataset(local, 4000, files=4, row_group_size=500)
+    x = np.zeros((2, DIM), np.float32)
+    x[0, 1] = np.nan  # one dead-letter row
+    pq.write_table(features_table(np.array([4000, 4001]), x), local / "zz-bad.parquet")
+    data = upload(local, f"{gcs_bucket}/t1/data")
+    student = upload_file(models[0], f"{gcs_bucket}/t1/models/student.pt")
+    teacher = upload_file(models[1], f"{gcs_bucket}/t1/models/teacher.pt")
+    out = f"{gcs_bucket}/t1/out"
+    args = ["--input", data + "/*.parquet", "--output", out, "--student", student, "--teacher",
+            teacher, "--id-column", "id", "--batch-size", "300", *RUNNER]
+
+    first = _titans_run(*args, "--direct_num_workers", "2", "--direct_running_mode",
+                        "multi_threading")
+    assert first.returncode == 0, first.stderr
+    assert _ids(out) == list(range(4002))
+    report = json.loads(storage.read_bytes(f"{out}/report.json"))
+    assert report["rows_in"] == 4002 and report["rows_dead_letter"] == 1 and report["conservation_ok"]
+    assert storage.exists(f"{out}/_SUCCESS") and storage.exists(f"{out}/report.png")
+
+    # a stale shard of another shard count, as a run with more workers would leave behind
+    shard = next(p for p in storage.list_under(f"{out}/labels") if "/student-" in p)
+    storage.write_bytes(f"{out}/labels/student-00007-of-00009.parquet", storage.read_bytes(shard))
+    again = _titans_run(*args)
+    assert again.returncode == 2 and "is not empty" in again.stderr  # objects, not directories
+    done = _titans_run(*args, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert _ids(out) == list(range(4002))  # every id once: the old shards were deleted
+    assert not storage.exists(f"{out}/labels/student-00007-of-00009.parquet")
+
+
+def test_teacher_label_on_gcs(tmp_path, models, gcs_bucket):
+    local = tmp_path / "data"
+    write_dataset(local, 600, files=2)
+    data = upload(local, f"{gcs_bucket}/t2/data")
+    teacher = upload_file(models[1], f"{gcs_bucket}/t2/teacher.pt")
+    out = f"{gcs_bucket}/t2/out"
+    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "teacher-label", "--input",
+                           data + "/", "--output", out, "--teacher", teacher, *RUNNER],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    labels = read_parquet_under(f"{out}/labels")
+    assert sorted(labels.column("id").to_pylist()) == list(range(600))
+    assert pa.types.is_fixed_size_list(labels.schema.field("teacher_probs").type)
+    assert storage.exists(f"{out}/_SUCCESS")
+
+
+def upload_file(path: str, url: str) -> str:
+    with open(path, "rb") as f:
+        storage.write_bytes(url, f.read())
+    return url
