@@ -53,6 +53,9 @@ class JobConfig:
     seed: int = 0
     teacher_resource_hints: dict = dataclasses.field(default_factory=dict)
     max_dead_letter_rate: float = defaults.MAX_DEAD_LETTER_RATE
+    # rows this job leaves out, {path: ((first row, end row), ...)}: `titans label` labels its
+    # sample rows with the teacher itself and runs the cascade on the others
+    skip_rows: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -242,6 +245,11 @@ def _calibration(config: RunConfig) -> tuple[str, float, str | None]:
 def _plan_source(config: JobConfig) -> tuple[ParquetInput, pa.Table, FeatureSpec]:
     files = match_files(input_pattern(config.input), exclude_under=config.output)
     source = ParquetInput.from_files(files)
+    if config.skip_rows:
+        unknown = set(config.skip_rows) - set(files)
+        if unknown:
+            raise ValueError(f"rows to skip in files that are not in the input: {sorted(unknown)}")
+        source = dataclasses.replace(source, skip=dict(config.skip_rows))
     if source.num_rows == 0:
         raise ValueError(f"the input {config.input!r} has no rows ({len(files)} file(s), all empty)")
     if len(source.conflicts) == len(files):

@@ -103,3 +103,16 @@ def test_input_errors_say_what_to_fix(tmp_path):
         match_files(str(tmp_path / "missing" / "*.parquet"))
     os.makedirs(tmp_path / "d")
     assert input_pattern(str(tmp_path / "d")).endswith(os.path.join("d", "*.parquet"))
+
+
+def test_rows_to_skip_are_left_out_across_batches_and_row_groups(tmp_path):
+    write_dataset(tmp_path, 1000, files=2, row_group_size=130)  # part-0: ids 0-499, part-1: 500-999
+    source = _input(tmp_path)
+    part0, part1 = source.files
+    skip = {part0: ((0, 5), (120, 270), (499, 500)), part1: ((10, 11),)}
+    source = ParquetInput(source.files, source.schema, source.conflicts, source.num_rows, skip)
+    expected = sorted(set(range(1000)) - set(range(5)) - set(range(120, 270)) - {499} - {510})
+    with _pipeline() as p:
+        read = p | ReadParquetBatches(source, 64)
+        assert_that(read.tables | beam.FlatMap(lambda t: t.column("id").to_pylist()),
+                    equal_to(expected))

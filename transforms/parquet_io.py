@@ -142,12 +142,15 @@ def _castable(source: pa.DataType, target: pa.DataType) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ParquetInput:
-    """What the launch learnt about the input: the files, their unified schema, and the files
-    whose rows cannot be read into it ({path: reason})."""
+    """What the launch learnt about the input: the files, their unified schema, the files
+    whose rows cannot be read into it ({path: reason}), and rows to leave out
+    ({path: ((first row, end row), ...)} in the file's row numbers; `titans label` labels its
+    sample rows itself and runs the cascade on the rest)."""
     files: tuple[str, ...]
     schema: pa.Schema
     conflicts: dict
     num_rows: int
+    skip: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_files(cls, files: list[str]) -> "ParquetInput":
@@ -213,20 +216,25 @@ class _ReadRowGroup(beam.DoFn):
     """
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, batch_size: int, schema: pa.Schema, conflicts: dict):
+    def __init__(self, batch_size: int, schema: pa.Schema, conflicts: dict, skip: dict):
         self._batch_size = batch_size
         self._schema = schema
         self._conflicts = dict(conflicts)
+        self._skip = dict(skip)
 
     def process(self, unit):
         path, group = unit
         conflict = self._conflicts.get(path)
         pf = open_parquet(path)
+        first = sum(pf.metadata.row_group(g).num_rows for g in range(group))
         done = 0
         try:
             for batch in read_ahead(pf.iter_batches(batch_size=self._batch_size, row_groups=[group])):
-                table = pa.Table.from_batches([batch])
-                done += table.num_rows
+                table = _without(pa.Table.from_batches([batch]), first + done,
+                                 self._skip.get(path, ()))
+                done += batch.num_rows
+                if not table.num_rows:
+                    continue
                 if conflict:
                     yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(table, conflict, READ))
                     continue
@@ -244,6 +252,18 @@ class _ReadRowGroup(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
                 lost, f"{path}: cannot read row group {group}: {type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}", READ))
+
+
+def _without(table: pa.Table, first_row: int, ranges) -> pa.Table:
+    """``table`` (rows ``first_row``... of its file) without the rows in ``ranges``."""
+    end = first_row + table.num_rows
+    overlapping = [(a, b) for a, b in ranges if a < end and b > first_row]
+    if not overlapping:
+        return table
+    keep = np.ones(table.num_rows, bool)
+    for a, b in overlapping:
+        keep[max(a, first_row) - first_row:min(b, end) - first_row] = False
+    return table.filter(pa.array(keep))
 
 
 class ReadParquetBatches(beam.PTransform):
@@ -265,7 +285,8 @@ class ReadParquetBatches(beam.PTransform):
             | "Files" >> beam.Create(list(s.files))
             | "SplitIntoRowGroups" >> beam.ParDo(_SplitIntoRowGroups())
             | "Spread" >> beam.Reshuffle()
-            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, s.schema, s.conflicts))
+            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, s.schema, s.conflicts,
+                                                         s.skip))
             .with_output_types(pa.Table, dead_letter=DeadLetter)
             .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
 
