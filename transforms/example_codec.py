@@ -4,22 +4,26 @@ The message classes (Example, Features, Feature, BytesList, FloatList, Int64List
 at import time from a hand-written descriptor whose field numbers are TensorFlow's public
 ones, so records written by TensorFlow parse here and records written here parse there.
 
-Parsing is the hot path of a TFRecord input (one record per row), so it is split in two:
+Parsing is the hot path of a TFRecord input (one record per row), and protobuf's Python
+API costs a few microseconds per record even with its C backend ("upb"), mostly in
+building message objects. So a batch is parsed with numpy, with no Python object per
+record or value:
 
-- per record, protobuf (the C "upb" backend) parses only the envelope, with a second
-  descriptor in which ``Features.feature`` is ``map<string, bytes>``: each feature comes
-  back as the raw bytes of its ``Feature`` message, with no Python object per value;
-- per column, those bytes are decoded for the whole batch at once with numpy: the kind tag,
-  the list header, then float32 values taken as they lie in the buffer, varints unpacked
-  with a few array operations, byte strings located by a scan that advances every row in
-  step. Values land in preallocated arrays that become Arrow arrays without a copy.
+- the records are laid end to end in one buffer, and their map entries are walked for
+  the whole batch at once, one step per entry advancing every record; keys are compared
+  with the schema's names as byte matrices, giving where each feature's Feature bytes lie;
+- per column, those bytes are decoded at once: the kind tag, the list header, then float32
+  values taken as they lie in the buffer, varints unpacked with a few array operations,
+  byte strings located by a scan that advances every row in step. Values land in arrays
+  that become Arrow arrays without a copy.
 
-The vectorised decoder reads the canonical encoding every protobuf library writes (one
-packed chunk per numeric list). Anything else that protobuf accepts (unpacked or split
-lists, unknown fields, a list that appears twice) is detected, re-encoded by protobuf
-itself for that one feature of that one row, and decoded again, so the result is exactly
-what a full protobuf parse gives. Measured per-record costs are in the module's tests'
-benchmark (``benchmarks/tfrecord_read.py``).
+The vectorised walk reads the canonical encoding every protobuf library writes (key before
+value, one packed chunk per numeric list). Anything else protobuf accepts (another field
+order, unpacked or split lists, unknown fields, a message that appears twice) is detected
+and handed to protobuf itself: upb parses that record's envelope (with a second descriptor
+in which ``Features.feature`` is ``map<string, bytes>``), or re-encodes that one Feature
+canonically, and it is decoded again, so the result is what a full protobuf parse gives.
+``benchmarks/tfrecord_read.py`` measures the cost per record.
 """
 from __future__ import annotations
 
@@ -179,12 +183,14 @@ def parse_with_rejects(records: list[bytes], schema: pa.Schema
     n = len(records)
     for field in schema:
         kind_of(field.type)  # a schema the codec cannot fill is a caller's error, said early
-    maps, problems = _feature_maps(records)
+    buf = np.frombuffer(b"".join(records), np.uint8)
+    ends = np.cumsum(np.fromiter(map(len, records), np.int64, n))
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    spans, problems = _locate_features(buf, starts, ends, schema.names, records)
     unparsed = set(problems)
     columns = []
     for field in schema:
-        bodies = [m.get(field.name) for m in maps]
-        column, column_problems = _decode_column(bodies, field)
+        column, column_problems = _decode_column(spans[field.name], field)
         columns.append(column)
         for i, why in column_problems.items():
             if i not in unparsed:  # "does not parse" says it all
@@ -198,65 +204,131 @@ def parse_with_rejects(records: list[bytes], schema: pa.Schema
     return table.filter(pa.array(keep)), bad, ["; ".join(problems[i]) for i in bad]
 
 
-_EMPTY: dict = {}
-
-
-def _feature_maps(records: list[bytes]) -> tuple[list, dict[int, list[str]]]:
-    """The ``map<name, Feature bytes>`` of every record ({} for one that does not parse)."""
-    parse = _RawExample.FromString
-    try:  # the common case without a try per record
-        return [parse(r).features.feature for r in records], {}
-    except DecodeError:
-        pass
-    maps, problems = [], {}
-    for i, r in enumerate(records):
-        try:
-            maps.append(parse(r).features.feature)
-        except DecodeError as e:
-            maps.append(_EMPTY)
-            problems[i] = [f"record does not parse as a tf.train.Example ({e})"]
-    return maps, problems
-
-
 class _Column:
-    """One feature of a batch: every row's Feature bytes, laid out in one buffer."""
+    """One feature of a batch: where each row's Feature bytes lie in one buffer."""
 
-    def __init__(self, bodies: list):
-        arr = pa.array(bodies, pa.large_binary())
-        self.n = len(bodies)
-        self.present = np.asarray(arr.is_valid()) if arr.null_count else np.ones(self.n, bool)
-        data = arr.buffers()[2]
-        self.buf = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-        offsets = np.frombuffer(arr.buffers()[1], np.int64, self.n + 1, arr.offset * 8)
-        self.start, self.end = offsets[:-1], offsets[1:]
+    def __init__(self, buf: np.ndarray, start: np.ndarray, end: np.ndarray, present: np.ndarray):
+        self.buf, self.start, self.end, self.present = buf, start, end, present
+        self.n = len(start)
+
+    def replaced(self, rows: dict) -> "_Column":
+        """The same column with the bytes of some rows replaced ({row: bytes})."""
+        extra = b"".join(rows.values())
+        buf = np.concatenate([self.buf, np.frombuffer(extra, np.uint8)])
+        start, end, present = self.start.copy(), self.end.copy(), self.present.copy()
+        at = len(self.buf)
+        for i, body in rows.items():
+            start[i], end[i], present[i] = at, at + len(body), True
+            at += len(body)
+        return _Column(buf, start, end, present)
 
 
-def _decode_column(bodies: list, field: pa.Field) -> tuple[pa.Array, dict[int, str]]:
+def _locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, names, records
+                     ) -> tuple[dict[str, _Column], dict[int, list[str]]]:
+    """Where each named feature's Feature bytes lie in every record, and which records do
+    not parse.
+
+    Records in the canonical layout (Example{features: entries of key then value}) are
+    walked for the whole batch at once: one step per map entry advances every record.
+    The others (another field order, unknown fields, ...) are parsed by protobuf.
+    """
+    n = len(starts)
+    found = {name: (np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool))
+             for name in names}
+    slow = np.zeros(n, bool)
+    # Example = 0x0A varint(len) Features-body, exactly the record (empty: no features)
+    rows = np.flatnonzero(ends > starts)
+    length, nbytes = _varint_at(buf, starts[rows] + 1, ends[rows])
+    body_start = starts[rows] + 1 + nbytes
+    ok = (buf[starts[rows]] == 0x0A) & (nbytes > 0) & (body_start + length.astype(np.int64) == ends[rows])
+    slow[rows[~ok]] = True
+    live, pos = rows[ok], body_start[ok]
+    live_end = ends[live]
+    keyed = collections.defaultdict(list)  # key length -> [(name, key bytes)]
+    for name in names:
+        key = name.encode("utf-8")
+        keyed[len(key)].append((name, np.frombuffer(key, np.uint8)))
+    while live.size:
+        more = pos < live_end
+        live, pos, live_end = live[more], pos[more], live_end[more]
+        if not live.size:
+            break
+        # entry = 0x0A varint(len) [0x0A varint(klen) key][0x12 varint(vlen) value]
+        elen, nb = _varint_at(buf, pos + 1, live_end)
+        es = pos + 1 + nb
+        ee = es + elen.astype(np.int64)
+        klen, nbk = _varint_at(buf, es + 1, ee)
+        ks = es + 1 + nbk
+        ke = ks + klen.astype(np.int64)
+        vlen, nbv = _varint_at(buf, ke + 1, ee)
+        vs = ke + 1 + nbv
+        ok = ((buf[pos] == 0x0A) & (nb > 0) & (ee <= live_end) & (buf[np.minimum(es, len(buf) - 1)] == 0x0A)
+              & (nbk > 0) & (ke < ee) & (buf[np.minimum(ke, len(buf) - 1)] == 0x12) & (nbv > 0)
+              & (vs + vlen.astype(np.int64) == ee))
+        if not ok.all():
+            slow[live[~ok]] = True
+            live, pos, live_end = live[ok], pos[ok], live_end[ok]
+            ee, klen, ks, vs = ee[ok], klen[ok], ks[ok], vs[ok]
+        klen = klen.astype(np.int64)
+        for size, candidates in keyed.items():
+            match = np.flatnonzero(klen == size)
+            if not match.size:
+                continue
+            keys = buf[ks[match, None] + np.arange(size)] if size else np.zeros((match.size, 0), np.uint8)
+            for name, key in candidates:
+                hit = match[(keys == key).all(axis=1)]
+                start, end, present = found[name]
+                # a key seen twice: the last one wins, as in a protobuf map
+                start[live[hit]], end[live[hit]], present[live[hit]] = vs[hit], ee[hit], True
+        pos = ee
+    problems: dict[int, list[str]] = {}
+    slow_rows = np.flatnonzero(slow)
+    columns = {name: _Column(buf, *found[name]) for name in names}
+    if slow_rows.size:
+        replace = {name: {} for name in names}
+        for i in slow_rows:
+            try:
+                features = _RawExample.FromString(records[i]).features.feature
+            except DecodeError as e:
+                problems[int(i)] = [f"record does not parse as a tf.train.Example ({e})"]
+                features = {}
+            for name in names:
+                body = features.get(name)
+                if body is not None:
+                    replace[name][int(i)] = body
+                else:
+                    columns[name].present[i] = False
+        for name in names:
+            if replace[name]:
+                columns[name] = columns[name].replaced(replace[name])
+    return columns, problems
+
+
+def _decode_column(col: _Column, field: pa.Field) -> tuple[pa.Array, dict[int, str]]:
     """Feature bytes of one column -> (Arrow array of ``field.type``, {row: reason}).
 
     Rows in a non-canonical encoding are re-encoded by protobuf and decoded again (once).
     """
     problems: dict[int, str] = {}
-    col = _Column(bodies)
     decoded = _decode(col, field, problems)
     if isinstance(decoded, np.ndarray):  # rows to re-encode
-        bodies = list(bodies)
+        fixed = {}
         for i in decoded:
             try:
-                feature = Feature.FromString(bodies[i])
+                feature = Feature.FromString(col.buf[col.start[i]:col.end[i]].tobytes())
                 feature.DiscardUnknownFields()
-                bodies[i] = feature.SerializeToString(deterministic=True)
+                fixed[int(i)] = feature.SerializeToString(deterministic=True)
             except DecodeError:
-                problems.setdefault(int(i), f"feature {field.name!r} does not parse as a tf.train.Feature")
-                bodies[i] = b""
-        decoded = _decode(_Column(bodies), field, problems)
+                problems.setdefault(int(i), f"feature {field.name!r} does not parse as a "
+                                            f"tf.train.Feature")
+                fixed[int(i)] = b""
+        col = col.replaced(fixed)
+        decoded = _decode(col, field, problems)
         if isinstance(decoded, np.ndarray):  # cannot happen for what protobuf writes
             for i in decoded:
-                problems.setdefault(int(i), f"feature {field.name!r} has an encoding this reader does "
-                                   f"not handle")
-            for i in decoded:
-                bodies[i] = b""
-            decoded = _decode(_Column(bodies), field, problems)
+                problems.setdefault(int(i), f"feature {field.name!r} has an encoding this "
+                                            f"reader does not handle")
+            decoded = _decode(col.replaced({int(i): b"" for i in decoded}), field, problems)
     return decoded, problems
 
 
@@ -286,7 +358,7 @@ def _decode(col: _Column, field: pa.Field, problems: dict[int, str]):
     if kind == BYTES:
         count, spans = _bytes_spans(buf, ls, le, use, noncanonical)
     else:
-        count, ds, dlen = _packed_spans(buf, ls, le, use, noncanonical, kind)
+        count, ds, dlen, ints = _packed_spans(buf, ls, le, use, noncanonical, kind)
     if noncanonical.any():
         return np.flatnonzero(noncanonical)
     # shape and presence checks -> which rows carry a value (the rest are null or bad)
@@ -314,7 +386,7 @@ def _decode(col: _Column, field: pa.Field, problems: dict[int, str]):
     if kind == BYTES:
         values = _bytes_values(buf, spans, valued, count)
     else:
-        values = _packed_values(buf, ds, dlen, valued, count, kind)
+        values = _packed_values(buf, ds, dlen, valued, kind, ints)
         if values is None:  # a varint longer than 10 bytes: let protobuf judge these rows
             return np.flatnonzero(valued & (dlen > 0))
     return _assemble(values, count, valued, field, problems)
@@ -342,14 +414,15 @@ def _varint_at(buf: np.ndarray, pos: np.ndarray, limit: np.ndarray):
 
 
 def _packed_spans(buf, ls, le, use, noncanonical, kind):
-    """Float/Int64 list = 0x0A varint(m) <m bytes>: (value count, data start, data length)."""
+    """Float/Int64 list = 0x0A varint(m) <m bytes>: (value count, data start, data length,
+    for int64 the varint bytes of the rows read (rows, bytes) to decode them once)."""
     n = len(ls)
     count = np.zeros(n, np.int64)
     ds = np.zeros(n, np.int64)
     dlen = np.zeros(n, np.int64)
     rows = np.flatnonzero(use & (le > ls))  # an empty list has no bytes at all
     if not rows.size:
-        return count, ds, dlen
+        return count, ds, dlen, None
     m, nbytes = _varint_at(buf, ls[rows] + 1, le[rows])
     m = m.astype(np.int64)
     start = ls[rows] + 1 + nbytes
@@ -362,13 +435,21 @@ def _packed_spans(buf, ls, le, use, noncanonical, kind):
         ok &= (m > 0) & (buf[np.maximum(le[rows] - 1, 0)] < 0x80)
     noncanonical[rows[~ok]] = True
     ds[rows], dlen[rows] = start, m
-    if kind == INT64:
-        # count the varints: bytes without the continuation bit, per row, by prefix sums
-        last = (buf < 0x80).astype(np.int64)
-        csum = np.concatenate([[0], np.cumsum(last)])
-        good = rows[ok]
-        count[good] = csum[ds[good] + dlen[good]] - csum[ds[good]]
-    return count, ds, dlen
+    if kind == FLOAT:
+        return count, ds, dlen, None
+    # count the varints (bytes without the continuation bit) of each row by prefix sums
+    good = rows[ok]
+    data = _gather(buf, ds[good], dlen[good])
+    count[good] = _per_row(data < 0x80, dlen[good])
+    return count, ds, dlen, (good, data)
+
+
+def _per_row(flags: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """How many ``flags`` are set in each consecutive run of ``sizes`` elements."""
+    if not sizes.size:
+        return np.zeros(0, np.int64)
+    total = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    return np.diff(np.concatenate([[0], total[np.cumsum(sizes)]]))
 
 
 def _bytes_spans(buf, ls, le, use, noncanonical):
@@ -405,31 +486,50 @@ def _bytes_spans(buf, ls, le, use, noncanonical):
 
 
 def _gather(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The bytes ``buf[s:s+l]`` of every span, concatenated, without a Python loop."""
+    """The bytes ``buf[s:s+l]`` of every (disjoint) span, concatenated, in the given order."""
     keep = lengths > 0
     starts, lengths = starts[keep], lengths[keep]
-    if not starts.size:
+    n = len(starts)
+    if not n:
         return np.zeros(0, np.uint8)
     if (lengths == lengths[0]).all():
         stride = np.diff(starts)
         if not stride.size or (stride == stride[0]).all() and stride[0] >= lengths[0]:
             # evenly spaced spans of one length (a fixed-length feature): one strided copy
             step = int(stride[0]) if stride.size else int(lengths[0])
-            view = np.lib.stride_tricks.as_strided(buf[starts[0]:], (len(starts), int(lengths[0])),
+            view = np.lib.stride_tricks.as_strided(buf[starts[0]:], (n, int(lengths[0])),
                                                    (step, 1), writeable=False)
             return np.ascontiguousarray(view).reshape(-1)
-    # mark span starts +1 and ends -1; the running sum is 1 inside spans (they never overlap)
-    edge = np.zeros(len(buf) + 1, np.int8)
-    edge[starts] = 1
-    edge[starts + lengths] -= 1
-    return buf[np.cumsum(edge[:-1], dtype=np.int8).view(bool)]
+    # Arrow's take copies the spans in C: the buffer seen as a binary array whose values
+    # are the spans and the gaps between them, then every other value taken
+    order = None
+    if n > 1 and not (starts[1:] >= starts[:-1] + lengths[:-1]).all():
+        order = np.argsort(starts, kind="stable")  # rows re-encoded at the end of the buffer
+        starts, lengths = starts[order], lengths[order]
+    bounds = np.empty(2 * n, np.int64)
+    bounds[0::2], bounds[1::2] = starts, starts + lengths
+    segments = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 2 * n - 1, [
+        None, pa.py_buffer(bounds), pa.py_buffer(buf)])
+    pick = np.arange(0, 2 * n, 2, dtype=np.int64)
+    if order is not None:
+        pick = pick[np.argsort(order, kind="stable")]
+    taken = segments.take(pa.array(pick))
+    total = int(lengths.sum())
+    return np.frombuffer(taken.buffers()[2], np.uint8, total)
 
 
-def _packed_values(buf, ds, dlen, valued, count, kind):
-    data = _gather(buf, ds[valued], dlen[valued])
+def _packed_values(buf, ds, dlen, valued, kind, ints):
+    """The values of the ``valued`` rows, row after row."""
     if kind == FLOAT:
-        return data.view("<f4")
-    return _decode_varints(data, int(count.sum()))
+        return _gather(buf, ds[valued], dlen[valued]).view("<f4")
+    if ints is None:
+        return np.zeros(0, np.int64)
+    rows, data = ints
+    per_row = _per_row(data < 0x80, dlen[rows])
+    values = _decode_varints(data, int(per_row.sum()))
+    if values is None:
+        return None
+    return values[np.repeat(valued[rows], per_row)]
 
 
 def _decode_varints(data: np.ndarray, expected: int) -> np.ndarray | None:
