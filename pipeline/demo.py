@@ -23,13 +23,13 @@ from titans.models.deferral import make_rule
 from titans.models.distill import distill, make_student, train_supervised
 from titans.models.forward import forward_in_chunks
 from titans.models.loading import count_parameters, save_torchscript
-from titans.pipeline.defaults import BATCH_SIZE
+from titans.pipeline import defaults
 from titans.transforms.features import FeatureSpec, feature_matrix
 
 _LOG = logging.getLogger("titans")
 
 STUDENT_ARCH, TEACHER_ARCH = "16", "256,256"
-RULE = "margin"
+RULE = defaults.RULE  # the rule `titans run` uses when none is given
 
 
 def digits_tables(seed: int) -> tuple[pa.Table, pa.Table, pa.Table]:
@@ -61,7 +61,7 @@ def train_models(train: pa.Table, seed: int) -> tuple[torch.nn.Module, torch.nn.
     teacher = make_student(TEACHER_ARCH, 64, 10, "kd", seed=seed)
     train_supervised(teacher, x, y, epochs=40, lr=1e-3, batch_size=64, seed=seed, progress=False)
     teacher.eval()
-    teacher_probs = torch.softmax(forward_in_chunks(teacher, x, BATCH_SIZE), -1).numpy()
+    teacher_probs = torch.softmax(forward_in_chunks(teacher, x, defaults.BATCH_SIZE), -1).numpy()
     student = make_student(STUDENT_ARCH, 64, 10, "kd", seed=seed)
     distill(student, x, teacher_probs, labels=y, method="kd", epochs=40, lr=1e-2, batch_size=64,
             seed=seed, progress=False)
@@ -107,8 +107,8 @@ def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str])
     labels = pq.read_table(os.path.join(run_dir, "labels")).sort_by("id")
     y = test.column("y").to_numpy()
     x = matrix(test)
-    s_logits = forward_in_chunks(student, x, BATCH_SIZE)
-    t_pred = forward_in_chunks(teacher, x, BATCH_SIZE).argmax(-1).numpy()
+    s_logits = forward_in_chunks(student, x, defaults.BATCH_SIZE)
+    t_pred = forward_in_chunks(teacher, x, defaults.BATCH_SIZE).argmax(-1).numpy()
     s_pred = s_logits.argmax(-1).numpy()
     summary = {
         "teacher_accuracy": float((t_pred == y).mean()),
