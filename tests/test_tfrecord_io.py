@@ -216,3 +216,38 @@ def test_files_patterns_and_samples(tmp_path):
     assert tfrecord_pattern(str(tmp_path / "x*.tfrecord")) == str(tmp_path / "x*.tfrecord")
     with pytest.raises(ValueError, match="cannot be a tf.train.Feature"):
         ReadTFRecordBatches("x", 10, pa.schema([("s", pa.struct([("a", pa.int64())]))]))
+
+
+def test_gcs_paths_split_gzip_and_sink(tmp_path, gcs_bucket):
+    # through Beam's GCS filesystem, on a local GCS API: byte ranges (seek), GZIP, the sink
+    import uuid
+
+    from conftest import upload
+
+    local = tmp_path / "in"
+    local.mkdir()
+    wire.write_tfrecord(local / "a.tfrecord", [_record(i) for i in range(200)])
+    wire.write_tfrecord(local / "b.tfrecord.gz", [_record(i) for i in range(200, 260)], compress=True)
+    url = upload(local, f"{gcs_bucket}/tfr-{uuid.uuid4().hex}/in")
+    out = url.rsplit("/", 1)[0] + "/out"
+    with _pipeline() as p:
+        read = p | ReadTFRecordBatches(url + "/", 64, SCHEMA, split_bytes=3000)
+        assert_that(_rows(read), equal_to([_row(i) for i in range(260)]), label="rows")
+        _ = read.tables | WriteTFRecordBatches(out, SCHEMA)
+    with _pipeline() as p:
+        read = p | ReadTFRecordBatches(out + "/*.tfrecord", 1000, SCHEMA)
+        assert_that(_rows(read), equal_to([_row(i) for i in range(260)]))
+
+
+def test_separate_worker_processes_read_every_record_once(tmp_path):
+    # the DoFns and units pickle, and byte ranges of one file go to different workers
+    wire.write_tfrecord(tmp_path / "a.tfrecord", [_record(i) for i in range(400)])
+    options = PipelineOptions(RUNNER + ["--direct_running_mode", "multi_processing",
+                                        "--direct_num_workers", "2"])
+    here = os.getpid()
+    with beam.Pipeline(options=options) as p:
+        read = p | ReadTFRecordBatches([str(tmp_path / "a.tfrecord")], 50, SCHEMA, split_bytes=4000)
+        assert_that(read.tables | beam.FlatMap(lambda t: t.column("id").to_pylist()),
+                    equal_to(list(range(400))), label="ids")
+        pids = read.tables | beam.Map(lambda t: os.getpid() != here) | beam.Distinct()
+        assert_that(pids, equal_to([True]), label="elsewhere")
