@@ -170,3 +170,11 @@ def test_vectorised_parse_equals_protobuf_on_random_examples():
 def test_infer_schema_needs_one_parsable_record():
     with pytest.raises(ValueError, match="none of the 1 sampled records parses"):
         infer_schema([b"\xff\xff"])
+
+
+def test_empty_batch_and_empty_record():
+    schema = pa.schema([("a", pa.float32())])
+    table, dead = parse_examples([], schema)
+    assert table.num_rows == 0 and table.schema == schema and dead is None
+    table, dead = parse_examples([b""], schema)  # an empty Example: every feature missing
+    assert table.to_pylist() == [{"a": None}] and dead is None

@@ -183,6 +183,8 @@ def parse_with_rejects(records: list[bytes], schema: pa.Schema
     n = len(records)
     for field in schema:
         kind_of(field.type)  # a schema the codec cannot fill is a caller's error, said early
+    if not n:
+        return schema.empty_table(), np.zeros(0, np.int64), []
     buf = np.frombuffer(b"".join(records), np.uint8)
     ends = np.cumsum(np.fromiter(map(len, records), np.int64, n))
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
@@ -195,7 +197,7 @@ def parse_with_rejects(records: list[bytes], schema: pa.Schema
         for i, why in column_problems.items():
             if i not in unparsed:  # "does not parse" says it all
                 problems.setdefault(i, []).append(why)
-    table = pa.Table.from_arrays(columns, schema=schema) if n else schema.empty_table()
+    table = pa.Table.from_arrays(columns, schema=schema)
     if not problems:
         return table, np.zeros(0, np.int64), []
     bad = np.array(sorted(problems), np.int64)
@@ -244,10 +246,7 @@ def _locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, name
     slow[rows[~ok]] = True
     live, pos = rows[ok], body_start[ok]
     live_end = ends[live]
-    keyed = collections.defaultdict(list)  # key length -> [(name, key bytes)]
-    for name in names:
-        key = name.encode("utf-8")
-        keyed[len(key)].append((name, np.frombuffer(key, np.uint8)))
+    keyed = _KeyTable(names)
     while live.size:
         more = pos < live_end
         live, pos, live_end = live[more], pos[more], live_end[more]
@@ -269,17 +268,11 @@ def _locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, name
             slow[live[~ok]] = True
             live, pos, live_end = live[ok], pos[ok], live_end[ok]
             ee, klen, ks, vs = ee[ok], klen[ok], ks[ok], vs[ok]
-        klen = klen.astype(np.int64)
-        for size, candidates in keyed.items():
-            match = np.flatnonzero(klen == size)
-            if not match.size:
-                continue
-            keys = buf[ks[match, None] + np.arange(size)] if size else np.zeros((match.size, 0), np.uint8)
-            for name, key in candidates:
-                hit = match[(keys == key).all(axis=1)]
-                start, end, present = found[name]
-                # a key seen twice: the last one wins, as in a protobuf map
-                start[live[hit]], end[live[hit]], present[live[hit]] = vs[hit], ee[hit], True
+        for entry, name in keyed.match(buf, ks, klen.astype(np.int64)):
+            start, end, present = found[name]
+            # a key seen twice: the last one wins, as in a protobuf map
+            rows = live[entry]
+            start[rows], end[rows], present[rows] = vs[entry], ee[entry], True
         pos = ee
     problems: dict[int, list[str]] = {}
     slow_rows = np.flatnonzero(slow)
@@ -302,6 +295,45 @@ def _locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, name
             if replace[name]:
                 columns[name] = columns[name].replaced(replace[name])
     return columns, problems
+
+
+class _KeyTable:
+    """The schema's feature names, to find among map keys lying in a buffer, all at once.
+
+    Keys of one length are hashed (a polynomial over their bytes, in uint64) and looked up
+    in the sorted hashes of the names of that length; a hit is then compared byte for byte.
+    """
+
+    def __init__(self, names):
+        self._by_size = {}
+        groups = collections.defaultdict(list)
+        for name in names:
+            groups[len(name.encode("utf-8"))].append(name)
+        for size, group in groups.items():
+            keys = np.array([list(n.encode("utf-8")) for n in group], np.uint8).reshape(len(group), size)
+            codes = self._hash(keys)
+            order = np.argsort(codes)
+            self._by_size[size] = (codes[order], keys[order], [group[i] for i in order])
+
+    @staticmethod
+    def _hash(keys: np.ndarray) -> np.ndarray:
+        code = np.zeros(len(keys), np.uint64)
+        for k in range(keys.shape[1]):
+            code = code * np.uint64(1099511628211) + keys[:, k].astype(np.uint64)
+        return code
+
+    def match(self, buf, starts, sizes):
+        """(indices of the keys equal to a name, that name) for each name found."""
+        for size, (codes, keys, names) in self._by_size.items():
+            entries = np.flatnonzero(sizes == size)
+            if not entries.size:
+                continue
+            got = buf[starts[entries, None] + np.arange(size)]
+            at = np.minimum(np.searchsorted(codes, self._hash(got)), len(codes) - 1)
+            same = (got == keys[at]).all(axis=1)
+            entries, at = entries[same], at[same]
+            for j in np.unique(at):
+                yield entries[at == j], names[j]
 
 
 def _decode_column(col: _Column, field: pa.Field) -> tuple[pa.Array, dict[int, str]]:
@@ -394,22 +426,26 @@ def _decode(col: _Column, field: pa.Field, problems: dict[int, str]):
 
 def _varint_at(buf: np.ndarray, pos: np.ndarray, limit: np.ndarray):
     """The varint starting at each ``buf[pos]``: (value uint64, bytes used; 0 if malformed)."""
-    value = np.zeros(len(pos), np.uint64)
-    nbytes = np.zeros(len(pos), np.int64)
-    live = np.arange(len(pos))
-    for k in range(10):
+    if not len(buf):
+        return np.zeros(len(pos), np.uint64), np.zeros(len(pos), np.int64)
+    # most varints here (lengths, small ids) are one byte: that step for all, without indices
+    first = buf[np.minimum(pos, len(buf) - 1)]
+    inside = pos < limit
+    value = (first & 0x7F).astype(np.uint64)
+    done = inside & (first < 0x80)
+    nbytes = done.astype(np.int64)
+    live = np.flatnonzero(inside & ~done)
+    for k in range(1, 10):
+        if not live.size:
+            break
         at = pos[live] + k
         inside = at < limit[live]
         live, at = live[inside], at[inside]
-        if not live.size:
-            break
         b = buf[at]
         value[live] |= (b & 0x7F).astype(np.uint64) << np.uint64(7 * k)
         last = b < 0x80
         nbytes[live[last]] = k + 1
         live = live[~last]
-        if not live.size:
-            break
     return value, nbytes
 
 

@@ -227,10 +227,13 @@ class _Source:
         self.eof = False
 
     def _read_chunks(self, chunk: int):
-        read = self._handle.read1 if self.unit.gzip else self._handle.read
+        if not self.unit.gzip:  # an I/O error fails the bundle, which Beam retries
+            yield from iter(lambda: self._handle.read(chunk), b"")
+            return
         while True:
             try:
-                piece = read(chunk)
+                # read1: what was decompressed before an error is returned, not lost
+                piece = self._handle.read1(chunk)
             except (EOFError, OSError, zlib.error) as e:  # a GZIP stream that breaks off
                 yield e
                 return
