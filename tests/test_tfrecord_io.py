@@ -18,7 +18,7 @@ from titans.transforms.example_codec import encode_examples
 from titans.transforms.parquet_io import match_files
 from titans.transforms.tfrecord_io import (
     RecordBatch, ReadTFRecordBatches, Unit, WriteTFRecordBatches, frame_records, is_gzip,
-    iter_unit, sample_records, split_file, tfrecord_pattern)
+    iter_unit, needs_record_spread, sample_records, split_file, tfrecord_pattern)
 
 SCHEMA = pa.schema([pa.field("id", pa.int64(), nullable=False),
                     pa.field("vec", pa.list_(pa.float32(), 3), nullable=False),
@@ -211,6 +211,8 @@ def test_files_patterns_and_samples(tmp_path):
     files = match_files(tfrecord_pattern(str(tmp_path)))
     assert [os.path.basename(f) for f in files] == ["a.tfrecord", "b.tfrecords.gz"]
     assert [is_gzip(f) for f in files] == [False, True]
+    sizes = [(f, os.path.getsize(f)) for f in files]
+    assert needs_record_spread(sizes, split_bytes=100) and not needs_record_spread(sizes[:1], 100)
     sample = sample_records(files, 50, seed=1)
     assert len(sample) == 50 and set(sample) <= {_record(i) for i in range(200)}
     assert tfrecord_pattern(str(tmp_path / "x*.tfrecord")) == str(tmp_path / "x*.tfrecord")

@@ -1,20 +1,24 @@
 """Read and write TFRecord files of tf.train.Example as bounded Arrow tables, on any Beam
 filesystem (local, gs://, ...), uncompressed or GZIP.
 
-How the work spreads over workers. Files are matched, then cut into units, and the units
-are reshuffled so that workers share them, as Parquet's (file, row group) units are. An
-uncompressed file larger than ``split_bytes`` (64 MiB by default) becomes one unit per
-byte range: the reader of a range seeks to its first byte and resynchronises on a record
-boundary, the first position where 8 bytes of length are followed by their masked CRC32C
-and the record's data then matches its own CRC (a false match on random bytes has odds
-of about 2^-64); it owns every record that starts inside its range, reading past the end
-to finish the last one. So one huge file is read by as many workers as it has ranges,
-each record exactly once. A GZIP file cannot be entered in the middle: it is one unit,
-read from the start by one worker. Many small files are many units. For inputs that are
-a few large GZIP files, ``spread_records=True`` reshuffles the records themselves (in
-batches, as Arrow tables) before they are parsed, so parsing and everything after it
-still spreads; it costs a shuffle of the raw records, so it is off by default
-(``needs_record_spread`` says when to turn it on).
+How the work spreads over workers. Files are matched (or taken from a launch-time list),
+cut into units, and the units are reshuffled so that workers share them, as Parquet's
+(file, row group) units are. An uncompressed file larger than ``split_bytes`` (64 MiB by
+default) becomes one unit per byte range. The reader of a range seeks to its first byte
+and resynchronises: it takes the first position where a record boundary checks out, that
+is 8 bytes of length followed by their masked CRC32C, and, after that record, the end of
+the file or another such length (two CRCs: a false match on random bytes has odds of
+about 2^-64; candidates are found with numpy over windows that double from 4 KiB). A
+range owns the records that start in it and reads past its end to finish the last one;
+where the next range's first boundary would not check out (a damaged or cut record
+there), this range reads on and reports the damage, so every byte is read by exactly one
+range and one huge file spreads over as many workers as it has ranges. A GZIP file
+cannot be entered in the middle: it is one unit, read from its start by one worker. Many
+small files are many units. For inputs that are a few large GZIP files,
+``spread_records=True`` reshuffles the records themselves (in batches, as Arrow tables)
+before they are parsed, so parsing and everything after it still spreads; it costs a
+shuffle of the raw records (on local runners, holding them all in memory), so it is off
+by default (``needs_record_spread`` says when to turn it on).
 
 Every byte is accounted for. A record whose data fails its CRC goes to the dead letter
 and reading goes on with the next one (the length was intact). A length that fails its
@@ -56,6 +60,9 @@ from titans.transforms.example_codec import encode_examples_array, kind_of, pars
 from titans.transforms.overlap import BackgroundWriter, read_ahead
 
 _LOG = logging.getLogger("titans")
+if getattr(google_crc32c, "implementation", "c") != "c":
+    _LOG.warning("google-crc32c has no C extension on this machine: TFRecord CRCs will be "
+                 "checked in pure Python, ~100x slower; reinstall google-crc32c from a wheel")
 
 AUTO, GZIP, UNCOMPRESSED = "auto", "gzip", "uncompressed"
 SPLIT_BYTES = 64 << 20
