@@ -1,21 +1,26 @@
-"""A model over a whole feature matrix, a bounded number of rows per forward pass."""
+"""A model over a whole feature matrix: a bounded number of rows per forward pass, and the
+rows it fails on found without giving up the others."""
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
 
 
 def forward_in_chunks(module, x: np.ndarray, chunk: int, device: str = "cpu") -> torch.Tensor:
-    """Logits (float32, on the CPU) of ``module`` on every row of ``x``, ``chunk`` rows per
-    forward, without autograd. Chunks go to ``device`` and the logits come back.
+    """Logits (float32, on the CPU) of ``module`` on every row of ``x`` (float32 features or
+    images, int64 token ids), ``chunk`` rows per forward, without autograd. Chunks go to
+    ``device`` and the logits come back.
 
     An empty ``x`` gives an empty [0, 0] tensor (the width is unknown without a forward).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float32:
+        x = x.astype(np.float32)  # token ids (int64) stay integers
     parts = []
     with torch.inference_mode(), warnings.catch_warnings():
         # Arrow-backed matrices are read-only; the model only reads its input
@@ -28,3 +33,69 @@ def forward_in_chunks(module, x: np.ndarray, chunk: int, device: str = "cpu") ->
     if not parts:
         return torch.empty((0, 0))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def short_error(e: BaseException) -> str:
+    """``Type: message`` on one line. TorchScript wraps the model's own error in a trace of
+    many lines whose last line is the error itself; Python errors start with it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if "TorchScript" in lines[0] or lines[0].startswith("The following operation failed"):
+        return lines[-1]
+    return f"{type(e).__name__}: {lines[0]}"
+
+
+def isolate_failures(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+                     probes: int = 3) -> tuple[np.ndarray | None, dict[int, str]]:
+    """(outputs for every row, NaN where the row failed; {row: error}) for ``forward`` over
+    ``x``, finding the rows ``forward`` raises on.
+
+    One forward when nothing fails. Otherwise a few single rows spread over the batch are
+    tried first: if all of them fail too, the model is broken (or the batch wholly bad) and
+    every row gets the error, for ``probes`` extra forwards. If not, the batch is split in
+    halves, recursively, down to the failing rows: about 2 k log2(n) extra forwards for k
+    bad rows. Outputs are None when no row succeeded.
+    """
+    n = len(x)
+    try:
+        return forward(x), {}
+    except Exception as e:  # noqa: BLE001 - any model failure is isolated, not fatal
+        first = short_error(e)
+    if n == 1:
+        return None, {0: first}
+    out: np.ndarray | None = None
+
+    def run(lo: int, hi: int) -> str | None:
+        nonlocal out
+        try:
+            y = forward(x[lo:hi])
+        except Exception as e:  # noqa: BLE001
+            return short_error(e)
+        if out is None:
+            out = np.full((n, *y.shape[1:]), np.nan, dtype=np.float32)
+        out[lo:hi] = y
+        return None
+
+    tried = sorted({int(i) for i in np.linspace(0, n - 1, min(probes, n))})
+    probe_errors = {i: run(i, i + 1) for i in tried}
+    if all(probe_errors.values()):
+        why = f"{first} (the model also failed on each of {len(tried)} rows tried alone)"
+        return None, {i: why for i in range(n)}
+    errors: dict[int, str] = {}
+    stack = [(0, n)]
+    while stack:
+        lo, hi = stack.pop()
+        if hi - lo == 1 and lo in probe_errors:
+            if probe_errors[lo]:
+                errors[lo] = probe_errors[lo]
+            continue
+        error = run(lo, hi) if (lo, hi) != (0, n) else first
+        if error is None:
+            continue
+        if hi - lo == 1:
+            errors[lo] = error
+        else:
+            mid = (lo + hi) // 2
+            stack += [(mid, hi), (lo, mid)]
+    return out, errors

@@ -27,7 +27,7 @@ from titans.pipeline.console import print_calibration, run_reporting_errors
 from titans.pipeline.datasets import (Dataset, check_labels, check_output_path, read_dataset,
                                       split_rows)
 from titans.pipeline.flags import feature_columns, model_ref
-from titans.pipeline.plan import load_checked
+from titans.pipeline.model_checks import load_checked
 
 
 @dataclasses.dataclass
@@ -141,8 +141,8 @@ def _check_calibrate_args(a) -> str:
 
 def _run_models(args, ds: Dataset) -> tuple[torch.Tensor, np.ndarray, int]:
     """(student logits, teacher argmax, K) on every row; the student may have K or K+1 outputs."""
-    student = load_checked("student", model_ref(args, "student"), ds.features.dim)
-    teacher = load_checked("teacher", model_ref(args, "teacher"), ds.features.dim)
+    student = load_checked("student", model_ref(args, "student"), ds.features)
+    teacher = load_checked("teacher", model_ref(args, "teacher"), ds.features)
     s_logits = forward_in_chunks(student, ds.x, defaults.BATCH_SIZE)
     t_logits = forward_in_chunks(teacher, ds.x, defaults.BATCH_SIZE)
     k, outputs = t_logits.shape[1], s_logits.shape[1]

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from titans.models.storage import is_url
-from titans.pipeline.plan import first_vector_length
-from titans.transforms.features import FeatureSpec, feature_matrix, resolve_feature_spec
+from titans.transforms.features import (FeatureSpec, feature_matrix, first_vector_length,
+                                        resolve_feature_spec)
 from titans.transforms.parquet_io import (ParquetInput, conform, input_pattern, match_files,
                                           open_parquet)
 

@@ -24,7 +24,7 @@ from titans.pipeline.console import print_distill_summary, run_reporting_errors
 from titans.pipeline.datasets import (check_labels, check_output_path, read_dataset,
                                       split_rows)
 from titans.pipeline.flags import feature_columns, model_ref
-from titans.pipeline.plan import load_checked
+from titans.pipeline.model_checks import load_checked
 from titans.transforms.features import FeatureSpec, feature_matrix, is_list_type
 
 
@@ -41,7 +41,7 @@ def _distill(args) -> None:
     if args.teacher_probs:
         probs = probs_from_column(ds.extra[args.teacher_probs], args.teacher_probs)
     else:
-        teacher = load_checked("teacher", model_ref(args, "teacher"), ds.features.dim)
+        teacher = load_checked("teacher", model_ref(args, "teacher"), ds.features)
         logits = forward_in_chunks(teacher, ds.x, defaults.BATCH_SIZE)
         probs = torch.softmax(logits, dim=-1).numpy()
         if probs.shape[1] < 2:

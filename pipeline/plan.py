@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import logging
 import math
 
@@ -24,11 +23,11 @@ import torch
 from titans.models import storage
 from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
-from titans.models.loading import ModelLoadError, ModelRef, count_parameters
+from titans.models.loading import ModelRef, count_parameters
 from titans.pipeline import defaults
-from titans.transforms.features import (FeatureSpec, as_tensor, feature_matrix,
+from titans.pipeline.model_checks import check_on_sample, load_checked
+from titans.transforms.features import (FeatureSpec, feature_matrix, first_vector_length,
                                         resolve_feature_spec)
-from titans.transforms.inference import isolate_failures, short_error
 from titans.transforms.labels import LabelColumns
 from titans.transforms.parquet_io import ParquetInput, input_pattern, match_files
 
@@ -56,6 +55,9 @@ class JobConfig:
     # rows this job leaves out, {path: ((first row, end row), ...)}: `titans label` labels its
     # sample rows with the teacher itself and runs the cascade on the others
     skip_rows: dict = dataclasses.field(default_factory=dict)
+    # --skip-labeled: a manifest of input files finished runs labeled (pipeline/manifest.py);
+    # files listed with the same size and time are left out, and a completed job adds its own
+    skip_labeled: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,9 @@ class RunConfig(JobConfig):
     calibration: str | None = None  # CAL.json from `titans calibrate`: rule and threshold
     deferral_model: str | None = None
     audit_rate: float = 0.0
+    # Parquet rows labeled before this job, already in its output schema (`titans label`'s
+    # sample rows, source 'teacher'): written into labels/ as they are and counted in the report
+    prelabeled: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -156,10 +161,10 @@ def plan_run(config: RunConfig) -> CascadePlan:
     rule = make_rule(rule_name or defaults.RULE, deferral_model)
     source, sample, features = _plan_source(config)
     x = _valid_rows(sample, features)
-    teacher = load_checked("teacher", config.teacher, features.dim)
-    teacher_classes = _check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
-    student = load_checked("student", config.student, features.dim)
-    student_logits = _check_on_sample("student", student, x)
+    teacher = load_checked("teacher", config.teacher, features)
+    teacher_classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
+    student = load_checked("student", config.student, features)
+    student_logits = check_on_sample("student", student, x)
     num_classes = student_logits.shape[-1] - rule.extra_outputs
     if num_classes != teacher_classes:
         extra = f" (+{rule.extra_outputs} for rule {rule.name})" if rule.extra_outputs else ""
@@ -193,8 +198,8 @@ def plan_teacher_label(config: TeacherLabelConfig) -> TeacherLabelPlan:
     _check_job(config)
     source, sample, features = _plan_source(config)
     x = _valid_rows(sample, features)
-    teacher = load_checked("teacher", config.teacher, features.dim)
-    classes = _check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
+    teacher = load_checked("teacher", config.teacher, features)
+    classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
     columns = LabelColumns(config.column_prefix)
     plan_input = InputPlan(source, features, columns,
                            columns.output_schema(source.schema, columns.teacher_fields(classes)))
@@ -244,6 +249,10 @@ def _calibration(config: RunConfig) -> tuple[str, float, str | None]:
 
 def _plan_source(config: JobConfig) -> tuple[ParquetInput, pa.Table, FeatureSpec]:
     files = match_files(input_pattern(config.input), exclude_under=config.output)
+    if config.skip_labeled:  # raises manifest.NothingToLabel when every file is labeled
+        from titans.pipeline import manifest
+
+        files = manifest.unlabeled(config.skip_labeled, files, config.output, config.overwrite)
     source = ParquetInput.from_files(files)
     if config.skip_rows:
         unknown = set(config.skip_rows) - set(files)
@@ -276,48 +285,3 @@ def _valid_rows(sample: pa.Table, features: FeatureSpec) -> np.ndarray:
                              f"in {list(features.columns)} (e.g. {example}); check "
                              f"--feature-columns")
     return x
-
-
-def _check_on_sample(role: str, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    """The model's outputs on sampled rows. A model that fails on every row is broken (a
-    launch error); one that fails on a few will see those rows dead-lettered."""
-    def forward(xb):
-        with torch.inference_mode():
-            return model(as_tensor(xb)).float().numpy()
-
-    out, failed = isolate_failures(forward, x)
-    if out is None:
-        raise ValueError(f"--{role} fails on every sampled row: {next(iter(failed.values()))}")
-    if failed:
-        _LOG.warning("--%s failed on %d of %d sampled rows (they will be dead-lettered), e.g. %s",
-                     role, len(failed), len(x), next(iter(failed.values())))
-    return out[np.setdiff1d(np.arange(len(x)), list(failed))] if failed else out
-
-
-def load_checked(role: str, ref: ModelRef, dim: int) -> torch.nn.Module:
-    try:
-        model = ref.load("cpu")
-    except (ModelLoadError, json.JSONDecodeError) as e:
-        raise ValueError(f"--{role}: {e}") from e
-    try:
-        with torch.inference_mode():
-            out = model(torch.zeros((2, dim)))
-    except Exception as e:  # noqa: BLE001 - any failure here is a shape/contract problem
-        raise ValueError(f"--{role} {ref.path!r} does not accept a float32 [batch, {dim}] input "
-                         f"(the width of --feature-columns): {short_error(e)}") from e
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"--{role} {ref.path!r} must return logits [batch, classes]; for a "
-                         f"[2, {dim}] input it returned {shape}")
-    return model
-
-
-def first_vector_length(sample: pa.Table, columns) -> int | None:
-    if len(columns) != 1 or columns[0] not in sample.column_names:
-        return None
-    col = sample.column(columns[0])
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
-        return None
-    for v in col.drop_null().slice(0, 1).to_pylist():
-        return len(v)
-    return None

@@ -1,9 +1,14 @@
-"""Arrow table -> float32 feature matrix, with a reason for every row that cannot be scored.
+"""Arrow table -> the models' input array, with a reason for every row that cannot be scored.
 
-Features are either one vector column (list / large_list / fixed_size_list of numbers)
-or several scalar numeric columns concatenated in order. Rows with a null, a wrong
-vector length or a non-finite value get a reason and a zero row in the matrix, so a
-batch is always scored whole and the bad rows are routed to the dead letter later.
+Three kinds of features, one spec class each, all with the same verbs (``matrix``,
+``example_input``, ``describe``):
+  * ``FeatureSpec``: one vector column (list / large_list / fixed_size_list of numbers) or
+    several scalar numeric columns concatenated in order -> float32 [B, dim];
+  * ``ImageSpec``: encoded PNG/JPEG bytes -> float32 [B, C, H, W] (``images.decode_images``);
+  * ``TokenSpec``: token-id sequences -> int64 [B, L], padded (``tokens.token_matrix``).
+Rows with a null, a wrong length, a non-finite value or bytes that do not decode get a
+reason and a zeroed (or padded) slot, so a batch is always scored whole and the bad rows are
+routed to the dead letter later.
 """
 from __future__ import annotations
 
@@ -21,6 +26,95 @@ class FeatureSpec:
     columns: tuple[str, ...]
     dim: int
     vector: bool = False  # one list column, rather than `dim` scalar columns
+
+    def matrix(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
+        """(float32 [rows, dim], reasons): reasons is None when every row is fine, else an
+        object array with a string for each bad row and None for good ones."""
+        n = table.num_rows
+        missing = [c for c in self.columns if c not in table.column_names]
+        if missing:
+            reasons = np.full(n, f"missing feature column(s) {missing}", dtype=object)
+            return np.zeros((n, self.dim), np.float32), reasons
+        if self.vector:
+            return _from_vector(table.column(self.columns[0]), n, self.dim, self.columns[0])
+        return _from_scalars(table, self, n)
+
+    def example_input(self, rows: int = 2) -> np.ndarray:
+        return np.zeros((rows, self.dim), np.float32)
+
+    def describe(self) -> str:
+        return f"float32 [batch, {self.dim}] input (the width of --feature-columns)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """PNG/JPEG bytes in ``column`` -> float32 [B, C, H, W]; ``shape`` (C, H, W) is worked out
+    at launch (``resolve_image_spec``) from --image-size or the sampled images."""
+    column: str
+    mode: str = "RGB"
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    shape: tuple[int, int, int] | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    @property
+    def dim(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
+    def matrix(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
+        from titans.transforms.images import decode_images
+
+        if self.column not in table.column_names:
+            n = table.num_rows
+            return (np.zeros((n, *self.shape), np.float32),
+                    np.full(n, f"missing image column {self.column!r}", dtype=object))
+        return decode_images(table.column(self.column), self.mode, self.size, self.mean, self.std)
+
+    def example_input(self, rows: int = 2) -> np.ndarray:
+        return np.zeros((rows, *self.shape), np.float32)
+
+    def describe(self) -> str:
+        c, h, w = self.shape
+        return f"float32 [batch, {c}, {h}, {w}] input (images in {self.column!r}, mode {self.mode})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+    """Token ids in ``column`` (a list of integers) -> int64 [B, L], L the batch's longest
+    sequence (at most ``max_length``), padded with ``pad_id``."""
+    column: str
+    pad_id: int = 0
+    max_length: int | None = None
+    overflow: str = "dead_letter"  # or "truncate"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    @property
+    def dim(self) -> None:  # no fixed width: a sequence model reads any length
+        return None
+
+    def matrix(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
+        from titans.transforms.tokens import token_matrix
+
+        if self.column not in table.column_names:
+            n = table.num_rows
+            return (np.full((n, 1), self.pad_id, np.int64),
+                    np.full(n, f"missing token column {self.column!r}", dtype=object))
+        return token_matrix(table.column(self.column), self.pad_id, self.max_length, self.overflow)
+
+    def example_input(self, rows: int = 2) -> np.ndarray:
+        return np.full((rows, 4), self.pad_id, np.int64)
+
+    def describe(self) -> str:
+        cap = f", at most {self.max_length}" if self.max_length else ""
+        return f"int64 [batch, length{cap}] input (token ids in {self.column!r}, padded with {self.pad_id})"
 
 
 def is_list_type(t: pa.DataType) -> bool:
@@ -67,17 +161,52 @@ def resolve_feature_spec(schema: pa.Schema, columns: tuple[str, ...],
     return FeatureSpec(tuple(columns), len(columns))
 
 
-def feature_matrix(table: pa.Table, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray | None]:
-    """(matrix float32 [rows, dim], reasons) where reasons is None when every row is fine,
-    else an object array with a string for each bad row and None for good ones."""
-    n = table.num_rows
-    missing = [c for c in spec.columns if c not in table.column_names]
-    if missing:
-        reasons = np.full(n, f"missing feature column(s) {missing}", dtype=object)
-        return np.zeros((n, spec.dim), np.float32), reasons
-    if spec.vector:
-        return _from_vector(table.column(spec.columns[0]), n, spec.dim, spec.columns[0])
-    return _from_scalars(table, spec, n)
+def feature_matrix(table: pa.Table, spec) -> tuple[np.ndarray, np.ndarray | None]:
+    """The models' input for ``table`` and a reason per bad row (None when all are fine)."""
+    return spec.matrix(table)
+
+
+def first_vector_length(sample: pa.Table, columns) -> int | None:
+    """Length of the first non-null vector of a variable-length list feature column."""
+    if len(columns) != 1 or columns[0] not in sample.column_names:
+        return None
+    col = sample.column(columns[0])
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        return None
+    for v in col.drop_null().slice(0, 1).to_pylist():
+        return len(v)
+    return None
+
+
+def resolve_image_spec(schema: pa.Schema, spec: ImageSpec, sample: pa.Table) -> ImageSpec:
+    """``spec`` with its input shape, checked against the schema and the sampled images."""
+    if spec.column not in schema.names:
+        raise ValueError(f"--image-column {spec.column!r} is not in the input; its columns are "
+                         f"{schema.names}")
+    t = schema.field(spec.column).type
+    if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t)):
+        raise ValueError(f"--image-column {spec.column!r} must hold encoded images (bytes), "
+                         f"but it is {t}")
+    channels = 3 if spec.mode == "RGB" else 1
+    if spec.size:
+        return dataclasses.replace(spec, shape=(channels, *spec.size))
+    x, reasons = dataclasses.replace(spec, shape=(channels, 1, 1)).matrix(sample)
+    if not len(x) or (reasons is not None and all(r is not None for r in reasons)):
+        example = next((r for r in (reasons if reasons is not None else []) if r), "no rows")
+        raise ValueError(f"none of the {sample.num_rows:,} sampled images in {spec.column!r} "
+                         f"decodes (e.g. {example}); check --image-column")
+    return dataclasses.replace(spec, shape=tuple(int(d) for d in x.shape[1:]))
+
+
+def resolve_token_spec(schema: pa.Schema, spec: TokenSpec) -> TokenSpec:
+    if spec.column not in schema.names:
+        raise ValueError(f"--token-column {spec.column!r} is not in the input; its columns are "
+                         f"{schema.names}")
+    t = schema.field(spec.column).type
+    if not (is_list_type(t) and pa.types.is_integer(t.value_type)):
+        raise ValueError(f"--token-column {spec.column!r} must be a list of integer token ids, "
+                         f"but it is {t}")
+    return spec
 
 
 def _from_vector(col, n: int, dim: int, name: str):

@@ -13,6 +13,8 @@ which may add errors of its own (a non-finite output, say).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import threading
 import time
@@ -24,9 +26,9 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
+from titans.models.forward import forward_in_chunks, isolate_failures
 from titans.models.loading import ModelRef, resolve_device
 from titans.transforms.dead_letter import VALIDATE
-from titans.transforms.features import FeatureSpec, as_tensor, feature_matrix
 from titans.transforms.labels import ERROR, ERROR_STAGE
 
 _LOG = logging.getLogger("titans")
@@ -35,72 +37,6 @@ _LOG = logging.getLogger("titans")
 # is an object array (None = fine) it may add reasons to; rows with an error have no
 # meaningful logits and are dropped later.
 Annotate = Callable[[pa.Table, np.ndarray, np.ndarray], pa.Table]
-
-
-def short_error(e: BaseException) -> str:
-    """``Type: message`` on one line. TorchScript wraps the model's own error in a trace of
-    many lines whose last line is the error itself; Python errors start with it."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    if "TorchScript" in lines[0] or lines[0].startswith("The following operation failed"):
-        return lines[-1]
-    return f"{type(e).__name__}: {lines[0]}"
-
-
-def isolate_failures(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
-                     probes: int = 3) -> tuple[np.ndarray | None, dict[int, str]]:
-    """(outputs for every row, NaN where the row failed; {row: error}) for ``forward`` over
-    ``x``, finding the rows ``forward`` raises on.
-
-    One forward when nothing fails. Otherwise a few single rows spread over the batch are
-    tried first: if all of them fail too, the model is broken (or the batch wholly bad) and
-    every row gets the error, for ``probes`` extra forwards. If not, the batch is split in
-    halves, recursively, down to the failing rows: about 2 k log2(n) extra forwards for k
-    bad rows. Outputs are None when no row succeeded.
-    """
-    n = len(x)
-    try:
-        return forward(x), {}
-    except Exception as e:  # noqa: BLE001 - any model failure is isolated, not fatal
-        first = short_error(e)
-    if n == 1:
-        return None, {0: first}
-    out: np.ndarray | None = None
-
-    def run(lo: int, hi: int) -> str | None:
-        nonlocal out
-        try:
-            y = forward(x[lo:hi])
-        except Exception as e:  # noqa: BLE001
-            return short_error(e)
-        if out is None:
-            out = np.full((n, *y.shape[1:]), np.nan, dtype=np.float32)
-        out[lo:hi] = y
-        return None
-
-    tried = sorted({int(i) for i in np.linspace(0, n - 1, min(probes, n))})
-    probe_errors = {i: run(i, i + 1) for i in tried}
-    if all(probe_errors.values()):
-        why = f"{first} (the model also failed on each of {len(tried)} rows tried alone)"
-        return None, {i: why for i in range(n)}
-    errors: dict[int, str] = {}
-    stack = [(0, n)]
-    while stack:
-        lo, hi = stack.pop()
-        if hi - lo == 1 and lo in probe_errors:
-            if probe_errors[lo]:
-                errors[lo] = probe_errors[lo]
-            continue
-        error = run(lo, hi) if (lo, hi) != (0, n) else first
-        if error is None:
-            continue
-        if hi - lo == 1:
-            errors[lo] = error
-        else:
-            mid = (lo + hi) // 2
-            stack += [(mid, hi), (lo, mid)]
-    return out, errors
 
 
 @dataclasses.dataclass
@@ -115,7 +51,7 @@ def num_rows(table: pa.Table) -> int:
 
 
 class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
-    def __init__(self, model: ModelRef, features: FeatureSpec, annotate: Annotate, *,
+    def __init__(self, model: ModelRef, features, annotate: Annotate, *,
                  batch_size: int, name: str, resource_hints: dict | None = None):
         # min == max: BatchElements then merges tables up to exactly batch_size rows
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size,
@@ -129,6 +65,8 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
 
     def load_model(self) -> LoadedModel:
         device = resolve_device(self._model.device)  # raises rather than silently using the CPU
+        if self.one_copy_per_worker(device):
+            return self.load_worker_copy(device)
         module = self._model.load(device)
         where = device
         if device.startswith("cuda"):
@@ -138,53 +76,43 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
 
     def run_inference(self, batch: Sequence[pa.Table], model: LoadedModel,
                       inference_args=None) -> list[pa.Table]:
-        parts = [feature_matrix(t, self._features) for t in batch]
-        x = np.concatenate([m for m, _ in parts]) if len(parts) > 1 else parts[0][0]
-        errors = np.full(len(x), None, dtype=object)
-        stages = np.full(len(x), None, dtype=object)
-        offsets = np.cumsum([0] + [t.num_rows for t in batch])
-        for (_, reasons), start in zip(parts, offsets):
-            if reasons is not None:
-                errors[start:start + len(reasons)] = reasons
-        stages[errors != None] = VALIDATE  # noqa: E711 - elementwise on an object array
-        valid = np.flatnonzero(errors == None)  # noqa: E711
-        logits = np.full((len(x), 0), np.nan, np.float32)
+        merged = pa.concat_tables(batch) if len(batch) > 1 else batch[0]
+        x, reasons = self._features.matrix(merged)
+        n = len(x)
+        errors = np.full(n, None, dtype=object) if reasons is None else reasons
+        stages = np.where(errors == None, None, VALIDATE).astype(object)  # noqa: E711
+        valid = np.flatnonzero(errors == None)  # noqa: E711 - elementwise on an object array
+        logits = np.full((n, 0), np.nan, np.float32)
         if len(valid):
             scored, failed = isolate_failures(lambda xb: self.forward(model, xb),
-                                              x[valid] if len(valid) < len(x) else x)
+                                              x[valid] if len(valid) < n else x)
             if scored is not None:
-                logits = np.full((len(x), scored.shape[1]), np.nan, np.float32)
+                logits = np.full((n, scored.shape[1]), np.nan, np.float32)
                 logits[valid] = scored
             for i, why in failed.items():
                 errors[valid[i]] = f"{self._name} model failed on this row: {why}"
                 stages[valid[i]] = self._name
-        out = []
-        for table, start, end in zip(batch, offsets[:-1], offsets[1:]):
+        out, start = [], 0
+        for table in batch:
+            end = start + table.num_rows
             part_errors = errors[start:end].copy()
             annotated = self._annotate(table, logits[start:end], part_errors)
             part_stages = stages[start:end]
             part_stages[(part_errors != None) & (part_stages == None)] = self._name  # noqa: E711
             out.append(annotated.append_column(ERROR, _strings(part_errors))
                        .append_column(ERROR_STAGE, _strings(part_stages)))
+            start = end
         Metrics.counter("titans", f"{self._name}_rows").inc(len(valid))
-        model.progress.add(len(x))
+        model.progress.add(n)
         return out
 
     def forward(self, model: LoadedModel, x: np.ndarray) -> np.ndarray:
-        """float32 logits for a float32 matrix, in chunks of at most batch_size rows."""
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(x), self._batch_size):
-                xb = as_tensor(x[start:start + self._batch_size])
-                if model.device != "cpu":
-                    xb = xb.to(model.device, non_blocking=True)
-                y = model.module(xb)
-                if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != len(xb):
-                    shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                    raise ValueError(f"expected logits [{len(xb)}, classes], got {shape}")
-                chunks.append(y.float().cpu().numpy())
-                Metrics.counter("titans", f"{self._name}_forward_calls").inc()
-        return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        """float32 logits [rows, outputs] of the model, at most batch_size rows per forward."""
+        y = forward_in_chunks(model.module, x, self._batch_size, model.device)
+        if y.dim() != 2 or y.shape[0] != len(x):
+            raise ValueError(f"expected logits [{len(x)}, classes], got {tuple(y.shape)}")
+        Metrics.counter("titans", f"{self._name}_forward_calls").inc(-(-len(x) // self._batch_size))
+        return y.numpy()
 
     def get_num_bytes(self, batch: Sequence[pa.Table]) -> int:
         # the default pickles every batch just to measure it
@@ -196,6 +124,51 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
     def get_resource_hints(self) -> dict:
         # hints set here apply to the inference ParDo only (not BatchElements around it)
         return dict(self._hints)
+
+    # One model per GPU. Dataflow starts one SDK process per vCPU and each would load its own
+    # copy onto the worker's GPU (four teachers on a g2-standard-4's one L4). On cuda the
+    # model is loaded once per worker VM instead, in a process that Beam's MultiProcessShared
+    # serves (what RunInference's large_model/model_copies hooks use); every SDK process sends
+    # it CPU tensors and gets CPU logits back. The hooks themselves (share_model_across_
+    # processes, model_copies) stay off: with them RunInference hands run_inference a proxy
+    # of LoadedModel, and a proxy forwards method calls, not the fields (device, module,
+    # progress) run_inference reads. So the sharing is one level down, on the torch module.
+    def one_copy_per_worker(self, device: str) -> bool:
+        """Whether this worker's SDK processes share one copy of the model: on a GPU."""
+        return device.startswith("cuda")
+
+    def load_worker_copy(self, device: str) -> LoadedModel:
+        """The model as this worker's shared copy on ``device``: LoadedModel's device is
+        'cpu' because what this process sends and receives are CPU tensors."""
+        from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+        key = f"{self._name}|{self._model.path}|{device}".encode()
+        tag = f"titans-{self._name}-{hashlib.sha1(key).hexdigest()[:16]}"
+        module = MultiProcessShared(functools.partial(DeviceModel, self._model, device), tag=tag,
+                                    always_proxy=True).acquire()
+        _LOG.info("%s model %s: this process uses the worker's one copy on %s", self._name,
+                  self._model.path, device)
+        return LoadedModel(module, "cpu", Progress(self._name))
+
+
+class DeviceModel:
+    """A model on ``device`` that takes and returns CPU tensors: the one copy a worker's SDK
+    processes share (``ArrowModelHandler.load_worker_copy``)."""
+
+    def __init__(self, ref: ModelRef, device: str):
+        self._module = ref.load(device)
+        self._device = device
+        where = device
+        if device.startswith("cuda"):
+            where = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+        _LOG.info("model %s loaded on %s, shared by this worker's processes", ref.path, where)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            y = self._module(x.to(self._device, non_blocking=True))
+        if not isinstance(y, torch.Tensor):  # forward names the shape problem; ship no GPU data
+            raise ValueError(f"expected logits [{len(x)}, classes], got {type(y).__name__}")
+        return y.float().cpu()
 
 
 def _strings(values: np.ndarray) -> pa.Array:
