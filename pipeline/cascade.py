@@ -15,7 +15,8 @@ from titans.pipeline.stages import LABELS, failures, finish, read_input, tables_
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels
-from titans.transforms.parquet_io import WriteParquetBatches
+from titans.transforms.parquet_io import (ParquetInput, ReadParquetBatches, WriteParquetBatches,
+                                          input_pattern, match_files)
 from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateTeacherRows,
                                      SplitByDeferral)
 
@@ -75,8 +76,27 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
         counts.audits(teacher[AUDITED], "CountAudits")]
     dead_parts = [read_dead, split[DEAD_LETTER], teacher[DEAD_LETTER],
                   failures(student_failed, STUDENT, names), failures(teacher_failed, TEACHER, names)]
+    if c.prelabeled:  # `titans label`: its sample rows, labeled by the teacher already
+        written.append(_prelabeled(p, plan, labels_dir, count_parts, dead_parts))
     finish(c.output, dead_parts, count_parts, written, CascadeReport(plan.facts()), start_time,
            plot=plot_scores)
+
+
+def _prelabeled(p: beam.Pipeline, plan: CascadePlan, labels_dir: str, count_parts: list,
+                dead_parts: list):
+    """Rows labeled before this job, read as they are (conformed to the output schema) and
+    written into labels/ by a writer of their own (prefix 'sample'), counted as PRELABELED.
+    A row that does not fit the schema is dead-lettered and counted in (IN) like an input row."""
+    files = match_files(input_pattern(plan.config.prelabeled))
+    source = ParquetInput.from_files(files)
+    source = ParquetInput(source.files, plan.input.output_schema, {}, source.num_rows)
+    read = p | "ReadPrelabeled" >> ReadParquetBatches(source, plan.config.batch_size)
+    rejected = read.dead_letter | "PrelabeledRejected" >> beam.Map(lambda d: d.rows)
+    count_parts += [counts.rows(read.tables, Count.PRELABELED, "CountPrelabeled"),
+                    counts.rows(rejected, Count.IN, "CountPrelabeledRejected")]
+    dead_parts.append(read.dead_letter)
+    return read.tables | "WritePrelabeledLabels" >> WriteParquetBatches(
+        labels_dir, plan.input.output_schema, prefix="sample")
 
 
 class _NotAudited(beam.DoFn):

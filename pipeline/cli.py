@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_reporting_errors(
             "demo", lambda: run_demo(args.output, args.deferral_rate, args.seed, beam_args))
+    if args.command == "label":
+        from titans.pipeline.label_command import run_label
+
+        return run_label(args, beam_args, start)
     from titans.pipeline.job import launch  # run, teacher-label: plan, run, summarise
 
     return launch(job_config(args), beam_args, start)

@@ -27,6 +27,8 @@ class Count(str, enum.Enum):
     DEAD_LETTER = "dead_letter"
     AUDITED = "audited"                    # audited easy rows the teacher answered
     AUDIT_AGREE = "audit_agree"            # of those, rows where student and teacher agree
+    PRELABELED = "prelabeled"              # rows labeled before the job (`titans label`'s sample,
+                                           # by the teacher), written as they are
 
 
 _REASON, _SCORE = "reason:", "score:"

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 
 from titans.models import defaults as train_defaults
-from titans.pipeline import defaults
+from titans.pipeline import defaults, label_defaults
 
 IN_MEMORY_NOTE = ("The data is read into memory with pyarrow: fine for the millions of rows a "
                   "student needs; labeling a dataset at scale is done by `titans teacher-label` "
                   "and `titans run`.")
 # commands whose unknown flags are Beam pipeline options; the others parse strictly
-BEAM_COMMANDS = ("run", "teacher-label", "demo")
+BEAM_COMMANDS = ("run", "teacher-label", "label", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_teacher_label_parser(sub)
     add_distill_parser(sub)
     add_calibrate_parser(sub)
+    add_label_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -121,7 +122,7 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
                         "not bad data (default: %(default)s)")
 
 
-def _add_teacher_stage_flags(p: argparse.ArgumentParser) -> None:
+def _add_teacher_stage_flags(p: argparse.ArgumentParser, sample_rows: bool = True) -> None:
     p.add_argument("--teacher-batch-size", type=int, default=defaults.TEACHER_BATCH_SIZE,
                    metavar="N",
                    help="rows per teacher forward pass; hard rows from several batches are "
@@ -139,10 +140,11 @@ def _add_teacher_stage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--column-prefix", default="", metavar="PREFIX",
                    help="prefix for the columns titans adds (label, confidence, ...), for an "
                         "input that already has a column of that name (default: none)")
-    p.add_argument("--sample-rows", type=int, default=defaults.SAMPLE_ROWS, metavar="N",
-                   help="rows sampled (from up to 32 random row groups) before the pipeline "
-                        "starts, to check the models on real rows and to set the threshold "
-                        "for --deferral-rate (default: %(default)s)")
+    if sample_rows:  # `titans label` has a --sample-rows of its own
+        p.add_argument("--sample-rows", type=int, default=defaults.SAMPLE_ROWS, metavar="N",
+                       help="rows sampled (from up to 32 random row groups) before the "
+                            "pipeline starts, to check the models on real rows and to set the "
+                            "threshold for --deferral-rate (default: %(default)s)")
     _seed_flag(p, "the sample and --audit-rate")
 
 
@@ -309,6 +311,61 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
                    help="LTT: p-values from the exact binomial tail or Hoeffding-Bentkus "
                         f"(default: {train_defaults.BOUND})")
     _seed_flag(p, "the split into halves and the learned rule's fit")
+    return p
+
+
+# =========================================================================== label
+
+def add_label_parser(sub) -> argparse.ArgumentParser:
+    ld = label_defaults
+    p = sub.add_parser(
+        "label", allow_abbrev=False,
+        help="from a teacher and unlabeled data to labels with a guarantee, in one command",
+        description="The teacher labels a seeded random sample of the input; a student within "
+                    "--student-budget is distilled from it and calibrated on a held-out part of "
+                    "it with Learn then Test against the teacher's labels; the cascade labels "
+                    "every other row, and the sample rows keep the teacher's labels (the teacher "
+                    "never labels a row twice). DIR gets labels/, dead_letter/, student.pt, "
+                    "calibration.json (reusable with `titans run --calibration`), report.json "
+                    "and report.png covering the whole job, and _label/ with each phase's "
+                    "artifacts for --resume. Flags not listed below are Beam pipeline options.")
+    _add_input_flags(p)
+    add_model_flags(p, "teacher")
+    add_trust_flag(p)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--max-disagreement", type=float, metavar="EPS",
+                     help="the guarantee: with probability >= 1 - --delta, at most this share "
+                          "of the rows outside the sample get a label other than the teacher's "
+                          f"(default: {ld.MAX_DISAGREEMENT} unless --deferral-rate is given)")
+    how.add_argument("--deferral-rate", type=float, metavar="R",
+                     help="instead of a guarantee, a budget: send this share of the rows "
+                          "outside the sample to the teacher")
+    p.add_argument("--delta", type=float, metavar="D",
+                   help="allowed probability that the guarantee fails, over the draw of the "
+                        f"sample (default: {train_defaults.DELTA})")
+    p.add_argument("--student-budget", type=float, default=ld.STUDENT_BUDGET, metavar="F",
+                   help="the student's compute per row (FLOPs, counted on a forward pass) as "
+                        "a share of the teacher's; MLP students within it are distilled and "
+                        "the one that makes the cascade cheapest on validation rows is kept "
+                        "(default: %(default)s)")
+    p.add_argument("--sample-rows", type=int, metavar="N",
+                   help="rows the teacher labels to train and calibrate the student, drawn at "
+                        "random over every input file (default: "
+                        + ld.SAMPLE_RULE.replace("%", "%%") + ")")
+    p.add_argument("--rule", choices=("max_prob", "margin", "entropy"),
+                   help="deferral rule (default: the one that needs the fewest teacher rows on "
+                        "the validation part of the sample)")
+    p.add_argument("--audit-rate", type=share, default=ld.AUDIT_RATE, metavar="A",
+                   help="also send a seeded random share A of the easy rows to the teacher; the "
+                        "report estimates the disagreement over the rows outside the sample from "
+                        "them, a live check of the guarantee (default: %(default)s)")
+    p.add_argument("--student-device", default="cpu", metavar="DEVICE",
+                   help="cpu, cuda or auto for the student in the cascade (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a job in DIR that stopped in a later phase: phases whose "
+                        "artifacts are in DIR/_label with the same settings are reused, so no "
+                        "sample row is labeled by the teacher again")
+    _add_teacher_stage_flags(p, sample_rows=False)
     return p
 
 

@@ -27,7 +27,8 @@ class CascadeReport:
 
     def __call__(self, counts: Counts, wall_seconds: float) -> dict:
         f = self.facts
-        rows_in, dead = counts[Count.IN], counts[Count.DEAD_LETTER]
+        prelabeled = counts[Count.PRELABELED]  # `titans label`'s sample rows; 0 for `titans run`
+        rows_in, dead = counts[Count.IN] + prelabeled, counts[Count.DEAD_LETTER]
         easy, hard, deferred = counts[Count.EASY], counts[Count.HARD], counts[Count.DEFERRED]
         scored = easy + deferred  # rows the student labeled or sent on
         teacher_rows = counts[Count.TEACHER_SCORED]
@@ -38,7 +39,7 @@ class CascadeReport:
             "rows_easy": easy,
             "rows_hard": hard,
             "rows_dead_letter": dead,
-            "conservation_ok": rows_in == easy + hard + dead,
+            "conservation_ok": rows_in == easy + hard + dead + prelabeled,
             "rows_deferred": deferred,
             "rows_deferred_teacher_failed": deferred - hard,
             "rows_student_nonfinite": counts[Count.STUDENT_NONFINITE],
@@ -59,8 +60,44 @@ class CascadeReport:
             report["deferral_score_histogram"] = histogram
         if f.get("audit_rate"):
             report.update(audit_figures(counts[Count.AUDITED], counts[Count.AUDIT_AGREE]))
+        if prelabeled or f.get("prelabeled"):
+            report.update(whole_job_figures(counts, f))
         report.update({k: v for k, v in f.items() if k not in report})
         return report
+
+
+def whole_job_figures(counts: Counts, f: dict) -> dict:
+    """A cascade with prelabeled rows (`titans label`: its sample, labeled by the teacher):
+    figures over every row of the job. Compute per row is FLOPs when the facts carry it
+    (student_flops_per_row, teacher_flops_per_row), else parameters."""
+    pre, easy, deferred = counts[Count.PRELABELED], counts[Count.EASY], counts[Count.DEFERRED]
+    rows_in, teacher = counts[Count.IN] + pre, counts[Count.TEACHER_SCORED]
+    scored = easy + deferred
+    cs = f.get("student_flops_per_row") or f.get("student_parameters") or 0
+    ct = f.get("teacher_flops_per_row") or f.get("teacher_parameters") or 0
+    out = {
+        "rows_prelabeled": pre,
+        "rows_cascade_in": counts[Count.IN],
+        # every row the teacher ran on in this job and before it: sample + hard + audited
+        "rows_to_teacher": pre + teacher,
+        "rows_to_teacher_share": (pre + teacher) / rows_in if rows_in else 0.0,
+        # against the teacher labeling every row the job labeled or tried to
+        "teacher_compute_saved_share_job": (
+            1.0 - (pre * ct + scored * cs + teacher * ct) / ((pre + scored) * ct)
+            if pre + scored and ct else None),
+    }
+    audited, agree = counts[Count.AUDITED], counts[Count.AUDIT_AGREE]
+    if audited and scored:
+        from titans.models.calibration import binomial_interval
+
+        # disagreement over the cascade's rows = P(easy) x P(student != teacher | easy)
+        keep = easy / scored
+        lo, hi = binomial_interval(audited - agree, audited)
+        out["audit_disagreement_estimate"] = keep * (audited - agree) / audited
+        out["audit_disagreement_ci95"] = [keep * lo, keep * hi]
+        if f.get("max_disagreement") is not None:
+            out["audit_consistent_with_guarantee"] = keep * lo <= f["max_disagreement"]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +141,10 @@ def plot_scores(report: dict, path: str) -> None:
 
     h = report["deferral_score_histogram"]
     edges = np.asarray(h["bin_edges"])
-    fig = Figure(figsize=(6, 3.6))
+    whole = report.get("rows_prelabeled") is not None  # `titans label`: where every row went
+    fig = Figure(figsize=(6, 5.6 if whole else 3.6))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2, 1, 1) if whole else fig.add_subplot()
     ax.bar(edges[:-1], h["easy"], width=np.diff(edges), align="edge", label="easy: student labels")
     ax.bar(edges[:-1], h["hard"], width=np.diff(edges), align="edge", bottom=h["easy"],
            label="hard: teacher labels")
@@ -118,10 +156,29 @@ def plot_scores(report: dict, path: str) -> None:
     ax.set_title(f"{report['rows_easy'] + report['rows_deferred']:,} rows, "
                  f"{report['deferral_rate']:.1%} to the teacher")
     ax.legend(fontsize=8)
+    if whole:
+        _plot_row_sources(fig.add_subplot(2, 1, 2), report)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     write_bytes(path, buf.getvalue())
+
+
+def _plot_row_sources(ax, report: dict) -> None:
+    """One bar of every row of a `titans label` job: who labeled it, or the dead letter."""
+    parts = [("sample: teacher", report["rows_prelabeled"], "tab:purple"),
+             ("easy: student", report["rows_easy"], "tab:blue"),
+             ("hard: teacher", report["rows_hard"], "tab:orange"),
+             ("dead letter", report["rows_dead_letter"], "tab:gray")]
+    left = 0
+    for name, rows, color in parts:
+        ax.barh([0], [rows], left=left, color=color, label=f"{name} {rows:,}")
+        left += rows
+    ax.set_yticks([])
+    ax.set_xlabel("rows")
+    ax.set_title(f"{report['rows_in']:,} rows, {report['rows_to_teacher_share']:.1%} to the "
+                 f"teacher (sample + hard + audited)")
+    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.35))
 
 
 def summary(report: dict) -> str:

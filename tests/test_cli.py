@@ -135,13 +135,17 @@ FLAGS = {
                                 "--deferral-rate", "--max-accuracy-loss", "--target-accuracy",
                                 "--delta", "--bound", "--seed"},
     "demo": {"--output", "--deferral-rate", "--seed"},
+    "label": (JOB_FLAGS | {"--teacher", "--teacher-class", "--teacher-class-kwargs",
+                           "--max-disagreement", "--deferral-rate", "--delta", "--student-budget",
+                           "--rule", "--audit-rate", "--student-device", "--resume"}),
 }
 # flags whose argparse default is None but whose help must still say what happens without them
 IMPLIED_DEFAULTS = {("run", "--rule"): defaults.RULE,
                     ("run", "--deferral-rate"): str(defaults.DEFERRAL_RATE),
                     ("calibrate", "--rule"): defaults.RULE,
                     ("calibrate", "--delta"): str(train_defaults.DELTA),
-                    ("calibrate", "--bound"): train_defaults.BOUND}
+                    ("calibrate", "--bound"): train_defaults.BOUND,
+                    ("label", "--max-disagreement"): "0.01", ("label", "--delta"): "0.1"}
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

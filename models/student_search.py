@@ -1,0 +1,257 @@
+"""Choosing the student `titans label` distils: the MLP, within a compute budget, that makes
+the cascade cheapest.
+
+Compute proxy: FLOPs per row of one forward pass, counted by torch's own
+``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add of every matrix product and
+convolution) on real rows, for the teacher as it is loaded (TorchScript, torch.export or a
+state_dict module) and for every candidate student alike. FLOPs rather than parameters
+because the budget is about compute: for an MLP the two are proportional (2 FLOPs per
+weight) and rank candidates identically, but a convolutional or weight-shared teacher does
+many FLOPs per parameter, and a parameter budget would then starve its student. When the
+counter sees no FLOPs at all (a model made only of ops it does not know), the proxy falls
+back to 2 x parameters, the MLP equivalent, and says so.
+
+The search, for a student budget F (share of the teacher's FLOPs per row):
+  1. candidates: a linear student, one hidden layer at about a third and at all of the
+     budget, and two equal hidden layers at all of it (``candidate_architectures``);
+  2. each is distilled with ``kd`` from the teacher's probabilities on the training part of
+     the sample (``kd`` because the quality benchmark finds ``easy`` no better and ``defer``
+     level with it; see README);
+  3. each (candidate, confidence rule) is scored on the validation part by the teacher
+     compute per cascade row it would cost: its own FLOPs share, plus the share of rows it
+     would have to send to the teacher to stay within the guarantee (``deferral_needed`` at
+     ``ltt_bar``, the largest disagreement Learn then Test can still certify on the
+     calibration rows); with a fixed deferral rate, by its disagreement at that rate;
+  4. the cheapest wins. Validation rows are neither training nor calibration rows, so the
+     choice does not touch the guarantee.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from titans.models.deferral import CONFIDENCE_RULES, make_rule
+from titans.models.distill import distill, make_student
+from titans.models.forward import forward_in_chunks
+
+_LOG = logging.getLogger("titans")
+
+FLOPS = "FLOPs per row (torch.utils.flop_counter: 2 per multiply-add of matrix products and convolutions)"
+PARAMETERS = "2 x parameters per row (the FLOP counter saw no FLOPs in this model)"
+MAX_WIDTH = 1 << 16
+
+
+# --------------------------------------------------------------------------- compute
+
+def flops_per_row(model, x: np.ndarray) -> tuple[float, str]:
+    """(compute per row of ``model`` on the rows ``x``, which proxy measured it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    xt = torch.from_numpy(np.array(x, dtype=np.float32, order="C", copy=True))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(xt)
+    flops = counter.get_total_flops() / max(1, len(xt))
+    if flops > 0:
+        return float(flops), FLOPS
+    try:
+        params = sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - an exported module without parameters()
+        params = 0
+    return float(2 * params), PARAMETERS
+
+
+def mlp_flops(dim: int, hidden: tuple[int, ...], classes: int) -> int:
+    """FLOPs per row of ``MLP(dim, classes, hidden)`` as FlopCounterMode counts them."""
+    widths = (dim, *hidden, classes)
+    return 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def _max_width(dim: int, classes: int, depth: int, budget: float) -> int:
+    """The largest width w with mlp_flops(dim, (w,) * depth, classes) <= budget (0 if none)."""
+    lo, hi = 0, MAX_WIDTH
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mlp_flops(dim, (mid,) * depth, classes) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def candidate_architectures(dim: int, classes: int, budget_flops: float) -> list[tuple[int, ...]]:
+    """Hidden widths of the students to try, cheapest first, all within ``budget_flops``.
+
+    ValueError when not even a linear student fits (the budget is below ``dim x classes``
+    multiply-adds)."""
+    linear = mlp_flops(dim, (), classes)
+    if linear > budget_flops:
+        raise ValueError(f"--student-budget is too small: the smallest student (linear, "
+                         f"{linear:,} FLOPs per row) needs {linear:,} FLOPs per row but the budget "
+                         f"allows {budget_flops:,.0f}; raise --student-budget")
+    out: list[tuple[int, ...]] = [()]
+    one = _max_width(dim, classes, 1, budget_flops)
+    for hidden in ((_max_width(dim, classes, 1, budget_flops / 3),), (one,),
+                   (_max_width(dim, classes, 2, budget_flops),) * 2):
+        if min(hidden) >= 2 and hidden not in out:
+            out.append(hidden)
+    return sorted(out, key=lambda h: mlp_flops(dim, h, classes))
+
+
+def describe(hidden: tuple[int, ...]) -> str:
+    return "linear" if not hidden else ",".join(str(h) for h in hidden)
+
+
+# --------------------------------------------------------------------------- what a student costs
+
+def ltt_bar(n_cal: int, eps: float, delta: float) -> float:
+    """The largest disagreement share k/n that Learn then Test (binomial p-values) certifies
+    as <= ``eps`` at level ``delta`` on ``n_cal`` calibration rows; -1 when not even 0 passes
+    (too few rows: every row would go to the teacher)."""
+    from scipy.stats import binom
+
+    if n_cal < 1:
+        return -1.0
+    k = np.arange(n_cal + 1)
+    passing = np.flatnonzero(binom.cdf(k, n_cal, eps) <= delta)
+    return float(passing[-1] / n_cal) if passing.size else -1.0
+
+
+def deferral_needed(scores: np.ndarray, disagree: np.ndarray, bar: float) -> float:
+    """The smallest share of rows to send to the teacher (highest scores first) so that the
+    share of all rows kept by the student and labeled differently from the teacher is <= bar."""
+    n = len(scores)
+    if n == 0 or bar < 0:
+        return 1.0
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    remaining = int(disagree.sum()) - np.concatenate([[0], np.cumsum(disagree[order])])
+    m = int(np.flatnonzero(remaining <= bar * n + 1e-9)[0])  # deferring all n rows leaves 0
+    return m / n
+
+
+def disagreement_at(scores: np.ndarray, disagree: np.ndarray, rate: float) -> float:
+    """Share of rows kept by the student and labeled unlike the teacher when the ``rate``
+    share with the highest scores goes to the teacher."""
+    n = len(scores)
+    m = int(round(rate * n))
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return float(disagree[order[m:]].sum() / n) if n else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the cascade must meet: the LTT bar (guarantee mode) or a deferral rate (budget)."""
+    bar: float | None = None
+    deferral_rate: float | None = None
+
+
+@dataclasses.dataclass
+class Candidate:
+    hidden: tuple[int, ...]
+    flops: float              # per row
+    flops_share: float        # of the teacher's
+    parameters: int
+    val_agreement: float      # argmax agreement with the teacher on the validation rows
+    rule: str = ""
+    deferral: float = 1.0     # share of rows to the teacher at the target
+    disagreement: float = 1.0  # on validation rows, at that deferral
+    objective: float = math.inf
+    seconds: float = 0.0
+    by_rule: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return describe(self.hidden)
+
+    def record(self) -> dict:
+        return {"arch": self.arch, "flops_per_row": self.flops, "flops_share": self.flops_share,
+                "parameters": self.parameters, "val_agreement": self.val_agreement,
+                "rule": self.rule, "val_deferral": self.deferral,
+                "val_disagreement": self.disagreement, "objective": self.objective,
+                "train_seconds": round(self.seconds, 3), "by_rule": self.by_rule}
+
+
+def score_candidate(c: Candidate, logits: torch.Tensor, teacher_pred: np.ndarray, target: Target,
+                    rules=CONFIDENCE_RULES, audit_rate: float = 0.0) -> Candidate:
+    """Fill in the best rule and the objective: teacher FLOPs per cascade row, in teacher units
+    (the student's share, the rows it sends to the teacher, the audited share of the rest)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    pred = probs.argmax(dim=-1).numpy()
+    disagree = pred != teacher_pred
+    c.val_agreement = float(1.0 - disagree.mean())
+    for name in rules:
+        scores = make_rule(name).score(probs).numpy()
+        if target.deferral_rate is None:
+            deferral = deferral_needed(scores, disagree, target.bar)
+            objective = c.flops_share + deferral + audit_rate * (1.0 - deferral)
+            # the disagreement left at that deferral, for the record
+            dis = disagreement_at(scores, disagree, deferral)
+        else:
+            deferral = target.deferral_rate
+            dis = disagreement_at(scores, disagree, deferral)
+            objective = dis  # fixed teacher share: the fewest disagreements win
+        c.by_rule[name] = {"deferral": deferral, "disagreement": dis, "objective": objective}
+        # ties (within a row of validation data) go to the earlier rule, then the cheaper model
+        if objective < c.objective - 0.5 / max(1, len(scores)):
+            c.rule, c.deferral, c.disagreement, c.objective = name, deferral, dis, objective
+    return c
+
+
+# --------------------------------------------------------------------------- training
+
+def training_settings(n_rows: int) -> dict:
+    """Batch size and epochs for a training set of ``n_rows``: about 50 steps per epoch and
+    40 epochs (~2,000 AdamW steps) at any size, so the search takes seconds per candidate on
+    a CPU whether the sample holds 3,000 rows or 100,000."""
+    batch = int(min(1024, max(64, n_rows // 50)))
+    return {"batch_size": batch, "epochs": 40}
+
+
+@dataclasses.dataclass
+class SearchResult:
+    student: torch.nn.Module
+    best: Candidate
+    candidates: list[Candidate]
+    teacher_flops: float
+    budget_flops: float
+    proxy: str
+    training: dict
+
+    def table(self) -> list[dict]:
+        return [c.record() for c in self.candidates]
+
+
+def search_student(x_train: np.ndarray, p_train: np.ndarray, x_val: np.ndarray,
+                   teacher_val_pred: np.ndarray, *, teacher_flops: float, budget: float,
+                   target: Target, rules=CONFIDENCE_RULES, seed: int = 0,
+                   audit_rate: float = 0.0, proxy: str = FLOPS,
+                   report: Callable[[Candidate], None] | None = None) -> SearchResult:
+    """Distil every candidate within ``budget`` x ``teacher_flops`` with kd on the training rows
+    and return the one with the lowest objective on the validation rows (see the module doc)."""
+    dim, classes = x_train.shape[1], p_train.shape[1]
+    budget_flops = budget * teacher_flops
+    archs = candidate_architectures(dim, classes, budget_flops)
+    settings = training_settings(len(x_train))
+    best_model, best, done = None, None, []
+    for hidden in archs:
+        t0 = time.time()
+        student = make_student(hidden, dim, classes, "kd", seed=seed)
+        distill(student, x_train, p_train, method="kd", seed=seed, progress=False,
+                weight_decay=1e-4, **settings)
+        flops, _ = flops_per_row(student, x_val[:8])
+        c = Candidate(hidden, flops, flops / teacher_flops,
+                      int(sum(p.numel() for p in student.parameters())), 0.0)
+        logits = forward_in_chunks(student, x_val, 65536)
+        score_candidate(c, logits, teacher_val_pred, target, rules, audit_rate)
+        c.seconds = time.time() - t0
+        done.append(c)
+        if report is not None:
+            report(c)
+        if best is None or c.objective < best.objective - 0.5 / max(1, len(x_val)):
+            best_model, best = student, c
+    return SearchResult(best_model.eval(), best, done, teacher_flops, budget_flops, proxy, settings)
