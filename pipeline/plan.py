@@ -73,9 +73,6 @@ class RunConfig(JobConfig):
     # Parquet rows labeled before this job, already in its output schema (`titans label`'s
     # sample rows, source 'teacher'): written into labels/ as they are and counted in the report
     prelabeled: str | None = None
-    # Parquet rows labeled before this job, already in its output schema (`titans label`'s
-    # sample rows, source 'teacher'): written into labels/ as they are and counted in the report
-    prelabeled: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
