@@ -7,11 +7,12 @@ import pyarrow.compute as pc
 from apache_beam.ml.inference.base import RunInference
 
 from titans.models import storage
-from titans.pipeline import counts
+from titans.pipeline import counts, manifest
 from titans.pipeline.counts import Count
 from titans.pipeline.plan import CascadePlan
 from titans.pipeline.report import CascadeReport, plot_scores
-from titans.pipeline.stages import LABELS, failures, finish, read_input, tables_typed
+from titans.pipeline.stages import (LABELS, WriteLabels, failures, finish, read_input,
+                                    tables_typed)
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels
@@ -35,6 +36,21 @@ def teacher_handler(plan: CascadePlan) -> ArrowModelHandler:
                              resource_hints=c.teacher_resource_hints)
 
 
+def fusion_break_before_teacher(config) -> bool:
+    """Whether the hard rows are reshuffled before the teacher: when it has resource hints.
+
+    On Dataflow, right fitting runs a step on the worker pool its hints ask for, and steps
+    are fused into stages; a stage that held the student and the teacher would put every row
+    on the GPU workers. The hints already give the teacher its own environment (Beam's own
+    fusion never merges environments), and the Reshuffle makes the stage boundary explicit,
+    as Google's right-fitting GPU sample does: CPU workers read, score with the student and
+    split; the hard rows go through the shuffle to the GPU pool, where BatchElements merges
+    them, across the student's bundles, into full teacher batches. Locally (no hints) the
+    break would only cost time: the in-process runner materialises the hard rows first.
+    """
+    return bool(config.teacher_resource_hints)
+
+
 def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> None:
     """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report."""
     c, columns = plan.config, plan.input.columns
@@ -50,8 +66,12 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
         SplitByDeferral(plan.threshold, columns, names, c.audit_rate, c.seed)
     ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table,
                         dead_letter=DeadLetter).with_outputs(EASY, HARD, DEAD_LETTER)
-    teacher_scored, teacher_failed = split[HARD] | "ScoreTeacher" >> RunInference(
-        teacher_handler(plan)).with_exception_handling()
+    to_teacher = split[HARD]
+    if fusion_break_before_teacher(c):
+        to_teacher = to_teacher | "ToTeacherWorkers" >> beam.Reshuffle()
+    teacher_scored, teacher_failed = to_teacher | "ScoreTeacher" >> RunInference(
+        teacher_handler(plan)).with_exception_handling().with_resource_hints(
+        **c.teacher_resource_hints)
     teacher = tables_typed(teacher_scored) | "SeparateTeacherRows" >> beam.ParDo(
         SeparateTeacherRows(columns, names)).with_output_types(
         pa.Table, audited=tuple, dead_letter=DeadLetter).with_outputs(AUDITED, DEAD_LETTER,
@@ -60,10 +80,9 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
     # Easy and teacher rows go to labels/ through one writer each rather than a Flatten:
     # the local runners execute a multi-input Flatten outside the fused stage, which
     # materialises every labeled row in memory (2 GB and +2 s per 1M x 64 floats, measured).
-    written = [split[EASY] | "WriteStudentLabels" >> WriteParquetBatches(
-                   labels_dir, plan.input.output_schema, prefix="student"),
-               teacher.hard | "WriteTeacherLabels" >> WriteParquetBatches(
-                   labels_dir, plan.input.output_schema, prefix="teacher")]
+    schema, fmt = plan.input.output_schema, c.output_format
+    written = [split[EASY] | "WriteStudentLabels" >> WriteLabels(c.output, schema, fmt, "student"),
+               teacher.hard | "WriteTeacherLabels" >> WriteLabels(c.output, schema, fmt, "teacher")]
     hard_rows = split[HARD] | "NotAudited" >> beam.ParDo(_NotAudited()).with_output_types(pa.Table)
     count_parts += [
         counts.rows(split[EASY], Count.EASY, "CountEasy"),
@@ -79,7 +98,7 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
     if c.prelabeled:  # `titans label`: its sample rows, labeled by the teacher already
         written.append(_prelabeled(p, plan, labels_dir, count_parts, dead_parts))
     finish(c.output, dead_parts, count_parts, written, CascadeReport(plan.facts()), start_time,
-           plot=plot_scores)
+           plot=plot_scores, on_complete=manifest.record_for(plan, "run"))
 
 
 def _prelabeled(p: beam.Pipeline, plan: CascadePlan, labels_dir: str, count_parts: list,
@@ -95,8 +114,8 @@ def _prelabeled(p: beam.Pipeline, plan: CascadePlan, labels_dir: str, count_part
     count_parts += [counts.rows(read.tables, Count.PRELABELED, "CountPrelabeled"),
                     counts.rows(rejected, Count.IN, "CountPrelabeledRejected")]
     dead_parts.append(read.dead_letter)
-    return read.tables | "WritePrelabeledLabels" >> WriteParquetBatches(
-        labels_dir, plan.input.output_schema, prefix="sample")
+    return read.tables | "WritePrelabeledLabels" >> WriteLabels(
+        plan.config.output, plan.input.output_schema, plan.config.output_format, "sample")
 
 
 class _NotAudited(beam.DoFn):

@@ -62,6 +62,20 @@ def _minus_inf_as_value(argv: list[str]) -> list[str]:
     return out
 
 
+def input_kind(a: argparse.Namespace) -> dict:
+    """The format and feature flags as JobConfig fields: input_format, output_format, and
+    image or tokens specs (titans.transforms.features) when their column is given."""
+    from titans.transforms.features import ImageSpec, TokenSpec
+
+    kind = {"input_format": a.format, "output_format": a.output_format}
+    if a.image_column:
+        kind["image"] = ImageSpec(a.image_column, a.image_mode, a.image_size, a.image_mean,
+                                  a.image_std)
+    if a.token_column:
+        kind["tokens"] = TokenSpec(a.token_column, a.pad_id, a.max_length, a.overflow)
+    return kind
+
+
 def job_config(a: argparse.Namespace):
     """The RunConfig (`titans run`) or TeacherLabelConfig (`titans teacher-label`) of the flags."""
     from titans.pipeline.plan import RunConfig, TeacherLabelConfig
@@ -76,7 +90,8 @@ def job_config(a: argparse.Namespace):
         feature_columns=feature_columns(a.feature_columns), id_column=a.id_column,
         batch_size=a.batch_size, teacher_batch_size=a.teacher_batch_size,
         column_prefix=a.column_prefix, overwrite=a.overwrite, sample_rows=a.sample_rows,
-        seed=a.seed, teacher_resource_hints=hints, max_dead_letter_rate=a.max_dead_letter_rate)
+        seed=a.seed, teacher_resource_hints=hints, max_dead_letter_rate=a.max_dead_letter_rate,
+        skip_labeled=getattr(a, "skip_labeled", None), **input_kind(a))
     if a.command == "teacher-label":
         return TeacherLabelConfig(**common)
     return RunConfig(student=model_ref(a, "student"), rule=a.rule, threshold=a.threshold,
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_label(args, beam_args, start)
     from titans.pipeline.job import launch  # run, teacher-label: plan, run, summarise
 
-    return launch(job_config(args), beam_args, start)
+    return launch(job_config(args), beam_args, start, describe=args.describe)
 
 
 # Beam runners that execute the pipeline in this process (DirectRunner's in-memory and

@@ -92,6 +92,64 @@ def _feature_columns_flag(p: argparse.ArgumentParser, extra: str = "") -> None:
                         "numeric columns concatenated in order (default: %(default)s)" + extra)
 
 
+def _format_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="auto", choices=("auto", "parquet", "tfrecord"),
+                   help="input format; auto = by file name (.parquet; .tfrecord, .tfrecords, "
+                        ".tfr, each optionally .gz), then by content (default: %(default)s)")
+    p.add_argument("--output-format", default="parquet", choices=("parquet", "tfrecord"),
+                   help="format of labels/: Parquet, or TFRecord of tf.train.Example with every "
+                        "input column and the added ones as features (the dead letter stays "
+                        "Parquet) (default: %(default)s)")
+
+
+def _dims(text: str) -> tuple[int, int]:
+    """argparse type: 'H,W' -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W (two integers), got {text!r}")
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {text}")
+    return h, w
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """argparse type: '0.5' or '0.485,0.456,0.406' -> a tuple of floats."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _image_and_token_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images (instead of --feature-columns)")
+    g.add_argument("--image-column", metavar="COL",
+                   help="column of encoded PNG/JPEG images (Parquet binary, or a bytes_list "
+                        "feature), decoded on a thread pool into float32 [batch, C, H, W] in "
+                        "[0, 1]; an image that does not decode goes to the dead letter")
+    g.add_argument("--image-mode", default="RGB", choices=("RGB", "L"),
+                   help="convert every image to RGB (C=3) or L, grayscale (C=1) "
+                        "(default: %(default)s)")
+    g.add_argument("--image-size", type=_dims, metavar="H,W",
+                   help="resize every image to H,W (bilinear); without it every image must "
+                        "have the size of the sampled ones (default: no resizing)")
+    g.add_argument("--image-mean", type=_floats, metavar="M[,M,M]",
+                   help="per-channel mean subtracted after scaling to [0, 1] (default: 0)")
+    g.add_argument("--image-std", type=_floats, metavar="S[,S,S]",
+                   help="per-channel standard deviation divided by after the mean (default: 1)")
+    g = p.add_argument_group("token sequences (instead of --feature-columns)")
+    g.add_argument("--token-column", metavar="COL",
+                   help="column of token ids (a list of integers, or an int64_list feature): "
+                        "int64 [batch, L], padded to the batch's longest row")
+    g.add_argument("--pad-id", type=int, default=0, metavar="ID",
+                   help="token id that pads shorter rows (default: %(default)s)")
+    g.add_argument("--max-length", type=int, metavar="L",
+                   help="longest sequence passed to the models (default: no limit)")
+    g.add_argument("--overflow", default="dead_letter", choices=("dead_letter", "truncate"),
+                   help="a row longer than --max-length goes to the dead letter or is cut "
+                        "(default: %(default)s)")
+
+
 def _seed_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--seed", type=int, default=0, help=f"seeds {what} (default: %(default)s)")
 
@@ -100,13 +158,16 @@ def _seed_flag(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, metavar="PATTERN",
-                   help="Parquet file, directory (its *.parquet files) or glob; local or a URL "
-                        "of a Beam filesystem, such as gs://bucket/data/*.parquet")
+                   help="Parquet or TFRecord (tf.train.Example) file, directory (its *.parquet "
+                        "or *.tfrecord/*.tfrecords/*.tfr[.gz] files) or glob; local or a URL of "
+                        "a Beam filesystem, such as gs://bucket/data/*.parquet")
     p.add_argument("--output", required=True, metavar="DIR",
-                   help="output directory (local or URL): labels/ (Parquet shards), "
+                   help="output directory (local or URL): labels/ (Parquet or TFRecord shards), "
                         "dead_letter/ (rows that could not be labeled, with the reason), "
-                        "report.json and report.png")
+                        "report.json and report.png, then _SUCCESS, written last")
+    _format_flags(p)
     _feature_columns_flag(p)
+    _image_and_token_flags(p)
     p.add_argument("--id-column", metavar="COL",
                    help="column that identifies a row; checked to exist (every input column "
                         "is passed through to the output anyway)")
@@ -148,6 +209,20 @@ def _add_teacher_stage_flags(p: argparse.ArgumentParser, sample_rows: bool = Tru
     _seed_flag(p, "the sample and --audit-rate")
 
 
+def _add_job_mode_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-labeled", metavar="MANIFEST",
+                   help="incremental labeling: leave out the input files this manifest (JSON, "
+                        "local or gs://) lists with the same size and modification time, and "
+                        "add this job's files to it once the job completes (after _SUCCESS). "
+                        "A listed file that changed is labeled again; when every file is "
+                        "listed, the command exits 0 without starting a job")
+    p.add_argument("--describe", action="store_true",
+                   help="run the launch checks and build the pipeline, then print it as JSON "
+                        "(stages in order with their resource hints, batch sizes and devices, "
+                        "and the resolved plan) instead of running it; writes and deletes "
+                        "nothing")
+
+
 def add_run_parser(sub) -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", allow_abbrev=False, help="label a Parquet dataset with the cascade",
@@ -185,6 +260,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--student-device", default="cpu", metavar="DEVICE",
                      help="cpu, cuda or auto (default: %(default)s)")
     _add_teacher_stage_flags(run)
+    _add_job_mode_flags(run)
     return run
 
 
@@ -201,6 +277,7 @@ def add_teacher_label_parser(sub) -> argparse.ArgumentParser:
     add_model_flags(label, "teacher")
     add_trust_flag(label)
     _add_teacher_stage_flags(label)
+    _add_job_mode_flags(label)
     return label
 
 

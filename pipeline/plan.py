@@ -26,10 +26,11 @@ from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelRef, count_parameters
 from titans.pipeline import defaults
 from titans.pipeline.model_checks import check_on_sample, load_checked
-from titans.transforms.features import (FeatureSpec, feature_matrix, first_vector_length,
-                                        resolve_feature_spec)
+from titans.transforms.features import (FeatureSpec, ImageSpec, TokenSpec, feature_matrix,
+                                        first_vector_length, resolve_feature_spec,
+                                        resolve_image_spec, resolve_token_spec)
+from titans.transforms.inputs import AUTO, PARQUET, list_input, load_input
 from titans.transforms.labels import LabelColumns
-from titans.transforms.parquet_io import ParquetInput, input_pattern, match_files
 
 _LOG = logging.getLogger("titans")
 
@@ -42,7 +43,11 @@ class JobConfig:
     input: str
     output: str
     teacher: ModelRef
+    input_format: str = AUTO  # or "parquet", "tfrecord"
+    output_format: str = PARQUET  # labels/ as "parquet" or "tfrecord" (tf.train.Example)
     feature_columns: tuple[str, ...] = ("features",)
+    image: ImageSpec | None = None  # features from encoded images instead of feature_columns
+    tokens: TokenSpec | None = None  # features from token-id sequences instead
     id_column: str | None = None
     batch_size: int = defaults.BATCH_SIZE
     teacher_batch_size: int = defaults.TEACHER_BATCH_SIZE
@@ -90,7 +95,7 @@ class ThresholdSource(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class InputPlan:
     """The input as checked at launch: files, unified schema, features, added columns."""
-    source: ParquetInput
+    source: object  # a ParquetInput or a TFRecordInput (titans.transforms.inputs)
     features: FeatureSpec
     columns: LabelColumns
     output_schema: pa.Schema
@@ -100,10 +105,13 @@ class InputPlan:
         return self.source.schema.names
 
     def facts(self, config: JobConfig) -> dict:
-        return {"input": config.input, "input_files": len(self.source.files),
+        return {"input": config.input, "input_format": self.source.format,
+                "input_files": len(self.source.files),
                 "input_files_unreadable_into_schema": len(self.source.conflicts),
-                "output": config.output, "feature_columns": list(self.features.columns),
-                "feature_dim": self.features.dim, "batch_size": config.batch_size,
+                "output": config.output, "output_format": config.output_format,
+                "feature_columns": list(self.features.columns),
+                "feature_dim": self.features.dim, "model_input": self.features.describe(),
+                "batch_size": config.batch_size,
                 "teacher_batch_size": config.teacher_batch_size,
                 "max_dead_letter_rate": config.max_dead_letter_rate}
 
@@ -210,6 +218,10 @@ def _check_job(c: JobConfig) -> None:
     for name in ("batch_size", "teacher_batch_size", "sample_rows"):
         if getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if c.output_format not in ("parquet", "tfrecord"):
+        raise ValueError(f"--output-format must be parquet or tfrecord, got {c.output_format!r}")
+    if c.image is not None and c.tokens is not None:
+        raise ValueError("pass either --image-column or --token-column, not both")
     if not 0.0 <= c.max_dead_letter_rate <= 1.0:
         raise ValueError(f"--max-dead-letter-rate must be between 0 and 1, got "
                          f"{c.max_dead_letter_rate}")
@@ -247,17 +259,19 @@ def _calibration(config: RunConfig) -> tuple[str, float, str | None]:
     return cal["rule"], float(cal["threshold"]), cal.get("deferral_model")
 
 
-def _plan_source(config: JobConfig) -> tuple[ParquetInput, pa.Table, FeatureSpec]:
-    files = match_files(input_pattern(config.input), exclude_under=config.output)
+def _plan_source(config: JobConfig):
+    fmt, files = list_input(config.input, config.input_format, exclude_under=config.output)
     if config.skip_labeled:  # raises manifest.NothingToLabel when every file is labeled
         from titans.pipeline import manifest
 
         files = manifest.unlabeled(config.skip_labeled, files, config.output, config.overwrite)
-    source = ParquetInput.from_files(files)
+    source = load_input(fmt, files)
     if config.skip_rows:
         unknown = set(config.skip_rows) - set(files)
         if unknown:
             raise ValueError(f"rows to skip in files that are not in the input: {sorted(unknown)}")
+        if source.format != "parquet":
+            raise ValueError("rows can only be left out of Parquet input (skip_rows)")
         source = dataclasses.replace(source, skip=dict(config.skip_rows))
     if source.num_rows == 0:
         raise ValueError(f"the input {config.input!r} has no rows ({len(files)} file(s), all empty)")
@@ -270,8 +284,15 @@ def _plan_source(config: JobConfig) -> tuple[ParquetInput, pa.Table, FeatureSpec
         raise ValueError(f"--id-column {config.id_column!r} is not in the input; its columns are "
                          f"{source.schema.names}")
     sample = source.sample(config.sample_rows, config.seed)
-    features = resolve_feature_spec(source.schema, tuple(config.feature_columns),
-                                    first_vector_length(sample, config.feature_columns))
+    if sample.num_rows == 0:
+        raise ValueError(f"no row could be sampled from the input {config.input!r}")
+    if config.image is not None:
+        features = resolve_image_spec(source.schema, config.image, sample)
+    elif config.tokens is not None:
+        features = resolve_token_spec(source.schema, config.tokens)
+    else:
+        features = resolve_feature_spec(source.schema, tuple(config.feature_columns),
+                                        first_vector_length(sample, config.feature_columns))
     return source, sample, features
 
 
@@ -283,5 +304,5 @@ def _valid_rows(sample: pa.Table, features: FeatureSpec) -> np.ndarray:
             example = next(r for r in reasons if r is not None)
             raise ValueError(f"none of the {sample.num_rows:,} sampled rows has usable features "
                              f"in {list(features.columns)} (e.g. {example}); check "
-                             f"--feature-columns")
+                             f"--feature-columns, --image-column or --token-column")
     return x

@@ -17,7 +17,7 @@ from titans.pipeline.plan import InputPlan
 from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
 from titans.transforms.dead_letter import DeadLetter, ToDeadLetter
 from titans.transforms.labels import AUDIT
-from titans.transforms.parquet_io import ReadParquetBatches, WriteParquetBatches
+from titans.transforms.parquet_io import WriteParquetBatches
 
 # what a run writes into its output directory; --overwrite removes exactly these
 LABELS, DEAD_LETTER, REPORT, PLOT, SUCCESS = "labels", "dead_letter", "report.json", "report.png", "_SUCCESS"
@@ -26,10 +26,27 @@ OUTPUTS = (LABELS, DEAD_LETTER, REPORT, PLOT, SUCCESS)
 
 def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int):
     """(tables, dead-letter PCollection, [counts of rows in])."""
-    read = p | "ReadBatches" >> ReadParquetBatches(plan.source, batch_size)
+    read = p | "ReadBatches" >> plan.source.reader(batch_size)
     rejected = read.dead_letter | "RejectedAtRead" >> beam.Map(lambda d: d.rows)
     return read.tables, read.dead_letter, [counts.rows(read.tables, Count.IN, "CountIn"),
                                            counts.rows(rejected, Count.IN, "CountInRejected")]
+
+
+class WriteLabels(beam.PTransform):
+    """Labeled tables -> ``output/labels/PREFIX-*`` as Parquet or TFRecord (tf.train.Example,
+    every column a feature); outputs the final paths once they are in place."""
+
+    def __init__(self, output: str, schema, output_format: str, prefix: str):
+        super().__init__()
+        self._args = (storage.join(output, LABELS), schema)
+        self._format, self._prefix = output_format, prefix
+
+    def expand(self, tables):
+        if self._format == "tfrecord":
+            from titans.transforms.tfrecord_io import WriteTFRecordBatches
+
+            return tables | WriteTFRecordBatches(*self._args, prefix=self._prefix)
+        return tables | WriteParquetBatches(*self._args, prefix=self._prefix)
 
 
 def tables_typed(pcoll):
@@ -57,9 +74,11 @@ def failures(dlq, stage: str, input_names: list[str]):
 
 def finish(output: str, dead_parts: list, count_parts: list, written: list,
            build_report: Callable[[Counts, float], dict], start_time: float,
-           plot: Callable[[dict, str], None] | None = None) -> None:
+           plot: Callable[[dict, str], None] | None = None,
+           on_complete: Callable[[dict], None] | None = None) -> None:
     """Write the dead letter; then, once every output file (``written``: PCollections of
-    final paths) is in place, the report and, if the job kept its promises, ``_SUCCESS``."""
+    final paths) is in place, the report and, if the job kept its promises, ``_SUCCESS``,
+    then ``on_complete(report)`` (the --skip-labeled manifest update)."""
     dead = (dead_parts | "MergeDeadLetter" >> beam.Flatten()
             | "FormatDeadLetter" >> ToDeadLetter())
     written = written + [dead | "WriteDeadLetter" >> WriteParquetBatches(
@@ -68,7 +87,7 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
                                  counts.reasons(dead, "CountReasons")]
     sums = (count_parts | "MergeCounts" >> beam.Flatten()
             | "Sum" >> beam.CombinePerKey(sum) | "ToDict" >> beam.combiners.ToDict())
-    _ = sums | "Finish" >> beam.Map(_Finish(output, build_report, start_time, plot),
+    _ = sums | "Finish" >> beam.Map(_Finish(output, build_report, start_time, plot, on_complete),
                                     *[AsList(w) for w in written])
 
 
@@ -76,11 +95,12 @@ class _Finish:
     """Write report.json (and the plot), then _SUCCESS last; runs after every writer has
     renamed its files into place, since it waits for their final paths as side inputs."""
 
-    def __init__(self, output: str, build_report, start_time: float, plot):
+    def __init__(self, output: str, build_report, start_time: float, plot, on_complete=None):
         self._output = output
         self._build = build_report
         self._start = start_time
         self._plot = plot
+        self._on_complete = on_complete
 
     def __call__(self, sums: dict, *written: list[str]) -> dict:
         report = self._build(Counts(sums), time.time() - self._start)
@@ -90,6 +110,8 @@ class _Finish:
             self._plot(report, storage.join(self._output, PLOT))
         if report["status"] == "complete":
             mark_complete(self._output, report)
+            if self._on_complete is not None:
+                self._on_complete(report)
         return report
 
 

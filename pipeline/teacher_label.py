@@ -6,16 +6,14 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.ml.inference.base import RunInference
 
-from titans.models import storage
-from titans.pipeline import counts
+from titans.pipeline import counts, manifest
 from titans.pipeline.counts import Count
 from titans.pipeline.plan import TeacherLabelPlan
 from titans.pipeline.report import TeacherLabelReport
-from titans.pipeline.stages import LABELS, failures, finish, read_input, tables_typed
+from titans.pipeline.stages import WriteLabels, failures, finish, read_input, tables_typed
 from titans.transforms.dead_letter import TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import TeacherProbs
-from titans.transforms.parquet_io import WriteParquetBatches
 from titans.transforms.split import DEAD_LETTER, SplitErrors
 
 
@@ -35,9 +33,10 @@ def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, start_time: float) 
         teacher_handler(plan)).with_exception_handling()
     labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(SplitErrors(names)).with_output_types(
         pa.Table, dead_letter=DeadLetter).with_outputs(DEAD_LETTER, main="ok")
-    written = [labeled.ok | "WriteTeacherLabels" >> WriteParquetBatches(
-        storage.join(c.output, LABELS), plan.input.output_schema, prefix="teacher")]
+    written = [labeled.ok | "WriteTeacherLabels" >> WriteLabels(
+        c.output, plan.input.output_schema, c.output_format, "teacher")]
     count_parts += [counts.rows(labeled.ok, Count.LABELED, "CountLabeled"),
                     counts.rows(tables_typed(scored), Count.TEACHER_SCORED, "CountTeacherScored")]
     finish(c.output, [read_dead, labeled[DEAD_LETTER], failures(failed, TEACHER, names)],
-           count_parts, written, TeacherLabelReport(plan.facts()), start_time)
+           count_parts, written, TeacherLabelReport(plan.facts()), start_time,
+           on_complete=manifest.record_for(plan, "teacher-label"))

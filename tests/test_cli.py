@@ -121,11 +121,18 @@ MODEL_FLAGS = {f"--{role}{suffix}" for role in ("student", "teacher")
 JOB_FLAGS = {"--input", "--output", "--feature-columns", "--id-column", "--overwrite",
              "--batch-size", "--max-dead-letter-rate", "--trust-model-code",
              "--teacher-batch-size", "--teacher-device", "--teacher-accelerator",
-             "--teacher-min-ram", "--column-prefix", "--sample-rows", "--seed"}
+             "--teacher-min-ram", "--column-prefix", "--sample-rows", "--seed",
+             # input and output formats, images and token sequences
+             "--format", "--output-format", "--image-column", "--image-mode", "--image-size",
+             "--image-mean", "--image-std", "--token-column", "--pad-id", "--max-length",
+             "--overflow"}
+MODE_FLAGS = {"--skip-labeled", "--describe"}  # run and teacher-label only
 FLAGS = {
-    "run": JOB_FLAGS | MODEL_FLAGS | {"--rule", "--threshold", "--deferral-rate", "--calibration",
-                                      "--deferral-model", "--audit-rate", "--student-device"},
-    "teacher-label": JOB_FLAGS | {"--teacher", "--teacher-class", "--teacher-class-kwargs"},
+    "run": JOB_FLAGS | MODEL_FLAGS | MODE_FLAGS | {
+        "--rule", "--threshold", "--deferral-rate", "--calibration", "--deferral-model",
+        "--audit-rate", "--student-device"},
+    "teacher-label": JOB_FLAGS | MODE_FLAGS | {"--teacher", "--teacher-class",
+                                               "--teacher-class-kwargs"},
     "distill": {"--train", "--feature-columns", "--label-column", "--teacher", "--teacher-class",
                 "--teacher-class-kwargs", "--trust-model-code", "--teacher-probs", "--out",
                 "--method", "--student-arch", "--target-deferral", "--epochs", "--lr",

@@ -151,12 +151,31 @@ class ParquetInput:
     conflicts: dict
     num_rows: int
     skip: dict = dataclasses.field(default_factory=dict)
+    format: str = "parquet"
 
     @classmethod
     def from_files(cls, files: list[str]) -> "ParquetInput":
         footers = read_footers(files)
         schema, conflicts = unify_schemas(footers)
         return cls(tuple(files), schema, conflicts, sum(f.num_rows for f in footers))
+
+    def reader(self, batch_size: int) -> "ReadParquetBatches":
+        return ReadParquetBatches(self, batch_size)
+
+    def read_all(self) -> pa.Table:
+        """Every row, conformed to the schema, in memory (for the training commands); rows
+        that cannot be conformed are left out and logged."""
+        tables, dropped = [], 0
+        for path in self.files:
+            if path in self.conflicts:
+                _LOG.warning("left out: %s", self.conflicts[path])
+                continue
+            good, bad, _ = conform(open_parquet(path).read(), self.schema)
+            tables.append(good)
+            dropped += bad.num_rows if bad is not None else 0
+        if dropped:
+            _LOG.warning("%d row(s) do not fit the input schema and are left out", dropped)
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
     def sample(self, rows: int, seed: int, units: int = 32) -> pa.Table:
         """About ``rows`` rows from up to ``units`` random row groups (the first rows of
