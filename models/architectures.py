@@ -22,7 +22,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x.flatten(1))  # images [B, C, H, W] as vectors of C*H*W
 
 
 def parse_hidden(spec: str) -> tuple[int, ...]:

@@ -195,8 +195,8 @@ def _logits(model: nn.Module, X: torch.Tensor, chunk: int = 4096) -> torch.Tenso
 
 def _features(X) -> torch.Tensor:
     X = np.asarray(X)
-    if X.ndim != 2 or len(X) == 0:
-        raise ValueError(f"X must be a non-empty float array [N, D], got shape {X.shape}")
+    if X.ndim < 2 or len(X) == 0:  # [N, D] features or [N, C, H, W] images
+        raise ValueError(f"X must be a non-empty float array [N, ...], got shape {X.shape}")
     # a copy: training must not alias (possibly read-only) Arrow buffers
     return torch.from_numpy(np.array(X, dtype=np.float32, order="C", copy=True))
 

@@ -24,9 +24,9 @@ from titans.models.learned_deferral import LearnedDeferral
 from titans.models.storage import absolute
 from titans.pipeline import defaults
 from titans.pipeline.console import print_calibration, run_reporting_errors
-from titans.pipeline.datasets import (Dataset, check_labels, check_output_path, read_dataset,
+from titans.pipeline.datasets import (data_features, Dataset, check_labels, check_output_path, read_dataset,
                                       split_rows)
-from titans.pipeline.flags import feature_columns, model_ref
+from titans.pipeline.flags import model_ref
 from titans.pipeline.model_checks import load_checked
 
 
@@ -69,7 +69,7 @@ def _calibrate(args) -> None:
     check_output_path(args.out, "--out")
     if args.plot:
         check_output_path(args.plot, "--plot")
-    ds = read_dataset(args.input, feature_columns(args.feature_columns), args.label_column)
+    ds = read_dataset(args.input, data_features(args), args.label_column, fmt=args.format)
     print(ds.describe())
     if len(ds.x) < 2:
         raise ValueError(f"the calibration set has {len(ds.x)} usable row(s); it needs at least 2 "

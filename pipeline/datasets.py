@@ -1,9 +1,9 @@
-"""In-process reads of a (small enough) Parquet dataset, and its seeded splits.
+"""In-process reads of a (small enough) dataset, and its seeded splits.
 
 Shared by the training-side commands (`titans distill`, `titans calibrate`): they need a few
-million rows in memory at most, so they read with pyarrow directly instead of starting a
-pipeline. The input pattern, the schema of the first file, the feature columns and the
-reasons a row is unusable are exactly those of `titans run`.
+million rows in memory at most, so they read without starting a pipeline. The input (Parquet
+or TFRecord, see titans.transforms.inputs), its unified schema, the features (columns,
+images, token sequences) and the reasons a row is unusable are exactly those of `titans run`.
 """
 from __future__ import annotations
 
@@ -14,17 +14,16 @@ import numpy as np
 import pyarrow as pa
 
 from titans.models.storage import is_url
-from titans.transforms.features import (FeatureSpec, feature_matrix, first_vector_length,
-                                        resolve_feature_spec)
-from titans.transforms.parquet_io import (ParquetInput, conform, input_pattern, match_files,
-                                          open_parquet)
+from titans.transforms.features import (ImageSpec, TokenSpec, feature_matrix,
+                                        resolve_feature_spec, resolve_features)
+from titans.transforms.inputs import open_input
 
 
 @dataclasses.dataclass
 class Dataset:
-    """The usable rows of a Parquet dataset: features, labels and any extra columns asked for."""
-    x: np.ndarray                       # float32 [rows, dim]
-    features: FeatureSpec
+    """The usable rows of a dataset: features, labels and any extra columns asked for."""
+    x: np.ndarray                       # the models' input: float32 [rows, ...] or int64 tokens
+    features: object                    # FeatureSpec, ImageSpec or TokenSpec
     labels: np.ndarray | None           # int64 [rows], when a label column was given
     extra: dict[str, pa.ChunkedArray]   # requested extra columns, same rows as x
     files: list[str]
@@ -40,33 +39,39 @@ class Dataset:
         return line
 
 
-def read_dataset(path: str, features: tuple[str, ...], label_column: str | None = None,
-                 extra: dict[str, str] | None = None) -> Dataset:
-    """Read every file matching ``path`` (file, directory or glob; local or URL) into memory.
+def data_features(args):
+    """The features the flags name: an ImageSpec, a TokenSpec or the feature column names."""
+    if getattr(args, "image_column", None):
+        return ImageSpec(args.image_column, args.image_mode, args.image_size, args.image_mean,
+                         args.image_std)
+    if getattr(args, "token_column", None):
+        return TokenSpec(args.token_column, args.pad_id, args.max_length, args.overflow)
+    return tuple(c.strip() for c in args.feature_columns.split(",") if c.strip())
 
-    Only the needed columns are read, conformed to the first file's schema. Rows whose
-    features are unusable (null, NaN, wrong length), whose label is null, or that do not fit
-    the first file's schema are dropped and counted. ``extra`` maps a column to the flag that
-    named it (for error messages). Raises ValueError saying what to fix.
+
+def read_dataset(path: str, features, label_column: str | None = None,
+                 extra: dict[str, str] | None = None, fmt: str = "auto") -> Dataset:
+    """Read every file matching ``path`` (file, directory or glob; local or URL; Parquet or
+    TFRecord, ``fmt`` as --format) into memory.
+
+    ``features``: the feature column names, or an ImageSpec / TokenSpec
+    (titans.transforms.features), as `titans run` takes them. Only the needed columns are
+    read, conformed to the input's unified schema. Rows whose features are unusable (null,
+    NaN, wrong length, an image that does not decode), whose label is null, or that do not
+    fit the schema are dropped and counted. ``extra`` maps a column to the flag that named it
+    (for error messages). Raises ValueError saying what to fix.
     """
-    files = match_files(input_pattern(path))
-    schema = ParquetInput.from_files(files).schema
+    source = open_input(path, fmt)
+    image = features if isinstance(features, ImageSpec) else None
+    tokens = features if isinstance(features, TokenSpec) else None
+    columns = () if image or tokens else tuple(features)
     extra = dict(extra or {})
-    _require_columns(schema, features, label_column, extra)
-    wanted = list(dict.fromkeys([*features, *([label_column] if label_column else []), *extra]))
-    sub_schema = pa.schema([schema.field(c) for c in wanted])
+    _require_columns(source.schema, columns, label_column, extra)
+    spec = resolve_features(source.schema, source.sample(256, 0), columns, image, tokens)
+    wanted = list(dict.fromkeys([*spec.columns, *([label_column] if label_column else []), *extra]))
+    table = source.read_all(wanted)
+    rows_read, dropped = table.num_rows, {}
 
-    tables, rows_read, dropped = [], 0, {}
-    for f in files:
-        table = _read_columns(f, wanted)
-        rows_read += table.num_rows
-        good, bad, _ = conform(table, sub_schema)
-        tables.append(good)
-        if bad is not None:
-            _count(dropped, "not fitting the first file's schema", bad.num_rows)
-    table = pa.concat_tables(tables) if tables else sub_schema.empty_table()
-
-    spec = resolve_feature_spec(schema, features, first_vector_length(table, features))
     x, reasons = feature_matrix(table, spec)
     keep = np.ones(table.num_rows, bool) if reasons is None else \
         np.array([r is None for r in reasons], bool)
@@ -84,21 +89,14 @@ def read_dataset(path: str, features: tuple[str, ...], label_column: str | None 
     labels = None
     if label_column:
         labels = table.column(label_column).to_numpy().astype(np.int64)
-    return Dataset(x, spec, labels, {c: table.column(c) for c in extra}, files, rows_read, dropped)
-
-
-def _read_columns(path: str, wanted: list[str]) -> pa.Table:
-    """The ``wanted`` columns this file has (conform fills the ones it lacks with nulls)."""
-    try:
-        pf = open_parquet(path)
-        return pf.read(columns=[c for c in wanted if c in pf.schema_arrow.names])
-    except Exception as e:  # noqa: BLE001 - a corrupt or unreadable file: say which
-        raise ValueError(f"cannot read {path!r} as Parquet: {type(e).__name__}: {e}") from e
+    return Dataset(x, spec, labels, {c: table.column(c) for c in extra}, list(source.files),
+                   rows_read, dropped)
 
 
 def _require_columns(schema: pa.Schema, features, label_column, extra: dict[str, str]) -> None:
     """Fail before reading any data when a named column is missing or of the wrong kind."""
-    resolve_feature_spec(schema, features, 1)  # names and types; the width is worked out later
+    if features:
+        resolve_feature_spec(schema, features, 1)  # names and types; the width comes later
     if label_column:
         if label_column not in schema.names:
             raise ValueError(f"--label-column {label_column!r} is not in the input; its columns "

@@ -21,9 +21,9 @@ from titans.models.loading import save_torchscript
 from titans.models.storage import absolute, write_bytes
 from titans.pipeline import defaults
 from titans.pipeline.console import print_distill_summary, run_reporting_errors
-from titans.pipeline.datasets import (check_labels, check_output_path, read_dataset,
+from titans.pipeline.datasets import (data_features, check_labels, check_output_path, read_dataset,
                                       split_rows)
-from titans.pipeline.flags import feature_columns, model_ref
+from titans.pipeline.flags import model_ref
 from titans.pipeline.model_checks import load_checked
 from titans.transforms.features import FeatureSpec, feature_matrix, is_list_type
 
@@ -36,7 +36,11 @@ def _distill(args) -> None:
     _check_distill_args(args)
     check_output_path(args.out, "--out")
     extra = {args.teacher_probs: "--teacher-probs"} if args.teacher_probs else {}
-    ds = read_dataset(args.train, feature_columns(args.feature_columns), args.label_column, extra)
+    ds = read_dataset(args.train, data_features(args), args.label_column, extra, args.format)
+    if ds.features.dim is None:
+        raise ValueError("titans distill trains an MLP student on feature vectors or images; for "
+                         "token sequences train a student of your own (titans calibrate and "
+                         "titans run take any TorchScript model)")
     print(ds.describe())
     if args.teacher_probs:
         probs = probs_from_column(ds.extra[args.teacher_probs], args.teacher_probs)

@@ -285,11 +285,14 @@ def add_teacher_label_parser(sub) -> argparse.ArgumentParser:
 
 def _data_flags(p: argparse.ArgumentParser, flag: str, what: str) -> None:
     p.add_argument(flag, required=True, metavar="PATTERN",
-                   help=f"the {what}: Parquet file, directory (its *.parquet files) or glob; local "
-                        f"or a URL such as gs://bucket/data/*.parquet. Files are conformed to the "
-                        f"first file's schema")
+                   help=f"the {what}: Parquet or TFRecord file, directory or glob; local or a URL "
+                        f"such as gs://bucket/data/*.parquet. Files are conformed to one schema "
+                        f"unified from all of them, as in `titans run`")
+    p.add_argument("--format", default="auto", choices=("auto", "parquet", "tfrecord"),
+                   help="input format; auto = by file name, then by content (default: %(default)s)")
     _feature_columns_flag(p, "; rows with a null, NaN or wrong-length feature vector are dropped "
                              "and counted")
+    _image_and_token_flags(p)
     p.add_argument("--label-column", metavar="COL",
                    help="integer class ids 0..K-1 in the teacher's class order (optional); rows "
                         "with a null label are dropped")

@@ -27,8 +27,7 @@ from titans.models.loading import ModelRef, count_parameters
 from titans.pipeline import defaults
 from titans.pipeline.model_checks import check_on_sample, load_checked
 from titans.transforms.features import (FeatureSpec, ImageSpec, TokenSpec, feature_matrix,
-                                        first_vector_length, resolve_feature_spec,
-                                        resolve_image_spec, resolve_token_spec)
+                                        resolve_features)
 from titans.transforms.inputs import AUTO, PARQUET, list_input, load_input
 from titans.transforms.labels import LabelColumns
 
@@ -286,13 +285,8 @@ def _plan_source(config: JobConfig):
     sample = source.sample(config.sample_rows, config.seed)
     if sample.num_rows == 0:
         raise ValueError(f"no row could be sampled from the input {config.input!r}")
-    if config.image is not None:
-        features = resolve_image_spec(source.schema, config.image, sample)
-    elif config.tokens is not None:
-        features = resolve_token_spec(source.schema, config.tokens)
-    else:
-        features = resolve_feature_spec(source.schema, tuple(config.feature_columns),
-                                        first_vector_length(sample, config.feature_columns))
+    features = resolve_features(source.schema, sample, tuple(config.feature_columns),
+                                config.image, config.tokens)
     return source, sample, features
 
 

@@ -118,14 +118,14 @@ def test_unknown_flag_is_an_error(capsys, setup):
 # every flag of every command, written out here rather than read from the parser
 MODEL_FLAGS = {f"--{role}{suffix}" for role in ("student", "teacher")
                for suffix in ("", "-class", "-class-kwargs")}
+# input format, images and token sequences: every command that reads data
+DATA_FLAGS = {"--format", "--image-column", "--image-mode", "--image-size", "--image-mean",
+              "--image-std", "--token-column", "--pad-id", "--max-length", "--overflow"}
 JOB_FLAGS = {"--input", "--output", "--feature-columns", "--id-column", "--overwrite",
              "--batch-size", "--max-dead-letter-rate", "--trust-model-code",
              "--teacher-batch-size", "--teacher-device", "--teacher-accelerator",
              "--teacher-min-ram", "--column-prefix", "--sample-rows", "--seed",
-             # input and output formats, images and token sequences
-             "--format", "--output-format", "--image-column", "--image-mode", "--image-size",
-             "--image-mean", "--image-std", "--token-column", "--pad-id", "--max-length",
-             "--overflow"}
+             "--output-format"} | DATA_FLAGS
 MODE_FLAGS = {"--skip-labeled", "--describe"}  # run and teacher-label only
 FLAGS = {
     "run": JOB_FLAGS | MODEL_FLAGS | MODE_FLAGS | {
@@ -133,11 +133,11 @@ FLAGS = {
         "--audit-rate", "--student-device"},
     "teacher-label": JOB_FLAGS | MODE_FLAGS | {"--teacher", "--teacher-class",
                                                "--teacher-class-kwargs"},
-    "distill": {"--train", "--feature-columns", "--label-column", "--teacher", "--teacher-class",
+    "distill": DATA_FLAGS | {"--train", "--feature-columns", "--label-column", "--teacher", "--teacher-class",
                 "--teacher-class-kwargs", "--trust-model-code", "--teacher-probs", "--out",
                 "--method", "--student-arch", "--target-deferral", "--epochs", "--lr",
                 "--batch-size", "--temperature", "--alpha", "--val-fraction", "--seed"},
-    "calibrate": MODEL_FLAGS | {"--input", "--feature-columns", "--label-column",
+    "calibrate": MODEL_FLAGS | DATA_FLAGS | {"--input", "--feature-columns", "--label-column",
                                 "--trust-model-code", "--out", "--rule", "--plot",
                                 "--deferral-rate", "--max-accuracy-loss", "--target-accuracy",
                                 "--delta", "--bound", "--seed"},

@@ -181,3 +181,29 @@ def test_teacher_label_reads_tfrecord_and_writes_tfrecord(tmp_path, models):
     assert report["rows_labeled"] == 300 and report["input_format"] == "tfrecord"
     files = sorted(str(p) for p in (tmp_path / "out" / "labels").glob("*.tfrecord"))
     assert len(sample_records(files, 10_000)) == 300
+
+
+def test_distill_calibrate_and_run_on_tfrecord_images(tmp_path, one_torch_thread):
+    from titans.pipeline.cli import main
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, size=(400, 8, 8))
+    os.makedirs(tmp_path / "data")
+    write_tfrecord(tmp_path / "data" / "part-0.tfrecord",
+                   [example({"id": ("int64", [i]), "image": ("bytes", [_png(p)])})
+                    for i, p in enumerate(pixels)])
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "t.pt")
+    save_torchscript(ImageNet(64), teacher)
+    images = ["--image-column", "image", "--image-mode", "L"]
+    student, cal = str(tmp_path / "s.pt"), str(tmp_path / "cal.json")
+    assert main(["distill", "--train", str(tmp_path / "data"), *images, "--teacher", teacher,
+                 "--out", student, "--method", "kd", "--epochs", "2"]) == 0
+    assert main(["calibrate", "--input", str(tmp_path / "data"), *images, "--student", student,
+                 "--teacher", teacher, "--deferral-rate", "0.25", "--out", cal]) == 0
+    assert main(["run", "--input", str(tmp_path / "data"), *images, "--student", student,
+                 "--teacher", teacher, "--calibration", cal, "--output", str(tmp_path / "out"),
+                 "--output-format", "tfrecord", *RUNNER]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["rows_in"] == 400 and report["conservation_ok"]
+    assert 0.1 < report["deferral_rate"] < 0.4

@@ -178,6 +178,17 @@ def first_vector_length(sample: pa.Table, columns) -> int | None:
     return None
 
 
+def resolve_features(schema: pa.Schema, sample: pa.Table, columns: tuple[str, ...],
+                     image: "ImageSpec | None" = None, tokens: "TokenSpec | None" = None):
+    """The spec of the models' input: images or token sequences when asked for, else the
+    feature columns; checked against ``schema`` and the ``sample`` rows."""
+    if image is not None:
+        return resolve_image_spec(schema, image, sample)
+    if tokens is not None:
+        return resolve_token_spec(schema, tokens)
+    return resolve_feature_spec(schema, tuple(columns), first_vector_length(sample, columns))
+
+
 def resolve_image_spec(schema: pa.Schema, spec: ImageSpec, sample: pa.Table) -> ImageSpec:
     """``spec`` with its input shape, checked against the schema and the sampled images."""
     if spec.column not in schema.names:

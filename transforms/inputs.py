@@ -123,8 +123,9 @@ class TFRecordInput:
             raise ValueError("leaving rows out (skip_rows) is only supported for Parquet input")
         return ReadTFRecordBatches(list(self.files), batch_size, self.schema, self.compression)
 
-    def read_all(self) -> pa.Table:
-        """Every parseable record, in memory (records that do not fit are left out and logged)."""
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        """Every parseable record (``columns`` of it, default all), in memory; records that do
+        not fit are left out and logged."""
         from titans.transforms.example_codec import parse_examples
         from titans.transforms.tfrecord_io import RecordBatch, Unit, is_gzip, iter_unit
 
@@ -139,4 +140,5 @@ class TFRecordInput:
                     dropped += item.rows.num_rows
         if dropped:
             _LOG.warning("%d record(s) could not be read or parsed and are left out", dropped)
-        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
+        return table if columns is None else table.select(columns)

@@ -162,20 +162,23 @@ class ParquetInput:
     def reader(self, batch_size: int) -> "ReadParquetBatches":
         return ReadParquetBatches(self, batch_size)
 
-    def read_all(self) -> pa.Table:
-        """Every row, conformed to the schema, in memory (for the training commands); rows
-        that cannot be conformed are left out and logged."""
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        """Every row (of ``columns``, default all), conformed to the schema, in memory (for
+        the training commands); rows that cannot be conformed are left out and logged."""
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         tables, dropped = [], 0
         for path in self.files:
             if path in self.conflicts:
                 _LOG.warning("left out: %s", self.conflicts[path])
                 continue
-            good, bad, _ = conform(open_parquet(path).read(), self.schema)
+            pf = open_parquet(path)
+            have = [c for c in schema.names if c in pf.schema_arrow.names]
+            good, bad, _ = conform(pf.read(columns=have), schema)
             tables.append(good)
             dropped += bad.num_rows if bad is not None else 0
         if dropped:
             _LOG.warning("%d row(s) do not fit the input schema and are left out", dropped)
-        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def sample(self, rows: int, seed: int, units: int = 32) -> pa.Table:
         """About ``rows`` rows from up to ``units`` random row groups (the first rows of
