@@ -65,8 +65,15 @@ def prepare_output(output: str, overwrite: bool) -> None:
               f"; left {len(others)} other file(s) alone" if others else "")
 
 
-def run_job(plan, build: Build, beam_args: list[str], start: float | None = None) -> dict:
-    """Run a planned job to the end and return its report; ``start``: when the command began."""
+def run_job(plan, build: Build, beam_args: list[str], start: float | None = None,
+            wait: bool = True) -> dict:
+    """Run a planned job to the end and return its report; ``start``: when the command began.
+
+    ``wait=False``: return as soon as the runner has the job (a Dataflow job submitted, or
+    its graph written for a Flex Template launch) with ``{"status": "submitted", ...}``; the
+    job writes report.json and ``_SUCCESS`` itself when it is done (see ``stages.finish``),
+    without the fields this function adds after waiting (wall time from launch, runner,
+    counters). A Flex Template's launcher must not wait for its job."""
     start = time.time() if start is None else start
     # matplotlib (for report.png, drawn at the end) takes ~0.3 s to import: do it while the
     # pipeline runs, which leaves the GIL free most of the time
@@ -81,6 +88,8 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     output = plan.config.output
     prepare_output(output, plan.config.overwrite)
     result = p.run()
+    if not wait:
+        return submitted(result, options, output)
     result.wait_until_finish()
     # the in-pipeline report timed the pipeline only: restate wall time as launch-to-finish
     report = storage.read_json(storage.join(output, REPORT))
@@ -93,6 +102,29 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     if report["status"] == "complete":
         mark_complete(output, report)  # again, so that _SUCCESS stays the last file written
     return report
+
+
+def submitted(result, options: PipelineOptions, output: str) -> dict:
+    """What run_job(wait=False) returns: the job is the runner's now."""
+    job_id = None
+    if getattr(result, "has_job", False):  # DataflowPipelineResult; None for a template launch
+        job_id = result.job_id()
+    return {"status": "submitted", "job_id": job_id,
+            "runner": str(options.view_as(StandardOptions).runner),
+            "output": output, "report": storage.join(output, REPORT)}
+
+
+def submit_nothing(beam_args: list[str], message: str) -> None:
+    """A one-step job that logs ``message``: what a launcher that must hand the runner a job
+    submits when there is nothing to label (a Flex Template launch that leaves no job behind
+    is reported as a failed launch, which would fail the schedule that started it)."""
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    _ = p | "NothingToLabel" >> beam.Create([message]) | "Log" >> beam.Map(_log_info)
+    p.run()
+
+
+def _log_info(message: str) -> None:
+    _LOG.info("%s", message)
 
 
 def titans_counters(result) -> dict:
@@ -109,22 +141,28 @@ def titans_counters(result) -> dict:
     return dict(sorted(totals.items()))
 
 
-def run_cascade(plan, beam_args: list[str], start: float | None = None) -> dict:
+def run_cascade(plan, beam_args: list[str], start: float | None = None,
+                wait: bool = True) -> dict:
     from titans.pipeline.cascade import build_pipeline
 
-    return run_job(plan, build_pipeline, beam_args, start)
+    return run_job(plan, build_pipeline, beam_args, start, wait)
 
 
-def run_teacher_label(plan, beam_args: list[str], start: float | None = None) -> dict:
+def run_teacher_label(plan, beam_args: list[str], start: float | None = None,
+                      wait: bool = True) -> dict:
     from titans.pipeline.teacher_label import build_pipeline
 
-    return run_job(plan, build_pipeline, beam_args, start)
+    return run_job(plan, build_pipeline, beam_args, start, wait)
 
 
-def launch(config, beam_args: list[str], start: float | None = None) -> int:
+def launch(config, beam_args: list[str], start: float | None = None, *,
+           describe: bool = False, wait: bool = True) -> int:
     """Plan, run and summarise a `titans run` (RunConfig) or `titans teacher-label`
-    (TeacherLabelConfig) job; the command's exit code: 0 done, 1 the job failed its
-    dead-letter budget (report written, no _SUCCESS), 2 a launch check failed."""
+    (TeacherLabelConfig) job; the command's exit code: 0 done (or nothing to label under
+    --skip-labeled), 1 the job failed its dead-letter budget (report written, no _SUCCESS),
+    2 a launch check failed. ``describe``: plan and build, print the pipeline as JSON, run
+    nothing; ``wait=False``: return once the runner has the job (see run_job)."""
+    from titans.pipeline.manifest import NothingToLabel
     from titans.pipeline.plan import RunConfig, plan_run, plan_teacher_label
     from titans.pipeline.report import summary
 
@@ -132,10 +170,30 @@ def launch(config, beam_args: list[str], start: float | None = None) -> int:
     command = "run" if cascade else "teacher-label"
     try:
         plan = plan_run(config) if cascade else plan_teacher_label(config)
-        report = (run_cascade if cascade else run_teacher_label)(plan, beam_args, start)
+        if describe:
+            from titans.pipeline import cascade as cascade_pipeline, teacher_label
+            from titans.pipeline.describe import describe_job, to_json
+
+            build = (cascade_pipeline if cascade else teacher_label).build_pipeline
+            print(to_json(describe_job(plan, build, beam_args, command)))
+            return 0
+        report = (run_cascade if cascade else run_teacher_label)(plan, beam_args, start, wait)
+    except NothingToLabel as e:  # --skip-labeled: every input file is labeled already
+        print(f"titans {command}: {e}")
+        if not wait:
+            submit_nothing(beam_args, f"titans {command}: {e}")
+        return 0
     except ValueError as e:  # launch-time checks: say what to fix, no traceback
         print(f"titans {command}: error: {e}", file=sys.stderr)
         return 2
+    if report["status"] == "submitted":
+        runner = report["runner"].rsplit(".", 1)[-1].removesuffix("Runner") or report["runner"]
+        print(f"titans {command}: {runner} job {report['job_id']} submitted; not waiting for it"
+              if report["job_id"] else
+              f"titans {command}: job graph handed to {runner} (a template launch); not waiting")
+        print(f"the job writes labels/, dead_letter/, {REPORT} and then _SUCCESS under "
+              f"{config.output}")
+        return 0
     print(summary(report))
     print(f"labels: {storage.join(config.output, 'labels')}/  report: "
           f"{storage.join(config.output, REPORT)}")

@@ -154,11 +154,50 @@ def test_template_launch_hands_dataflow_a_graph_with_the_gpu_on_the_teacher_only
     hinted = {t.unique_name: dict(envs[t.environment_id].resource_hints)
               for t in proto.components.transforms.values()
               if t.environment_id in envs and envs[t.environment_id].resource_hints}
-    teacher_steps = [n for n in hinted if n.startswith("ScoreTeacher/")]
+    teacher_steps = [n for n in hinted if n.split("/")[0] == "ScoreTeacher"]
     assert teacher_steps, sorted(hinted)
-    assert not [n for n in hinted if not n.startswith("ScoreTeacher/")]
+    assert not [n for n in hinted if n.split("/")[0] != "ScoreTeacher"]
+    assert "ToTeacherWorkers" in {t.unique_name for t in proto.components.transforms.values()}
     hints = hinted[teacher_steps[0]]
     assert hints["beam:resources:accelerator:v1"] == HINT.encode()
     assert int(hints["beam:resources:min_ram_bytes:v1"]) == 16 * 10**9
     # report.json is the job's to write: nothing was run here
     assert not bucket.blob("labels/dt=2026-11-28/report.json").exists()
+
+
+def test_template_launch_with_nothing_to_label_still_hands_dataflow_a_job(
+        tmp_path, models, gcs, monkeypatch, capsys):
+    """--skip-labeled with every input file labeled: a Flex Template launch that left no job
+    graph would be reported as a failed launch (failing the schedule), so the launcher hands
+    Dataflow a one-step job that logs why there is nothing to do; no model step, no GPU."""
+    from apache_beam.internal.gcp import auth
+    from apache_beam.portability.api import beam_runner_api_pb2
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs)
+    monkeypatch.setattr(auth._Credentials, "_credentials_init", True)
+    monkeypatch.setattr(auth._Credentials, "_credentials", None)
+    write_dataset(tmp_path / "data", 300, files=2)
+    student, teacher = models
+    common = [f"--input={tmp_path / 'data'}", f"--student={student}", f"--teacher={teacher}",
+              f"--skip_labeled={tmp_path / 'manifest.json'}"]
+    assert launch.main([*common, f"--output={tmp_path / 'first'}", "--runner=FnApiRunner"]) == 0
+    argv = [*common, "--output=gs://bkt/labels/again", f"--teacher_accelerator={HINT}",
+            f"--sdk_container_image={IMAGE}", "--runner=DataflowRunner", "--project=proj",
+            "--region=us-central1", "--temp_location=gs://bkt/tmp",
+            "--staging_location=gs://bkt/staging",
+            "--template_location=gs://bkt/template_launches/2/job_object"]
+    capsys.readouterr()
+    assert launch.main(argv) == 0
+    assert "already labeled" in capsys.readouterr().out
+
+    bucket = storage.Client(project="proj", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": gcs}).bucket("bkt")
+    job = json.loads(bucket.blob("template_launches/2/job_object").download_as_bytes())
+    url = job["environment"]["sdkPipelineOptions"]["options"]["pipelineUrl"]
+    proto = beam_runner_api_pb2.Pipeline.FromString(
+        bucket.blob(url[len("gs://bkt/"):]).download_as_bytes())
+    names = {t.unique_name.split("/")[0] for t in proto.components.transforms.values()}
+    assert "NothingToLabel" in names and "ScoreTeacher" not in names
+    assert not any(env.resource_hints for env in proto.components.environments.values())

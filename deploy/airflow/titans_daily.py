@@ -11,7 +11,9 @@ Dataflow operators module imports the Beam provider).
 The run for the interval [D 02:00, D+1 02:00) UTC starts at D+1 02:00 and labels partition
 dt=D ({{ ds }} is the interval start on Airflow 2 and 3 because the timetable is an interval
 timetable, not Airflow 3's default trigger timetable). overwrite=true makes a retry or a
-backfill of the same day replace that day's previous outputs instead of failing.
+backfill of the same day replace that day's previous outputs instead of failing, and
+skip_labeled (a manifest per day) makes a rerun of a day that completed, with no new or
+changed files, start no labeling at all.
 
 `launch_body()` is plain Python and imports nothing from Airflow, so the request it builds can
 be checked without Airflow (tests/test_deploy_schedule.py checks it against metadata.json).
@@ -50,6 +52,11 @@ def launch_body(ds: str, *, bucket: str = BUCKET, template: str = TEMPLATE, imag
         "feature_columns": feature_columns,
         "deferral_rate": str(deferral_rate),
         "overwrite": "true",  # a retried or backfilled day replaces its own previous outputs
+        # a rerun or backfill of a day that completed starts no labeling (a one-step job
+        # that logs "already labeled"); a day with late files is labeled again as a whole,
+        # since overwrite replaces its labels (pipeline/manifest.py). One manifest per day
+        # keeps it small; max_active_runs=1 keeps its updates apart
+        "skip_labeled": f"gs://{bucket}/labels/_manifests/dt={ds}.json",
         # only the teacher step asks for a GPU (right fitting); fail rather than label on CPU
         "teacher_accelerator": teacher_accelerator,
         "teacher_device": "cuda",

@@ -13,12 +13,13 @@ What differs from `titans run`:
     with a warning, as a plain Beam program would, instead of failing the launch;
   * --runner defaults to DataflowRunner, not the DirectRunner (a launcher VM must never run
     the job itself);
-  * on Dataflow it returns as soon as the job is handed over. `titans run` waits for the
-    job and then rereads and rewrites report.json, but under a Flex Template Beam only writes
-    the job graph to --template_location (no job id, nothing to wait for, no report yet) and
-    the launcher must exit promptly. The job writes report.json and then _SUCCESS itself
-    when its writers are done; only the post-run fields (wall time restated from launch to
-    finish, runner name, the pipeline's counters) are missing from that report.
+  * on Dataflow it returns as soon as the job is handed over (titans' launch with
+    wait=False). `titans run` waits for the job and then rereads and rewrites report.json,
+    but under a Flex Template Beam only writes the job graph to --template_location (no job
+    id, nothing to wait for, no report yet) and the launcher must exit promptly. The job
+    writes report.json and then _SUCCESS itself when its writers are done (and, with
+    --skip-labeled, its manifest); only the post-run fields (wall time restated from launch
+    to finish, runner name, the pipeline's counters) are missing from that report.
 
 Local runners (--runner FnApiRunner, DirectRunner) run the plain `titans run`, which is how
 the tests exercise this file without Google Cloud.
@@ -108,44 +109,18 @@ def is_dataflow(runner: str | None) -> bool:
     return runner is not None and runner.split(".")[-1] in ("DataflowRunner", "Dataflow")
 
 
-class Submitted(Exception):
-    """Raised instead of waiting: the pipeline was handed to Dataflow."""
-
-    def __init__(self, result):
-        super().__init__("submitted")
-        self.result = result
-
-
 def run_and_return(cli_args: list[str]) -> int:
     """`titans run` up to the job submission: the same flag checks, launch-time plan (files,
-    schema, models, threshold) and output preparation, then Pipeline.run() -- and return
-    instead of waiting for the job and reading its report.
-
-    The hook is Beam's Pipeline.run, not a titans function, so it does not depend on how
-    titans' own modules are laid out: the first Pipeline.run() that returns raises
-    Submitted, which no titans code catches (it only turns ValueError into exit code 2)."""
-    import apache_beam as beam
+    schema, models, threshold) and output preparation, then Pipeline.run(), and return
+    instead of waiting for the job and reading its report (titans' run_job(wait=False))."""
     from titans.pipeline import cli
+    from titans.pipeline.job import launch
 
-    real_run = beam.Pipeline.run
-
-    def run_then_return(self, *args, **kwargs):
-        raise Submitted(real_run(self, *args, **kwargs))
-
-    beam.Pipeline.run = run_then_return
-    try:
-        code = cli.main(cli_args)
-    except Submitted as s:
-        result = s.result
-        if getattr(result, "has_job", False):
-            print(f"titans: Dataflow job {result.job_id()} submitted; not waiting for it")
-        else:
-            print("titans: job graph handed to Dataflow (Flex Template launch); the job "
-                  "writes labels/, dead_letter/ and report.json under --output")
-        return 0
-    finally:
-        beam.Pipeline.run = real_run
-    return code  # an error before submission (exit code 2 and a message from titans)
+    args, beam_args = cli.parse(cli_args)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("titans").setLevel(args.log_level)
+    return launch(cli.job_config(args), beam_args, describe=args.describe, wait=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ REGEXES = {
     "teacher": MODEL_PATH,
     "calibration": MODEL_PATH,
     "deferral_model": MODEL_PATH,
+    "skip_labeled": GCS_PATH,
     "student_class": r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$",
     "teacher_class": r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$",
     "student_class_kwargs": r"^\{.*\}$",

@@ -8,8 +8,11 @@
 #
 # Cloud Scheduler sends the same body every time: it cannot put the date into the paths.
 # launch_body.json therefore labels a fixed input prefix (gs://BUCKET/events/current/) into a
-# fixed output (gs://BUCKET/labels/current, replaced each run: overwrite=true). For
-# date-partitioned input (dt=YYYY-MM-DD) use the Airflow DAG (deploy/airflow/titans_daily.py).
+# fixed output (gs://BUCKET/labels/current, replaced each run: overwrite=true). With
+# skip_labeled (gs://BUCKET/labels/_manifests/current.json), a run that finds no new or
+# changed file since the last completed one starts no labeling (a one-step job that logs
+# it); otherwise the prefix is labeled again as a whole, since overwrite replaces its labels.
+# For date-partitioned input (dt=YYYY-MM-DD) use the Airflow DAG (deploy/airflow/titans_daily.py).
 #
 # SCHEDULER_SA needs roles/dataflow.developer on the project and roles/iam.serviceAccountUser
 # on the workers' service account; Cloud Scheduler gets an OAuth token for it.
