@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         from titans.pipeline.demo import run_demo
 
         return run_reporting_errors(
-            "demo", lambda: run_demo(args.output, args.deferral_rate, args.seed, beam_args))
+            "demo", lambda: run_demo(args.output, args.deferral_rate, args.seed, beam_args,
+                                     args.format))
     if args.command == "label":
         from titans.pipeline.label_command import run_label
 

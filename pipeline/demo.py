@@ -68,7 +68,8 @@ def train_models(train: pa.Table, seed: int) -> tuple[torch.nn.Module, torch.nn.
     return student.eval(), teacher
 
 
-def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str]) -> dict:
+def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str],
+             fmt: str = "parquet") -> dict:
     from titans.pipeline.job import run_cascade
     from titans.pipeline.plan import RunConfig, plan_run
     from titans.models.loading import ModelRef
@@ -80,11 +81,15 @@ def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str])
     os.makedirs(models)
 
     train, calibration, test = digits_tables(seed)
-    pq.write_table(train, os.path.join(data, "train.parquet"))
-    pq.write_table(calibration, os.path.join(data, "calibration.parquet"))
-    pq.write_table(test, os.path.join(data, "test", "part-0.parquet"))
+    write = pq.write_table
+    if fmt == "tfrecord":  # tf.train.Example: id and y int64_list, pixels float_list
+        from titans.transforms.tfrecord_io import write_table as write
+    suffix = ".parquet" if fmt == "parquet" else ".tfrecord"
+    write(train, os.path.join(data, "train" + suffix))
+    write(calibration, os.path.join(data, "calibration" + suffix))
+    write(test, os.path.join(data, "test", "part-0" + suffix))
     print(f"data: {train.num_rows} train / {calibration.num_rows} calibration / {test.num_rows} "
-          f"test rows of scikit-learn's digits -> {data}/")
+          f"test rows of scikit-learn's digits as {fmt} -> {data}/")
 
     logging.getLogger("titans.models.distill").setLevel(logging.WARNING)  # no per-epoch lines
     student, teacher = train_models(train, seed)

@@ -465,4 +465,8 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
     demo.add_argument("--deferral-rate", type=float, default=defaults.DEFERRAL_RATE, metavar="R",
                       help="share of test rows sent to the teacher (default: %(default)s)")
     _seed_flag(demo, "the split and the training")
+    demo.add_argument("--format", default="parquet", choices=("parquet", "tfrecord"),
+                      help="write the digits as Parquet or as TFRecord files of tf.train.Example "
+                           "(pixels a float_list, id and y int64_list) and label them from there "
+                           "(default: %(default)s)")
     return demo

@@ -141,7 +141,7 @@ FLAGS = {
                                 "--trust-model-code", "--out", "--rule", "--plot",
                                 "--deferral-rate", "--max-accuracy-loss", "--target-accuracy",
                                 "--delta", "--bound", "--seed"},
-    "demo": {"--output", "--deferral-rate", "--seed"},
+    "demo": {"--output", "--deferral-rate", "--seed", "--format"},
     "label": (JOB_FLAGS | {"--teacher", "--teacher-class", "--teacher-class-kwargs",
                            "--max-disagreement", "--deferral-rate", "--delta", "--student-budget",
                            "--rule", "--audit-rate", "--student-device", "--resume"}),

@@ -19,3 +19,18 @@ def test_demo_meets_its_target(tmp_path):
     report = json.loads((out / "run" / "report.json").read_text())
     assert report["rows_in"] == 450 and report["conservation_ok"]
     assert (out / "accuracy_vs_deferral.png").stat().st_size > 10_000
+
+
+def test_demo_from_tfrecord_gives_the_same_labels(tmp_path):
+    runs = {}
+    for fmt in ("parquet", "tfrecord"):
+        out = tmp_path / fmt
+        done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "demo", "--output",
+                               str(out), "--format", fmt], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        runs[fmt] = json.loads((out / "summary.json").read_text())
+        report = json.loads((out / "run" / "report.json").read_text())
+        assert report["input_format"] == fmt and report["rows_in"] == 450
+    assert list((tmp_path / "tfrecord" / "data" / "test").glob("*.tfrecord"))
+    assert runs["tfrecord"] == runs["parquet"]

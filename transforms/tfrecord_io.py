@@ -106,6 +106,14 @@ def masked_crc32c(data: bytes) -> int:
     return _mask(google_crc32c.value(data))
 
 
+def write_table(table: pa.Table, path: str) -> None:
+    """``table`` as one TFRecord file of tf.train.Example (every column a feature), outside a
+    pipeline (the demo's data, tests); arguments in pyarrow.parquet.write_table's order."""
+    from titans.models.storage import write_bytes
+
+    write_bytes(path, bytes(frame_records(encode_examples_array(table))))
+
+
 def frame_records(payloads: pa.Array) -> memoryview:
     """Serialized records (a binary array) -> the bytes of a TFRecord file holding them."""
     payloads = payloads.cast(pa.large_binary()) if payloads.type != pa.large_binary() else payloads
