@@ -164,6 +164,11 @@ def _load_and_score(handler, x, barrier, results) -> None:
     loaded = handler.load_model()
     results.put((os.getpid(), loaded.device, handler.forward(loaded, x)))
     barrier.wait(timeout=120)  # every process keeps the shared copy alive until all are done
+    results.close()
+    results.join_thread()
+    # end like an SDK worker at the end of a job: the copy's server threads (daemon threads,
+    # Beam's MultiProcessShared) are not joined; interpreter teardown under them can abort
+    os._exit(0)
 
 
 def test_processes_of_a_worker_share_one_copy_of_the_model(tmp_path):
