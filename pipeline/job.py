@@ -24,7 +24,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from titans.models import storage
+from titans.pipeline.phases import Phases
 from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
+from titans.transforms.timing import FINALIZE, FIRST_READ
 
 _LOG = logging.getLogger("titans")
 
@@ -66,7 +68,7 @@ def prepare_output(output: str, overwrite: bool) -> None:
 
 
 def run_job(plan, build: Build, beam_args: list[str], start: float | None = None,
-            wait: bool = True) -> dict:
+            wait: bool = True, phases: Phases | None = None) -> dict:
     """Run a planned job to the end and return its report; ``start``: when the command began.
 
     ``wait=False``: return as soon as the runner has the job (a Dataflow job submitted, or
@@ -75,6 +77,7 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     without the fields this function adds after waiting (wall time from launch, runner,
     counters). A Flex Template's launcher must not wait for its job."""
     start = time.time() if start is None else start
+    phases = Phases(start) if phases is None else phases
     # matplotlib (for report.png, drawn at the end) takes ~0.3 s to import: do it while the
     # pipeline runs, which leaves the GIL free most of the time
     threading.Thread(target=importlib.import_module, args=("matplotlib.backends.backend_agg",),
@@ -87,18 +90,27 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     build(p, plan, start)
     output = plan.config.output
     prepare_output(output, plan.config.overwrite)
+    phases.mark("pipeline_construction")
     result = p.run()
     if not wait:
         return submitted(result, options, output)
     result.wait_until_finish()
     # the in-pipeline report timed the pipeline only: restate wall time as launch-to-finish
     report = storage.read_json(storage.join(output, REPORT))
-    wall = time.time() - start
-    report["wall_seconds"] = round(wall, 3)
-    report["rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
     report["runner"] = str(options.view_as(StandardOptions).runner)
     report["metrics"] = titans_counters(result)
+    first_read, finalize = (_first(result, name) for name in (FIRST_READ, FINALIZE))
+    for name, at in (("runner_start", first_read), ("processing", finalize),
+                     ("finalisation", report.pop("finish_started_at", None))):
+        if at is not None:
+            phases.mark(name, at)
+    phases.mark("report_and_plot")
+    report["phase_seconds"] = phases.seconds
+    wall = time.time() - phases.start
+    report["wall_seconds"] = round(wall, 3)
+    report["rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
     storage.write_json(storage.join(output, REPORT), report)
+    _LOG.info("where the time went: %s", phases.line())
     if report["status"] == "complete":
         mark_complete(output, report)  # again, so that _SUCCESS stays the last file written
     return report
@@ -127,6 +139,18 @@ def _log_info(message: str) -> None:
     _LOG.info("%s", message)
 
 
+def _first(result, name: str) -> float | None:
+    """The earliest time (epoch seconds) a ``transforms.timing`` stamp was left, if any."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace("titans").with_name(name))
+        values = [d.committed or d.attempted for d in found["distributions"]]
+        return min(v.min for v in values if v is not None and v.count) / 1000.0
+    except (NotImplementedError, KeyError, AttributeError, ValueError):  # no metrics, no stamp
+        return None
+
+
 def titans_counters(result) -> dict:
     """The pipeline's own counters (rows and forward calls per model), summed over workers."""
     from apache_beam.metrics.metric import MetricsFilter
@@ -142,17 +166,17 @@ def titans_counters(result) -> dict:
 
 
 def run_cascade(plan, beam_args: list[str], start: float | None = None,
-                wait: bool = True) -> dict:
+                wait: bool = True, phases: Phases | None = None) -> dict:
     from titans.pipeline.cascade import build_pipeline
 
-    return run_job(plan, build_pipeline, beam_args, start, wait)
+    return run_job(plan, build_pipeline, beam_args, start, wait, phases)
 
 
 def run_teacher_label(plan, beam_args: list[str], start: float | None = None,
-                      wait: bool = True) -> dict:
+                      wait: bool = True, phases: Phases | None = None) -> dict:
     from titans.pipeline.teacher_label import build_pipeline
 
-    return run_job(plan, build_pipeline, beam_args, start, wait)
+    return run_job(plan, build_pipeline, beam_args, start, wait, phases)
 
 
 def launch(config, beam_args: list[str], start: float | None = None, *,
@@ -162,14 +186,18 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
     --skip-labeled), 1 the job failed its dead-letter budget (report written, no _SUCCESS),
     2 a launch check failed. ``describe``: plan and build, print the pipeline as JSON, run
     nothing; ``wait=False``: return once the runner has the job (see run_job)."""
+    phases = Phases()
+    if start is not None:
+        phases.mark("startup", start)  # the interpreter, titans' command line, parsing
     from titans.pipeline.manifest import NothingToLabel
     from titans.pipeline.plan import RunConfig, plan_run, plan_teacher_label
     from titans.pipeline.report import summary
 
+    phases.mark("imports")  # torch, pyarrow, Beam (through the plan's modules)
     cascade = isinstance(config, RunConfig)
     command = "run" if cascade else "teacher-label"
     try:
-        plan = plan_run(config) if cascade else plan_teacher_label(config)
+        plan = plan_run(config, phases) if cascade else plan_teacher_label(config, phases)
         if describe:
             from titans.pipeline import cascade as cascade_pipeline, teacher_label
             from titans.pipeline.describe import describe_job, to_json
@@ -177,7 +205,8 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
             build = (cascade_pipeline if cascade else teacher_label).build_pipeline
             print(to_json(describe_job(plan, build, beam_args, command)))
             return 0
-        report = (run_cascade if cascade else run_teacher_label)(plan, beam_args, start, wait)
+        report = (run_cascade if cascade else run_teacher_label)(plan, beam_args, start, wait,
+                                                                 phases)
     except NothingToLabel as e:  # --skip-labeled: every input file is labeled already
         print(f"titans {command}: {e}")
         if not wait:

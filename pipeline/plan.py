@@ -26,6 +26,7 @@ from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelRef, count_parameters
 from titans.pipeline import defaults
 from titans.pipeline.model_checks import check_on_sample, load_checked
+from titans.pipeline.phases import Phases, mark
 from titans.transforms.features import (FeatureSpec, ImageSpec, TokenSpec, feature_matrix,
                                         resolve_features)
 from titans.transforms.inputs import AUTO, PARQUET, list_input, load_input
@@ -159,19 +160,20 @@ def json_float(x: float):
     return x if math.isfinite(x) else str(x)
 
 
-def plan_run(config: RunConfig) -> CascadePlan:
+def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
     _check_job(config)
     _check_cascade(config)
     rule_name, threshold, deferral_model = config.rule, config.threshold, config.deferral_model
     if config.calibration:
         rule_name, threshold, deferral_model = _calibration(config)
     rule = make_rule(rule_name or defaults.RULE, deferral_model)
-    source, sample, features = _plan_source(config)
+    source, sample, features = _plan_source(config, phases)
     x = _valid_rows(sample, features)
     teacher = load_checked("teacher", config.teacher, features)
     teacher_classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
     student = load_checked("student", config.student, features)
     student_logits = check_on_sample("student", student, x)
+    mark(phases, "model_loading_and_checks")
     num_classes = student_logits.shape[-1] - rule.extra_outputs
     if num_classes != teacher_classes:
         extra = f" (+{rule.extra_outputs} for rule {rule.name})" if rule.extra_outputs else ""
@@ -201,12 +203,13 @@ def plan_run(config: RunConfig) -> CascadePlan:
                        count_parameters(student), rule, float(threshold), source_kind, detail, rate)
 
 
-def plan_teacher_label(config: TeacherLabelConfig) -> TeacherLabelPlan:
+def plan_teacher_label(config: TeacherLabelConfig, phases: Phases | None = None) -> TeacherLabelPlan:
     _check_job(config)
-    source, sample, features = _plan_source(config)
+    source, sample, features = _plan_source(config, phases)
     x = _valid_rows(sample, features)
     teacher = load_checked("teacher", config.teacher, features)
     classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
+    mark(phases, "model_loading_and_checks")
     columns = LabelColumns(config.column_prefix)
     plan_input = InputPlan(source, features, columns,
                            columns.output_schema(source.schema, columns.teacher_fields(classes)))
@@ -258,7 +261,7 @@ def _calibration(config: RunConfig) -> tuple[str, float, str | None]:
     return cal["rule"], float(cal["threshold"]), cal.get("deferral_model")
 
 
-def _plan_source(config: JobConfig):
+def _plan_source(config: JobConfig, phases: Phases | None = None):
     fmt, files = list_input(config.input, config.input_format, exclude_under=config.output)
     if config.skip_labeled:  # raises manifest.NothingToLabel when every file is labeled
         from titans.pipeline import manifest
@@ -282,11 +285,13 @@ def _plan_source(config: JobConfig):
     if config.id_column and config.id_column not in source.schema.names:
         raise ValueError(f"--id-column {config.id_column!r} is not in the input; its columns are "
                          f"{source.schema.names}")
+    mark(phases, "input_listing_and_footers")
     sample = source.sample(config.sample_rows, config.seed)
     if sample.num_rows == 0:
         raise ValueError(f"no row could be sampled from the input {config.input!r}")
     features = resolve_features(source.schema, sample, tuple(config.feature_columns),
                                 config.image, config.tokens)
+    mark(phases, "sampling")
     return source, sample, features
 
 

@@ -206,6 +206,9 @@ def summary(report: dict) -> str:
                      f"of {report['rows_audited']:,} audited easy rows (95% CI {lo:.1%}-{hi:.1%})")
     lines.append(f"wall time: {report['wall_seconds']:.1f} s "
                  f"({report['rows_per_second'] or 0:,.0f} rows/s)")
+    if report.get("phase_seconds"):
+        lines.append("where the time went: " + ", ".join(
+            f"{name.replace('_', ' ')} {s:.2f} s" for name, s in report["phase_seconds"].items()))
     if report["rows_dead_letter"]:
         lines.append("dead-letter reasons: " + "; ".join(
             f"{n:,} x {r}" for r, n in report.get("dead_letter_reasons", {}).items()))

@@ -103,7 +103,9 @@ class _Finish:
         self._on_complete = on_complete
 
     def __call__(self, sums: dict, *written: list[str]) -> dict:
-        report = self._build(Counts(sums), time.time() - self._start)
+        started = time.time()
+        report = self._build(Counts(sums), started - self._start)
+        report["finish_started_at"] = started  # splits the launcher's phase_seconds
         report["output_files"] = sum(len(w) for w in written)
         storage.write_json(storage.join(self._output, REPORT), report)
         if self._plot is not None:

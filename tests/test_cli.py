@@ -304,3 +304,27 @@ def test_entry_point_runs_exit_handlers_unless_the_runner_was_in_process(runner,
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, done.stderr
     assert done.stdout.split() == ["done"] + (["exit", "handler", "ran"] if atexit_runs else [])
+
+
+def test_the_report_says_where_the_time_went(tmp_path, models):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import RUNNER, write_dataset
+
+    write_dataset(tmp_path / "data", 500, files=1)
+    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "run", "--input",
+                           str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--student",
+                           models[0], "--teacher", models[1], *RUNNER],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    phases = report["phase_seconds"]
+    assert list(phases) == ["startup", "imports", "input_listing_and_footers", "sampling",
+                            "model_loading_and_checks", "pipeline_construction", "runner_start",
+                            "processing", "finalisation", "report_and_plot"]
+    assert all(s >= 0 for s in phases.values()) and phases["imports"] > 0.1
+    # consecutive phases from the process's start: they add up to the wall time
+    assert abs(sum(phases.values()) - report["wall_seconds"]) < 0.05
+    assert "where the time went: startup" in done.stdout

@@ -30,6 +30,7 @@ from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table 
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
+from titans.transforms.timing import FINALIZE, FIRST_READ, stamp
 
 _LOG = logging.getLogger("titans")
 _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
@@ -245,6 +246,7 @@ class _ReadRowGroup(beam.DoFn):
         self._skip = dict(skip)
 
     def process(self, unit):
+        stamp(FIRST_READ)
         path, group = unit
         conflict = self._conflicts.get(path)
         pf = open_parquet(path)
@@ -335,6 +337,10 @@ class _ParquetSink(filebasedsink.FileBasedSink):
 
     def write_record(self, file, table: pa.Table):
         file[2].put(table)
+
+    def finalize_write(self, *args, **kwargs):
+        stamp(FINALIZE)
+        return super().finalize_write(*args, **kwargs)
 
     def close(self, file):
         writer, handle, background = file

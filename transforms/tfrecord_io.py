@@ -58,6 +58,7 @@ from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table 
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.example_codec import encode_examples_array, kind_of, parse_with_rejects
 from titans.transforms.overlap import BackgroundWriter, read_ahead
+from titans.transforms.timing import FINALIZE, FIRST_READ, stamp
 
 _LOG = logging.getLogger("titans")
 if getattr(google_crc32c, "implementation", "c") != "c":
@@ -589,6 +590,7 @@ class _ReadUnit(beam.DoFn):
         self._schema = schema
 
     def process(self, unit: Unit):
+        stamp(FIRST_READ)
         for item in iter_unit(unit, self._batch_size):
             if isinstance(item, DeadLetter):
                 yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, item)
@@ -714,6 +716,10 @@ class _TFRecordSink(filebasedsink.FileBasedSink):
 
     def write_record(self, file, table: pa.Table):
         file[1].put(table)
+
+    def finalize_write(self, *args, **kwargs):
+        stamp(FINALIZE)
+        return super().finalize_write(*args, **kwargs)
 
     def close(self, file):
         handle, background = file
