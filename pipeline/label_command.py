@@ -69,7 +69,7 @@ WORK = "_label"                     # DIR/_label: the phases' artifacts
 STUDENT, CALIBRATION = "student.pt", "calibration.json"
 FILE_COL, ROW_COL = "__titans_file", "__titans_row"  # where a sample row comes from
 # shares of the labeled sample: the rest trains the student
-VAL_SHARE, CAL_SHARE = 0.15, 0.35
+VAL_SHARE, CAL_SHARE = 0.10, 0.25
 MIN_LABELED = 30                    # labeled sample rows below which nothing can be learnt
 CHECK_ROWS = 1000                   # rows read at launch to check the teacher and count its FLOPs
 PHASES = ("sample", "teacher labels", "distil", "calibrate", "cascade")
@@ -234,7 +234,7 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
         phases["cascade"] = ph.finish(report["rows_cascade_in"], (
             f"{report['rows_easy']:,} rows labeled by the student, {report['rows_hard']:,} by "
             f"the teacher, {report['rows_dead_letter']:,} dead-lettered"))
-    _finish_report(c, report, phases, start)
+    _finish_report(c, report, phases, reused, start)
     print(job_summary(report))
     return 0 if report["status"] == "complete" else 1
 
@@ -475,17 +475,25 @@ def read_rows(path: str, rows: np.ndarray, file_index: int, schema: pa.Schema,
         lo, hi = np.searchsorted(rows, [starts[g], starts[g + 1]])
         if lo == hi:
             continue
-        wanted, offset = rows[lo:hi], int(starts[g])
-        for batch in pf.iter_batches(batch_size=batch_size, row_groups=[g]):
-            here = wanted[(wanted >= offset) & (wanted < offset + batch.num_rows)]
-            if here.size:
-                t = pa.Table.from_batches([batch]).take(pa.array(here - offset))
-                t = t.append_column(FILE_COL, pa.array(np.full(here.size, file_index, np.int32)))
-                t = t.append_column(ROW_COL, pa.array(here, pa.int64()))
-                good, rejected, _ = conform(t, target)
-                tables.append(good)
-                bad += 0 if rejected is None else rejected.num_rows
-            offset += batch.num_rows
+        wanted, offset, kept = rows[lo:hi], int(starts[g]), []
+        try:
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=[g]):
+                here = wanted[(wanted >= offset) & (wanted < offset + batch.num_rows)]
+                if here.size:
+                    t = pa.Table.from_batches([batch]).take(pa.array(here - offset))
+                    t = t.append_column(FILE_COL, pa.array(np.full(here.size, file_index,
+                                                                   np.int32)))
+                    t = t.append_column(ROW_COL, pa.array(here, pa.int64()))
+                    good, rejected, _ = conform(t, target)
+                    kept.append(good)
+                    bad += 0 if rejected is None else rejected.num_rows
+                offset += batch.num_rows
+        except Exception as e:  # noqa: BLE001 - a corrupt page: the cascade dead-letters the group
+            _LOG.warning("%s: cannot read row group %d (%s: %s); its %d sampled row(s) are left "
+                         "to the cascade", path, g, type(e).__name__, e, wanted.size)
+            bad += wanted.size
+            continue
+        tables.extend(kept)
     return (pa.concat_tables(tables) if tables else target.empty_table()), bad
 
 
@@ -756,12 +764,14 @@ def _cascade_phase(c: LabelConfig, launch: _Launch, s: LabeledSample, student: d
     return run_job(label_plan, build_pipeline, beam_args, time.time())
 
 
-def _finish_report(c: LabelConfig, report: dict, phases: dict, start: float) -> None:
+def _finish_report(c: LabelConfig, report: dict, phases: dict, reused: list[str],
+                   start: float) -> None:
     """The whole job's wall time and phases into report.json; _SUCCESS stays the last file."""
     wall = time.time() - start
     report["job_wall_seconds"] = round(wall, 3)
     report["job_rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
-    report["phases"] = {name: {k: v for k, v in p.items() if k not in ("key", "candidates")}
+    report["phases"] = {name: {**{k: v for k, v in p.items() if k not in ("key", "candidates")},
+                               "reused": name in reused}
                         for name, p in phases.items()}
     report["student_search"] = phases["distil"].get("candidates")
     storage.write_json(storage.join(c.output, REPORT), report)

@@ -58,7 +58,7 @@ def test_row_ranges_and_split():
     assert row_ranges(np.array([5, 1, 2, 3, 9, 10])) == ((1, 4), (5, 6), (9, 11))
     assert row_ranges(np.array([], int)) == ()
     s = split_sample(1000, seed=1)
-    assert (len(s.train), len(s.val), len(s.cal)) == (500, 150, 350)
+    assert (len(s.train), len(s.val), len(s.cal)) == (650, 100, 250)
     assert len(np.unique(np.concatenate([s.train, s.val, s.cal]))) == 1000
     assert np.array_equal(split_sample(1000, seed=1).cal, s.cal)
 
