@@ -1,27 +1,37 @@
-"""Throughput of `titans run` against two baselines measured in the same run.
+"""Throughput of `titans run` against baselines measured in the same run, on a noisy machine.
 
-    python benchmarks/throughput.py --rows 1000000 [--memory-rows 4000000]
+    python benchmarks/throughput.py [--rows 1000000] [--memory-rows 4000000] [--repeat 5]
 
-(a) a hand-written pyarrow + torch loop doing the same cascade (student on all rows,
-    margin rule at deferral rate 0.2, teacher on the hard rows, Parquet out);
-(b) `titans run` on the DirectRunner with the same models and data;
-(c) stock Beam: ReadFromParquet -> one tensor per row -> RunInference(
-    PytorchModelHandlerTensor) for the student alone, on --stock-rows rows.
-Each is timed as a whole process (importing Beam and torch is part of the cost) and (b)'s
-peak memory is read at --rows and --memory-rows. Prints rows/s, b/a, b/c and the memory ratio.
+For two model pairs (small: student MLP 64-32-10, teacher 64-256-256-10; large: student
+64-128-10, teacher 64-512-512-10), on N rows x 64 float32 in one Parquet file with pyarrow's
+default 1M-row groups:
+(a) a hand-written pyarrow + torch loop doing the same cascade (student on all rows, margin
+    rule at deferral rate 0.2 from the exact quantile, teacher on the hard rows, Parquet out);
+(b) `titans run --deferral-rate 0.2` with the same models and data, default runner;
+(c) stock Beam: ReadFromParquet -> one tensor per row -> RunInference(PytorchModelHandlerTensor),
+    student only (small pair), on --stock-rows rows and a quarter of them;
+(d) the compute alone: student on every row and teacher on the hard 20%, tensors already in
+    memory, same threads, in a fresh process: the physical limit of (b)'s marginal rate.
+(a), (b) and (c) are whole processes (importing Beam and torch is part of the cost). Runs of
+each comparison are interleaved (a, b, a, b, ...) so drifting load hits both sides alike;
+the medians are compared and the minimum and maximum printed with them. Marginal rows/s
+(start-up excluded) come from the medians at --rows and --memory-rows.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 DIM, CLASSES, RATE = 64, 10, 0.2
-STUDENT_HIDDEN, TEACHER_HIDDEN = (32,), (256, 256)
+PAIRS = {"small": ((32,), (256, 256)), "large": ((128,), (512, 512))}
 
 
 def make_data(path: str, rows: int, seed: int = 0) -> None:
@@ -46,17 +56,20 @@ def make_data(path: str, rows: int, seed: int = 0) -> None:
     os.rename(path + ".tmp", path)
 
 
-def make_models(directory: str) -> tuple[str, str]:
+def make_models(directory: str, pair: str = "small") -> tuple[str, str]:
     import torch
 
     from titans.models.architectures import MLP
     from titans.models.loading import save_torchscript
 
-    paths = (os.path.join(directory, "student.pt"), os.path.join(directory, "teacher.pt"))
+    student_hidden, teacher_hidden = PAIRS[pair]
+    suffix = "" if pair == "small" else f"-{pair}"
+    paths = (os.path.join(directory, f"student{suffix}.pt"),
+             os.path.join(directory, f"teacher{suffix}.pt"))
     if not all(os.path.exists(p) for p in paths):
         torch.manual_seed(0)
-        save_torchscript(MLP(DIM, CLASSES, STUDENT_HIDDEN), paths[0])
-        save_torchscript(MLP(DIM, CLASSES, TEACHER_HIDDEN), paths[1])
+        save_torchscript(MLP(DIM, CLASSES, student_hidden), paths[0])
+        save_torchscript(MLP(DIM, CLASSES, teacher_hidden), paths[1])
     return paths
 
 
@@ -69,6 +82,7 @@ def handwritten(data: str, student: str, teacher: str, out: str, batch: int = 65
 
     s, t = torch.jit.load(student), torch.jit.load(teacher)
     batches, outs = [], []
+    warnings.simplefilter("ignore", UserWarning)  # zero-copy from Arrow: read-only, only read
     with torch.inference_mode():
         for rb in pq.ParquetFile(data).iter_batches(batch_size=batch):
             x = torch.from_numpy(rb.column("features").flatten().to_numpy().reshape(-1, DIM))
@@ -108,6 +122,24 @@ def stock_beam(data: str, student: str) -> None:
              | beam.combiners.Count.Globally())
 
 
+def compute_only(student: str, teacher: str, rows: int, batch: int = 65536) -> None:
+    """(d): the models alone on tensors already in memory; prints rows/s as JSON."""
+    import torch
+
+    s, t = torch.jit.load(student), torch.jit.load(teacher)
+    x = torch.randn(rows, DIM)
+    hard_rows = int(rows * RATE)
+    with torch.inference_mode():
+        s(x[:batch]), t(x[:batch // 4])  # warm up (TorchScript profiles its first calls)
+        start = time.perf_counter()
+        for i in range(0, rows, batch):
+            s(x[i:i + batch])
+        for i in range(0, hard_rows, 16384):
+            t(x[i:i + 16384])
+        seconds = time.perf_counter() - start
+    print(json.dumps({"rows_per_second": rows / seconds}))
+
+
 def timed(cmd: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in MiB of the process and its children, stdout), fresh process."""
     wrapper = [sys.executable, __file__, "measure", "--"] + cmd
@@ -128,6 +160,35 @@ def measure(cmd: list[str]) -> None:
     print(json.dumps({"seconds": seconds, "peak_mib": peak_kib // 1024}))
 
 
+class Runs:
+    """Repeated timings of one side: median, min, max."""
+
+    def __init__(self, name: str):
+        self.name, self.seconds, self.peaks, self.phases = name, [], [], []
+
+    def add(self, result: tuple[float, int, str], report: str | None = None) -> None:
+        self.seconds.append(result[0])
+        self.peaks.append(result[1])
+        if report:
+            self.phases.append(json.load(open(report)).get("phase_seconds", {}))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def line(self, rows: int) -> str:
+        return (f"{self.name:<44} median {self.median:6.2f} s ({rows / self.median:9,.0f} rows/s)"
+                f"  min {min(self.seconds):.2f}  max {max(self.seconds):.2f}  "
+                f"peak {statistics.median(self.peaks):.0f} MiB  [{len(self.seconds)} runs]")
+
+    def phase_line(self) -> str:
+        if not self.phases:
+            return ""
+        names = list(self.phases[0])
+        med = {n: statistics.median(p.get(n, 0.0) for p in self.phases) for n in names}
+        return "    phases (median s): " + ", ".join(f"{n} {v:.2f}" for n, v in med.items())
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "measure":
         return measure(sys.argv[3:])
@@ -135,77 +196,90 @@ def main() -> None:
         return handwritten(*sys.argv[2:6])
     if len(sys.argv) > 1 and sys.argv[1] == "stock":
         return stock_beam(sys.argv[2], sys.argv[3])
+    if len(sys.argv) > 1 and sys.argv[1] == "compute":
+        return compute_only(sys.argv[2], sys.argv[3], int(sys.argv[4]))
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1_000_000, help="rows for (a) and (b)")
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows for (a) and (b) (default: 1M)")
     ap.add_argument("--memory-rows", type=int, default=4_000_000,
-                    help="second size for (a) and (b): peak memory and marginal rows/s; 0 to skip")
+                    help="second size for (a) and (b): peak memory and marginal rows/s; 0 to skip "
+                         "(default: 4M)")
     ap.add_argument("--stock-rows", type=int, default=100_000,
                     help="rows for (c), which is slow; it also runs on a quarter of them")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs of (a) and (b) at --rows, interleaved (one fewer at "
-                         "--memory-rows); the fastest counts")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="interleaved runs of every side and size (default: 5)")
+    ap.add_argument("--pairs", default="small,large", help="model pairs to run (default: small,large)")
     ap.add_argument("--workdir", default="benchmarks/out", help="data, models and outputs")
-    ap.add_argument("--beam-args", default="--runner=DirectRunner",
-                    help="pipeline options for (b) (default: %(default)s)")
+    ap.add_argument("--beam-args", default="",
+                    help="pipeline options for (b) (default: none: titans' own defaults)")
     args = ap.parse_args()
 
     os.makedirs(args.workdir, exist_ok=True)
     w = lambda name: os.path.join(args.workdir, name)  # noqa: E731
-    student, teacher = make_models(args.workdir)
-    n, m = args.rows, args.memory_rows
+    n, m, r = args.rows, args.memory_rows, args.repeat
+    sizes = [s for s in (n, m) if s]
     c_sizes = (args.stock_rows // 4, args.stock_rows)
-    for rows in (n, m, *c_sizes):
-        if rows:
-            make_data(w(f"data-{rows}.parquet"), rows)
+    for rows in (*sizes, *c_sizes):
+        make_data(w(f"data-{rows}.parquet"), rows)
     titans = [sys.executable, "-m", "titans.pipeline.cli", "--log-level", "WARNING", "run"]
+    pairs = args.pairs.split(",")
+    print(f"{datetime.date.today()}: {os.cpu_count()} CPUs; rows x {DIM} float32 in one Parquet "
+          f"file (pyarrow's default 1M-row groups); deferral rate {RATE}; whole processes; "
+          f"{r} interleaved runs per side, medians")
 
-    def run_a(rows):
-        return timed([sys.executable, __file__, "handwritten", w(f"data-{rows}.parquet"),
-                      student, teacher, w(f"out-a-{rows}.parquet")])
+    results = {}
+    for pair in pairs:
+        student, teacher = make_models(args.workdir, pair)
+        a = {rows: Runs(f"(a) hand-written loop, {rows:,} rows") for rows in sizes}
+        b = {rows: Runs(f"(b) titans run, {rows:,} rows") for rows in sizes}
+        for _ in range(r):
+            for rows in sizes:
+                a[rows].add(timed([sys.executable, __file__, "handwritten", w(f"data-{rows}.parquet"),
+                                   student, teacher, w(f"out-a-{rows}.parquet")]))
+                out = w(f"out-b-{pair}-{rows}")
+                b[rows].add(timed(titans + [
+                    "--input", w(f"data-{rows}.parquet"), "--output", out, "--student", student,
+                    "--teacher", teacher, "--overwrite", "--deferral-rate", str(RATE)]
+                    + args.beam_args.split()), os.path.join(out, "report.json"))
+        bound = statistics.median(json.loads(subprocess.run(
+            [sys.executable, __file__, "compute", student, teacher, str(n)], check=True,
+            capture_output=True, text=True).stdout.strip().splitlines()[-1])["rows_per_second"]
+            for _ in range(3))
+        results[pair] = (a, b, bound)
+        hidden = PAIRS[pair]
+        print(f"\n== {pair} pair: student MLP {DIM}-{hidden[0]}-{CLASSES}, teacher MLP "
+              f"{DIM}-{hidden[1]}-{CLASSES}")
+        for rows in sizes:
+            print(a[rows].line(rows))
+            print(b[rows].line(rows))
+            print(b[rows].phase_line())
+            print(f"b/a = {a[rows].median / b[rows].median:.2f} at {rows:,} rows   (target >= 1.0 "
+                  f"at 1M)")
+        print(f"(d) compute alone (student on all rows, teacher on {RATE:.0%}): {bound:,.0f} rows/s")
+        if m:
+            marginal = (m - n) / (b[m].median - b[n].median)
+            print(f"(b) marginal rows/s, {n:,} -> {m:,} rows: {marginal:,.0f} = "
+                  f"{marginal / bound:.2f} x the compute-only bound   (target >= 0.7)")
+            print(f"(b) peak memory: {statistics.median(b[n].peaks):.0f} MiB at {n:,} rows, "
+                  f"{statistics.median(b[m].peaks):.0f} MiB at {m:,} rows: ratio "
+                  f"{statistics.median(b[m].peaks) / statistics.median(b[n].peaks):.2f}   "
+                  f"(target <= 1.5)")
 
-    def run_b(rows):
-        return timed(titans + ["--input", w(f"data-{rows}.parquet"), "--output", w(f"out-b-{rows}"),
-                               "--student", student, "--teacher", teacher, "--overwrite",
-                               "--deferral-rate", str(RATE)] + args.beam_args.split())
-
-    def run_c(rows):
-        return timed([sys.executable, __file__, "stock", w(f"data-{rows}.parquet"), student])
-
-    a_runs, b_runs = [], []
-    for _ in range(args.repeat):  # interleaved, so drifting machine load hits both alike
-        a_runs.append(run_a(n))
-        b_runs.append(run_b(n))
-    (a_s, a_mib, _), (b_s, b_mib, _) = min(a_runs), min(b_runs)
-    deferral = json.load(open(w(f"out-b-{n}/report.json")))["deferral_rate"]
-    c1_s, _, _ = run_c(c_sizes[0])
-    c2_s, _, _ = run_c(c_sizes[1])
-    c_marginal = (c_sizes[1] - c_sizes[0]) / (c2_s - c1_s)
-
-    print(f"machine: {os.cpu_count()} CPUs; {n:,} rows x {DIM} float32 in one Parquet file "
-          f"(pyarrow's default 1M-row groups); student MLP {DIM}-{STUDENT_HIDDEN}-{CLASSES}, "
-          f"teacher MLP {DIM}-{TEACHER_HIDDEN}-{CLASSES}; whole processes, best of {args.repeat}")
-    print(f"(a) hand-written pyarrow+torch loop  : {a_s:7.2f} s {n / a_s:10,.0f} rows/s  "
-          f"peak {a_mib} MiB   runs {', '.join(f'{r[0]:.2f}' for r in a_runs)}")
-    print(f"(b) titans run {args.beam_args:20s}: {b_s:7.2f} s {n / b_s:10,.0f} rows/s  "
-          f"peak {b_mib} MiB   runs {', '.join(f'{r[0]:.2f}' for r in b_runs)}  "
-          f"(deferral {deferral:.3f})")
-    print(f"(c) stock Beam, per-row RunInference, student only: {c_sizes[0]:,} rows {c1_s:.2f} s, "
-          f"{c_sizes[1]:,} rows {c2_s:.2f} s -> {c_sizes[1] / c2_s:,.0f} rows/s whole process, "
-          f"{c_marginal:,.0f} rows/s marginal")
-    print(f"b/a = {a_s / b_s:.2f} at {n:,} rows, whole processes   (target >= 0.9)")
-    print(f"b/c = {(n / b_s) / (c_sizes[1] / c2_s):.1f} whole processes "
-          f"(b on {n:,} rows, c on {c_sizes[1]:,})")
-    if m:
-        (am_s, _, _), (bm_s, bm_mib, _) = min(run_a(m) for _ in range(max(1, args.repeat - 1))), \
-            min(run_b(m) for _ in range(max(1, args.repeat - 1)))
-        b_marginal = (m - n) / (bm_s - b_s)
-        print(f"at {m:,} rows: (a) {am_s:.2f} s ({m / am_s:,.0f} rows/s), (b) {bm_s:.2f} s "
-              f"({m / bm_s:,.0f} rows/s), b/a = {am_s / bm_s:.2f}")
+    if "small" in results and m:
+        student, _ = make_models(args.workdir, "small")
+        c = {rows: Runs(f"(c) stock Beam per-row, {rows:,} rows") for rows in c_sizes}
+        for _ in range(r):
+            for rows in c_sizes:
+                c[rows].add(timed([sys.executable, __file__, "stock", w(f"data-{rows}.parquet"),
+                                   student]))
+        c_marginal = (c_sizes[1] - c_sizes[0]) / (c[c_sizes[1]].median - c[c_sizes[0]].median)
+        a, b, _ = results["small"]
+        b_marginal = (m - n) / (b[m].median - b[n].median)
+        print("\n== stock Beam, student only (small pair)")
+        for rows in c_sizes:
+            print(c[rows].line(rows))
         print(f"b/c = {b_marginal / c_marginal:.1f} marginal rows/s, start-up excluded on both "
               f"sides (b {b_marginal:,.0f}, c {c_marginal:,.0f})   (target >= 30)")
-        print(f"(b) peak memory: {b_mib} MiB at {n:,} rows, {bm_mib} MiB at {m:,} rows: "
-              f"ratio {bm_mib / b_mib:.2f}   (target <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ __all__ = ["build_parser", "check_beam_args", "entry_point", "fast_exit_is_safe"
 
 def check_beam_args(parser: argparse.ArgumentParser, command: str, args: list[str]) -> None:
     """Fail on flags that are neither ours nor a Beam option, instead of Beam dropping them."""
+    from titans.pipeline.beam_import import import_beam
+
+    import_beam()  # the first Beam import of a command
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
     beam_parser = _BeamArgumentParser(allow_abbrev=False)
