@@ -271,3 +271,26 @@ def test_output_directory_rules(tmp_path, capsys):
     assert "not below the input's 600" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0  # the job's files replaced, other files left alone
     assert (out / "notes.txt").read_text() == "mine" and (out / "_SUCCESS").exists()
+
+
+def test_label_on_gcs_and_resume_there(tmp_path, gcs_bucket, capsys):
+    """gs:// input, teacher and DIR (a local GCS JSON API): the phases' artifacts, the
+    manifest and the outputs are objects, and --resume finds them by prefix."""
+    from conftest import upload
+    from titans.models import storage
+
+    write_data(tmp_path / "data", n=1200, files=2, bad=10)
+    data = upload(tmp_path / "data", f"{gcs_bucket}/label/data")
+    teacher = f"{gcs_bucket}/label/teacher.pt"
+    storage.write_bytes(teacher, open(save_teacher(tmp_path / "teacher.pt"), "rb").read())
+    out = f"{gcs_bucket}/label/out"
+    args = label_args(data + "/*.parquet", out, teacher)
+    args[args.index("--sample-rows") + 1] = "500"
+    assert main(args + ["--max-disagreement", "0.05"]) == 0
+    report = storage.read_json(storage.join(out, "report.json"))
+    assert report["status"] == "complete" and report["conservation_ok"]
+    assert report["rows_in"] == 1200 and report["rows_dead_letter"] == 10
+    names = {p.rsplit("/", 1)[-1] for p in storage.list_under(out)}
+    assert {"student.pt", "calibration.json", "report.png", "_SUCCESS", "phases.json"} <= names
+    assert main(args + ["--max-disagreement", "0.05", "--resume"]) == 0
+    assert "complete already" in capsys.readouterr().out
