@@ -78,10 +78,7 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     counters). A Flex Template's launcher must not wait for its job."""
     start = time.time() if start is None else start
     phases = Phases(start) if phases is None else phases
-    # matplotlib (for report.png, drawn at the end) takes ~0.3 s to import: do it while the
-    # pipeline runs, which leaves the GIL free most of the time
-    threading.Thread(target=importlib.import_module, args=("matplotlib.backends.backend_agg",),
-                     daemon=True).start()
+    _prefetch_plotting()
     options = pipeline_options(beam_args)
     try:
         p = beam.Pipeline(options=options)  # an unknown runner fails here, before any deletion
@@ -114,6 +111,17 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     if report["status"] == "complete":
         mark_complete(output, report)  # again, so that _SUCCESS stays the last file written
     return report
+
+
+def _prefetch_plotting() -> None:
+    """Import matplotlib (for report.png, drawn at the end; ~0.5 s) on a thread while the
+    pipeline runs and mostly leaves the GIL free (not during the launch checks: imports
+    there hold the GIL and would only wait on each other)."""
+    def load():
+        importlib.import_module("matplotlib.backends.backend_agg")
+        importlib.import_module("matplotlib.figure")
+
+    threading.Thread(target=load, name="titans-import-matplotlib", daemon=True).start()
 
 
 def submitted(result, options: PipelineOptions, output: str) -> dict:
