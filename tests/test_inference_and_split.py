@@ -13,8 +13,8 @@ from titans.models.deferral import make_rule
 from titans.transforms.features import FeatureSpec
 from titans.models.loading import ModelRef
 from titans.transforms.inference import ArrowModelHandler
-from titans.transforms.labels import (AUDIT, ERROR, ERROR_STAGE, LabelColumns, StudentLabels,
-                                      TeacherLabels)
+from titans.transforms.labels import (AUDIT, ERROR, ERROR_STAGE, LabelColumns, RowErrors,
+                                      StudentLabels, TeacherLabels)
 from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateTeacherRows,
                                      SplitByDeferral, SplitErrors)
 
@@ -82,7 +82,7 @@ def test_split_routes_every_row_once():
 def test_teacher_labels_replace_the_students():
     table = _scored([0.9, 0.8]).drop_columns([ERROR, ERROR_STAGE])
     logits = torch.tensor([[0.0, 3.0], [2.0, 0.0]])
-    out = TeacherLabels(COLS)(table, logits.numpy(), np.full(2, None, object))
+    out = TeacherLabels(COLS)(table, logits.numpy(), RowErrors(2))
     assert out.column("label").to_pylist() == [1, 0]
     assert out.column("source").to_pylist() == ["teacher", "teacher"]
     assert out.column("confidence").to_pylist() == [float(np.float32(torch.softmax(logits, -1).max(-1).values[i]))
@@ -108,7 +108,7 @@ def test_split_errors_and_audits_route_each_row_once():
     assert hard.column(AUDIT).to_pylist() == [False, True, True, True]
     # rows in order: id 3 (hard), then audited ids 0, 1, 2; the teacher says 1, 0, 1, 0
     teacher_logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
-    labeled = TeacherLabels(COLS)(hard, teacher_logits.numpy(), np.full(4, None, object))
+    labeled = TeacherLabels(COLS)(hard, teacher_logits.numpy(), RowErrors(4))
     labeled = labeled.append_column(ERROR, pa.nulls(4, pa.string())).append_column(
         ERROR_STAGE, pa.nulls(4, pa.string()))
     with test_pipeline.TestPipeline(options=PipelineOptions(RUNNER)) as p:

@@ -29,14 +29,14 @@ from apache_beam.ml.inference.base import ModelHandler
 from titans.models.forward import forward_in_chunks, isolate_failures
 from titans.models.loading import ModelRef, resolve_device
 from titans.transforms.dead_letter import VALIDATE
-from titans.transforms.labels import ERROR, ERROR_STAGE
+from titans.transforms.labels import ERROR, ERROR_STAGE, RowErrors
 
 _LOG = logging.getLogger("titans")
 
 # annotate(table, logits [rows, outputs], errors) -> table with the model's columns; errors
-# is an object array (None = fine) it may add reasons to; rows with an error have no
-# meaningful logits and are dropped later.
-Annotate = Callable[[pa.Table, np.ndarray, np.ndarray], pa.Table]
+# (labels.RowErrors) it may add to; rows with an error have no meaningful logits and are
+# dropped later.
+Annotate = Callable[[pa.Table, np.ndarray, RowErrors], pa.Table]
 
 
 @dataclasses.dataclass
@@ -79,30 +79,32 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
         merged = pa.concat_tables(batch) if len(batch) > 1 else batch[0]
         x, reasons = self._features.matrix(merged)
         n = len(x)
-        errors = np.full(n, None, dtype=object) if reasons is None else reasons
-        stages = np.where(errors == None, None, VALIDATE).astype(object)  # noqa: E711
-        valid = np.flatnonzero(errors == None)  # noqa: E711 - elementwise on an object array
+        errors = RowErrors(n)
+        if reasons is not None:
+            unreadable = np.array([r is not None for r in reasons], bool)
+            errors.add(unreadable, reasons[unreadable], VALIDATE)
+        valid = None if reasons is None else np.flatnonzero(~errors.bad)  # None: every row
         logits = np.full((n, 0), np.nan, np.float32)
-        if len(valid):
+        if valid is None or len(valid):
             scored, failed = isolate_failures(lambda xb: self.forward(model, xb),
-                                              x[valid] if len(valid) < n else x)
-            if scored is not None:
+                                              x if valid is None else x[valid])
+            if scored is not None and valid is None:
+                logits = scored
+            elif scored is not None:
                 logits = np.full((n, scored.shape[1]), np.nan, np.float32)
                 logits[valid] = scored
             for i, why in failed.items():
-                errors[valid[i]] = f"{self._name} model failed on this row: {why}"
-                stages[valid[i]] = self._name
+                errors.add(i if valid is None else valid[i],
+                           f"{self._name} model failed on this row: {why}", self._name)
         out, start = [], 0
         for table in batch:
             end = start + table.num_rows
-            part_errors = errors[start:end].copy()
-            annotated = self._annotate(table, logits[start:end], part_errors)
-            part_stages = stages[start:end]
-            part_stages[(part_errors != None) & (part_stages == None)] = self._name  # noqa: E711
-            out.append(annotated.append_column(ERROR, _strings(part_errors))
-                       .append_column(ERROR_STAGE, _strings(part_stages)))
+            part = errors.slice(start, end)
+            annotated = self._annotate(table, logits[start:end], part)
+            error, stage = part.columns()
+            out.append(annotated.append_column(ERROR, error).append_column(ERROR_STAGE, stage))
             start = end
-        Metrics.counter("titans", f"{self._name}_rows").inc(len(valid))
+        Metrics.counter("titans", f"{self._name}_rows").inc(n if valid is None else len(valid))
         model.progress.add(n)
         return out
 
@@ -169,12 +171,6 @@ class DeviceModel:
         if not isinstance(y, torch.Tensor):  # forward names the shape problem; ship no GPU data
             raise ValueError(f"expected logits [{len(x)}, classes], got {type(y).__name__}")
         return y.float().cpu()
-
-
-def _strings(values: np.ndarray) -> pa.Array:
-    if (values == None).all():  # noqa: E711 - the common case: no row in error
-        return pa.nulls(len(values), pa.string())
-    return pa.array(values, pa.string())
 
 
 class Progress:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from titans.models.deferral import DeferralRule
+from titans.transforms.dead_letter import TEACHER
 
 # internal columns, never written: why a row cannot be labeled (null when it can) and at which
 # stage, whether a row in the teacher stage is an audited easy row, and the student's label
@@ -25,6 +26,43 @@ ERROR = "__titans_error"
 ERROR_STAGE = "__titans_error_stage"
 AUDIT = "__titans_audit"
 STUDENT_LABEL = "__titans_student_label"
+
+
+class RowErrors:
+    """Why rows of a batch cannot be labeled, and at which stage. Nothing is allocated while
+    every row is fine, the common case: no per-row Python work on a clean batch."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.reasons: np.ndarray | None = None  # object arrays: a string or None per row
+        self.stages: np.ndarray | None = None
+
+    def add(self, rows, reason, stage: str) -> None:
+        """``rows`` (a mask or indices) get ``reason`` (one string or one per row)."""
+        if self.reasons is None:
+            self.reasons = np.full(self.n, None, dtype=object)
+            self.stages = np.full(self.n, None, dtype=object)
+        self.reasons[rows] = reason
+        self.stages[rows] = stage
+
+    @property
+    def bad(self) -> np.ndarray:
+        if self.stages is None:
+            return np.zeros(self.n, bool)
+        return self.stages != None  # noqa: E711 - elementwise on an object array
+
+    def slice(self, start: int, end: int) -> "RowErrors":
+        part = RowErrors(end - start)
+        if self.reasons is not None:
+            part.reasons, part.stages = self.reasons[start:end].copy(), self.stages[start:end].copy()
+        return part
+
+    def columns(self) -> tuple[pa.Array, pa.Array]:
+        """The ERROR and ERROR_STAGE columns."""
+        if self.reasons is None:
+            nulls = pa.nulls(self.n, pa.string())
+            return nulls, nulls
+        return pa.array(self.reasons, pa.string()), pa.array(self.stages, pa.string())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,21 +105,29 @@ class LabelColumns:
         return pa.schema(list(input_schema) + added, metadata=input_schema.metadata)
 
 
-def _label_and_confidence(probs: np.ndarray, ok: np.ndarray) -> tuple[pa.Array, pa.Array]:
-    """argmax and max of each row of ``probs``; null where not ``ok``."""
+def _label_and_confidence(probs: np.ndarray, ok: np.ndarray | None) -> tuple[pa.Array, pa.Array]:
+    """argmax and max of each row of ``probs`` (one pass, torch); null where not ``ok``
+    (None: every row is fine)."""
+    n = len(probs)
     if probs.shape[1] == 0:
-        return pa.nulls(len(ok), pa.int64()), pa.nulls(len(ok), pa.float32())
-    label = probs.argmax(axis=1).astype(np.int64)
-    conf = probs.max(axis=1).astype(np.float32)
-    return pa.array(label, mask=~ok), pa.array(conf, mask=~ok)
+        return pa.nulls(n, pa.int64()), pa.nulls(n, pa.float32())
+    conf, label = torch.from_numpy(probs).max(dim=-1)
+    mask = None if ok is None else ~ok
+    return (pa.array(label.numpy().astype(np.int64, copy=False), mask=mask),
+            pa.array(conf.numpy().astype(np.float32, copy=False), mask=mask))
 
 
-def finite_rows(logits: np.ndarray) -> np.ndarray:
-    """Rows whose outputs are all finite (a NaN or inf anywhere makes the row sum non-finite)."""
+def finite_rows(logits: np.ndarray) -> np.ndarray | None:
+    """Rows whose outputs are all finite, or None when every row is. A NaN or inf anywhere
+    makes the row's sum non-finite (so may a sum that overflows: that row is then treated as
+    non-finite too, the safe side)."""
     if logits.shape[1] == 0:
         return np.zeros(len(logits), bool)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is the point here
-        return np.isfinite(logits.sum(axis=1, dtype=np.float64))
+        if np.isfinite(logits.sum(dtype=np.float64)):  # one fast pass: the common case
+            return None
+        ok = np.isfinite(logits.sum(axis=1))
+    return None if ok.all() else ok
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -100,13 +146,15 @@ class StudentLabels:
     rule: DeferralRule
     columns: LabelColumns
 
-    def __call__(self, table: pa.Table, logits: np.ndarray, errors: np.ndarray) -> pa.Table:
+    def __call__(self, table: pa.Table, logits: np.ndarray, errors: RowErrors) -> pa.Table:
         ok = finite_rows(logits)
         n = table.num_rows
         if logits.shape[1]:
-            probs, score = self.rule(torch.from_numpy(np.where(ok[:, None], logits, 0.0)))
-            probs, score = probs.numpy(), score.numpy().astype(np.float32)
-            score[~ok] = np.nan
+            clean = logits if ok is None else np.where(ok[:, None], logits, np.float32(0.0))
+            probs, score = self.rule(torch.from_numpy(clean))
+            probs, score = probs.numpy(), score.numpy().astype(np.float32, copy=False)
+            if ok is not None:
+                score = np.where(ok, score, np.float32(np.nan))
         else:
             probs, score = logits, np.full(n, np.nan, np.float32)
         label, conf = _label_and_confidence(probs, ok)
@@ -122,8 +170,8 @@ class TeacherLabels:
     output is an error: the row goes to the dead letter."""
     columns: LabelColumns
 
-    def __call__(self, table: pa.Table, logits: np.ndarray, errors: np.ndarray) -> pa.Table:
-        ok = _check_finite(logits, errors, "teacher")
+    def __call__(self, table: pa.Table, logits: np.ndarray, errors: RowErrors) -> pa.Table:
+        ok = _check_finite(logits, errors)
         c = self.columns
         if AUDIT in table.column_names:
             table = table.append_column(STUDENT_LABEL, table.column(c.label))
@@ -139,23 +187,25 @@ class TeacherProbs:
     columns: LabelColumns
     num_classes: int
 
-    def __call__(self, table: pa.Table, logits: np.ndarray, errors: np.ndarray) -> pa.Table:
-        ok = _check_finite(logits, errors, "teacher")
+    def __call__(self, table: pa.Table, logits: np.ndarray, errors: RowErrors) -> pa.Table:
+        ok = _check_finite(logits, errors)
         probs = _softmax(logits)
         if probs.shape[1] == 0:
             probs = np.full((table.num_rows, self.num_classes), np.nan, np.float32)
         label, conf = _label_and_confidence(probs, ok)
         c = self.columns
-        flat = pa.array(np.where(ok[:, None], probs, 0.0).astype(np.float32).reshape(-1))
+        kept = probs if ok is None else np.where(ok[:, None], probs, np.float32(0.0))
+        flat = pa.array(kept.astype(np.float32, copy=False).reshape(-1))
         table = table.append_column(c.label, label).append_column(c.confidence, conf)
         return table.append_column(c.probs, pa.FixedSizeListArray.from_arrays(flat, self.num_classes))
 
 
-def _check_finite(logits: np.ndarray, errors: np.ndarray, name: str) -> np.ndarray:
-    """Rows with finite outputs; the others (not already in error) get an error."""
+def _check_finite(logits: np.ndarray, errors: RowErrors) -> np.ndarray | None:
+    """Rows with finite teacher outputs (None: all); the others, not already in error, get
+    an error."""
     ok = finite_rows(logits)
-    bad = ~ok & (errors == None)  # noqa: E711 - elementwise on an object array
-    errors[bad] = f"{name} output is not finite (NaN or inf logits)"
+    if ok is not None:
+        errors.add(~ok & ~errors.bad, "teacher output is not finite (NaN or inf logits)", TEACHER)
     return ok
 
 
