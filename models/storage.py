@@ -74,6 +74,31 @@ def open_read(path: str):
     return fsspec.open(path, "rb").open()
 
 
+def open_write(path: str):
+    """A binary file object for writing (a local file's directories are created)."""
+    if not is_url(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, "wb")
+    if _beam_knows(path):
+        return _beam_fs().create(path, compression_type="uncompressed")
+    import fsspec
+
+    return fsspec.open(path, "wb").open()
+
+
+def rename(src: str, dst: str) -> None:
+    """Move one file (an object store copies, then deletes)."""
+    if not is_url(src):
+        os.replace(src, dst)
+    elif _beam_knows(src):
+        _beam_fs().rename([src], [dst])
+    else:
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs(src)
+        fs.mv(fsspec.core.url_to_fs(src)[1], fsspec.core.url_to_fs(dst)[1])
+
+
 def read_bytes(path: str) -> bytes:
     with open_read(path) as f:
         return f.read()

@@ -11,7 +11,7 @@ from titans.pipeline import counts, manifest
 from titans.pipeline.counts import Count
 from titans.pipeline.plan import CascadePlan
 from titans.pipeline.report import CascadeReport, plot_scores
-from titans.pipeline.stages import (LABELS, WriteLabels, failures, finish, read_input,
+from titans.pipeline.stages import (LABELS, failures, finish, read_input, write_labels,
                                     tables_typed)
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
@@ -81,8 +81,8 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
     # the local runners execute a multi-input Flatten outside the fused stage, which
     # materialises every labeled row in memory (2 GB and +2 s per 1M x 64 floats, measured).
     schema, fmt = plan.input.output_schema, c.output_format
-    written = [split[EASY] | "WriteStudentLabels" >> WriteLabels(c.output, schema, fmt, "student"),
-               teacher.hard | "WriteTeacherLabels" >> WriteLabels(c.output, schema, fmt, "teacher")]
+    written = [write_labels(split[EASY], "WriteStudentLabels", c.output, schema, fmt, "student"),
+               write_labels(teacher.hard, "WriteTeacherLabels", c.output, schema, fmt, "teacher")]
     hard_rows = split[HARD] | "NotAudited" >> beam.ParDo(_NotAudited()).with_output_types(pa.Table)
     count_parts += [
         counts.rows(split[EASY], Count.EASY, "CountEasy"),
@@ -114,8 +114,8 @@ def _prelabeled(p: beam.Pipeline, plan: CascadePlan, labels_dir: str, count_part
     count_parts += [counts.rows(read.tables, Count.PRELABELED, "CountPrelabeled"),
                     counts.rows(rejected, Count.IN, "CountPrelabeledRejected")]
     dead_parts.append(read.dead_letter)
-    return read.tables | "WritePrelabeledLabels" >> WriteLabels(
-        plan.config.output, plan.input.output_schema, plan.config.output_format, "sample")
+    return write_labels(read.tables, "WritePrelabeledLabels", plan.config.output,
+                        plan.input.output_schema, plan.config.output_format, "sample")
 
 
 class _NotAudited(beam.DoFn):

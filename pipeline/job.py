@@ -26,7 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from titans.models import storage
 from titans.pipeline.phases import Phases
 from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
-from titans.transforms.timing import FINALIZE, FIRST_READ
+from titans.transforms.timing import FIRST_READ
 
 _LOG = logging.getLogger("titans")
 
@@ -96,8 +96,8 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     report = storage.read_json(storage.join(output, REPORT))
     report["runner"] = str(options.view_as(StandardOptions).runner)
     report["metrics"] = titans_counters(result)
-    first_read, finalize = (_first(result, name) for name in (FIRST_READ, FINALIZE))
-    for name, at in (("runner_start", first_read), ("processing", finalize),
+    for name, at in (("runner_start", _first(result, FIRST_READ)),
+                     ("processing", report.pop("finalize_started_at", None)),
                      ("finalisation", report.pop("finish_started_at", None))):
         if at is not None:
             phases.mark(name, at)

@@ -32,21 +32,16 @@ def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int):
                                            counts.rows(rejected, Count.IN, "CountInRejected")]
 
 
-class WriteLabels(beam.PTransform):
+def write_labels(tables, label: str, output: str, schema, output_format: str, prefix: str):
     """Labeled tables -> ``output/labels/PREFIX-*`` as Parquet or TFRecord (tf.train.Example,
-    every column a feature); outputs the final paths once they are in place."""
-
-    def __init__(self, output: str, schema, output_format: str, prefix: str):
-        super().__init__()
-        self._args = (storage.join(output, LABELS), schema)
-        self._format, self._prefix = output_format, prefix
-
-    def expand(self, tables):
-        if self._format == "tfrecord":
-            from titans.transforms.tfrecord_io import WriteTFRecordBatches
-
-            return tables | WriteTFRecordBatches(*self._args, prefix=self._prefix)
-        return tables | WriteParquetBatches(*self._args, prefix=self._prefix)
+    every column a feature): (destination, temporary paths), for ``finish`` to put in place."""
+    directory = storage.join(output, LABELS)
+    if output_format == "tfrecord":
+        from titans.transforms.tfrecord_io import WriteTFRecordBatches as write
+    else:
+        write = WriteParquetBatches
+    writer = write(directory, schema, prefix=prefix)
+    return writer.destination, tables | label >> writer
 
 
 def tables_typed(pcoll):
@@ -76,37 +71,45 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
            build_report: Callable[[Counts, float], dict], start_time: float,
            plot: Callable[[dict, str], None] | None = None,
            on_complete: Callable[[dict], None] | None = None) -> None:
-    """Write the dead letter; then, once every output file (``written``: PCollections of
-    final paths) is in place, the report and, if the job kept its promises, ``_SUCCESS``,
-    then ``on_complete(report)`` (the --skip-labeled manifest update)."""
+    """Write the dead letter; then, once every writer's bundles are committed (``written``:
+    (destination, temporary paths) pairs), put every file in place, write the report and,
+    if the job kept its promises, ``_SUCCESS``, then ``on_complete(report)`` (the
+    --skip-labeled manifest update)."""
     dead = (dead_parts | "MergeDeadLetter" >> beam.Flatten()
             | "FormatDeadLetter" >> ToDeadLetter())
-    written = written + [dead | "WriteDeadLetter" >> WriteParquetBatches(
-        storage.join(output, DEAD_LETTER), DEAD_LETTER_SCHEMA)]
+    writer = WriteParquetBatches(storage.join(output, DEAD_LETTER), DEAD_LETTER_SCHEMA)
+    written = written + [(writer.destination, dead | "WriteDeadLetter" >> writer)]
     count_parts = count_parts + [counts.rows(dead, Count.DEAD_LETTER, "CountDeadLetter"),
                                  counts.reasons(dead, "CountReasons")]
     sums = (count_parts | "MergeCounts" >> beam.Flatten()
             | "Sum" >> beam.CombinePerKey(sum) | "ToDict" >> beam.combiners.ToDict())
-    _ = sums | "Finish" >> beam.Map(_Finish(output, build_report, start_time, plot, on_complete),
-                                    *[AsList(w) for w in written])
+    destinations = [d for d, _ in written]
+    _ = sums | "Finish" >> beam.Map(
+        _Finish(output, destinations, build_report, start_time, plot, on_complete),
+        *[AsList(paths) for _, paths in written])
 
 
 class _Finish:
-    """Write report.json (and the plot), then _SUCCESS last; runs after every writer has
-    renamed its files into place, since it waits for their final paths as side inputs."""
+    """Put every file in place, write report.json (and the plot), then _SUCCESS last. It
+    runs once every writer's bundles are committed: it takes their paths as side inputs."""
 
-    def __init__(self, output: str, build_report, start_time: float, plot, on_complete=None):
+    def __init__(self, output: str, destinations: list, build_report, start_time: float, plot,
+                 on_complete=None):
         self._output = output
+        self._destinations = destinations
         self._build = build_report
         self._start = start_time
         self._plot = plot
         self._on_complete = on_complete
 
     def __call__(self, sums: dict, *written: list[str]) -> dict:
+        finalize_started = time.time()
+        final = [d.put_in_place(paths) for d, paths in zip(self._destinations, written)]
         started = time.time()
         report = self._build(Counts(sums), started - self._start)
-        report["finish_started_at"] = started  # splits the launcher's phase_seconds
-        report["output_files"] = sum(len(w) for w in written)
+        # split the launcher's phase_seconds: processing | finalisation | report
+        report["finalize_started_at"], report["finish_started_at"] = finalize_started, started
+        report["output_files"] = sum(len(f) for f in final)
         storage.write_json(storage.join(self._output, REPORT), report)
         if self._plot is not None:
             self._plot(report, storage.join(self._output, PLOT))

@@ -10,7 +10,7 @@ from titans.pipeline import counts, manifest
 from titans.pipeline.counts import Count
 from titans.pipeline.plan import TeacherLabelPlan
 from titans.pipeline.report import TeacherLabelReport
-from titans.pipeline.stages import WriteLabels, failures, finish, read_input, tables_typed
+from titans.pipeline.stages import failures, finish, read_input, tables_typed, write_labels
 from titans.transforms.dead_letter import TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import TeacherProbs
@@ -33,8 +33,8 @@ def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, start_time: float) 
         teacher_handler(plan)).with_exception_handling()
     labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(SplitErrors(names)).with_output_types(
         pa.Table, dead_letter=DeadLetter).with_outputs(DEAD_LETTER, main="ok")
-    written = [labeled.ok | "WriteTeacherLabels" >> WriteLabels(
-        c.output, plan.input.output_schema, c.output_format, "teacher")]
+    written = [write_labels(labeled.ok, "WriteTeacherLabels", c.output, plan.input.output_schema,
+                            c.output_format, "teacher")]
     count_parts += [counts.rows(labeled.ok, Count.LABELED, "CountLabeled"),
                     counts.rows(tables_typed(scored), Count.TEACHER_SCORED, "CountTeacherScored")]
     finish(c.output, [read_dead, labeled[DEAD_LETTER], failures(failed, TEACHER, names)],

@@ -176,7 +176,7 @@ def test_titans_output_round_trips_through_the_sink(tmp_path):
     out = tmp_path / "out"
     with _pipeline() as p:
         _ = p | beam.Create(batches).with_output_types(pa.Table) | WriteTFRecordBatches(
-            str(out), table.schema, prefix="labels")
+            str(out), table.schema, prefix="labels", finalize=True)
     files = sorted(os.listdir(out))
     assert files and all(re.fullmatch(r"labels-\d{5}-of-\d{5}\.tfrecord", f) for f in files)
     with _pipeline() as p:
@@ -198,7 +198,7 @@ def test_framing_matches_beams_tfrecord_both_ways(tmp_path):
     table = pa.Table.from_pylist([_row(i) for i in range(100)], schema=SCHEMA)
     with _pipeline() as p:  # we write, Beam reads
         _ = p | beam.Create([table]).with_output_types(pa.Table) | WriteTFRecordBatches(
-            str(tmp_path / "ours"), SCHEMA)
+            str(tmp_path / "ours"), SCHEMA, finalize=True)
     with _pipeline() as p:
         got = p | ReadFromTFRecord(str(tmp_path / "ours" / "*.tfrecord"))
         assert_that(got | beam.Map(len), equal_to([len(r) for r in encode_examples(table)]))
@@ -235,7 +235,7 @@ def test_gcs_paths_split_gzip_and_sink(tmp_path, gcs_bucket):
     with _pipeline() as p:
         read = p | ReadTFRecordBatches(url + "/", 64, SCHEMA, split_bytes=3000)
         assert_that(_rows(read), equal_to([_row(i) for i in range(260)]), label="rows")
-        _ = read.tables | WriteTFRecordBatches(out, SCHEMA)
+        _ = read.tables | WriteTFRecordBatches(out, SCHEMA, finalize=True)
     with _pipeline() as p:
         read = p | ReadTFRecordBatches(out + "/*.tfrecord", 1000, SCHEMA)
         assert_that(_rows(read), equal_to([_row(i) for i in range(260)]))

@@ -23,14 +23,14 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io import filebasedsink, filesystem
 
 from titans.models import storage
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
-from titans.transforms.timing import FINALIZE, FIRST_READ, stamp
+from titans.transforms.timing import FIRST_READ, stamp
+from titans.transforms.writes import Destination, WriteTables
 
 _LOG = logging.getLogger("titans")
 _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
@@ -315,38 +315,26 @@ class ReadParquetBatches(beam.PTransform):
             .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
 
 
-class _ParquetSink(filebasedsink.FileBasedSink):
-    """Tables -> Parquet files through Beam's temp-file-and-rename protocol (safe on retries).
+class ParquetFormat:
+    """Tables -> one Parquet file (snappy, a row group per table), encoded on a background
+    thread. Dictionary encoding only for non-floating columns: pyarrow tries it on every
+    column by default, and on float features it costs ~25% of the write for no gain."""
+    suffix = ".parquet"
 
-    Dictionary encoding only for non-floating columns: pyarrow tries it on every column by
-    default, and on float features it costs ~25% of the write for no gain.
-    """
-
-    def __init__(self, prefix: str, schema: pa.Schema):
-        super().__init__(prefix, coder=None, file_name_suffix=".parquet",
-                         mime_type="application/x-parquet",
-                         compression_type=filesystem.CompressionTypes.UNCOMPRESSED)
-        self._schema = schema
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
         self._dictionary = [f.name for f in schema if not _is_floating(f.type)]
 
-    def open(self, temp_path):
-        handle = super().open(temp_path)
-        writer = pq.ParquetWriter(handle, self._schema, compression="snappy",
+    def open(self, handle):
+        writer = pq.ParquetWriter(handle, self.schema, compression="snappy",
                                   use_dictionary=self._dictionary)
-        return writer, handle, BackgroundWriter(writer.write_table)
+        background = BackgroundWriter(writer.write_table)
 
-    def write_record(self, file, table: pa.Table):
-        file[2].put(table)
-
-    def finalize_write(self, *args, **kwargs):
-        stamp(FINALIZE)
-        return super().finalize_write(*args, **kwargs)
-
-    def close(self, file):
-        writer, handle, background = file
-        background.close()
-        writer.close()
-        handle.close()
+        def close():
+            background.close()
+            writer.close()
+            handle.close()
+        return background.put, close
 
 
 def _is_floating(t: pa.DataType) -> bool:
@@ -355,14 +343,7 @@ def _is_floating(t: pa.DataType) -> bool:
     return pa.types.is_floating(t)
 
 
-class WriteParquetBatches(beam.PTransform):
-    """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.parquet`` (snappy), a row group per table.
-    Outputs the final paths once they are in place (renamed from their temp files)."""
-
-    def __init__(self, directory: str, schema: pa.Schema, prefix: str = "part"):
-        super().__init__()
-        self._prefix = storage.join(directory, prefix)
-        self._schema = schema
-
-    def expand(self, tables):
-        return tables | beam.io.iobase.Write(_ParquetSink(self._prefix, self._schema))
+def WriteParquetBatches(directory: str, schema: pa.Schema, prefix: str = "part",
+                        finalize: bool = False) -> WriteTables:
+    """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.parquet`` (see transforms/writes.py)."""
+    return WriteTables(Destination(directory, prefix, ParquetFormat(schema)), finalize)

@@ -51,14 +51,15 @@ import apache_beam as beam
 import google_crc32c
 import numpy as np
 import pyarrow as pa
-from apache_beam.io import filebasedsink, fileio, filesystem
+from apache_beam.io import fileio, filesystem
 from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.example_codec import encode_examples_array, kind_of, parse_with_rejects
 from titans.transforms.overlap import BackgroundWriter, read_ahead
-from titans.transforms.timing import FINALIZE, FIRST_READ, stamp
+from titans.transforms.timing import FIRST_READ, stamp
+from titans.transforms.writes import Destination, WriteTables
 
 _LOG = logging.getLogger("titans")
 if getattr(google_crc32c, "implementation", "c") != "c":
@@ -690,21 +691,18 @@ class ReadTFRecordBatches(beam.PTransform):
 
 # ---------------------------------------------------------------------------- writing
 
-class _TFRecordSink(filebasedsink.FileBasedSink):
-    """Tables -> TFRecord files of tf.train.Example through Beam's temp-file-and-rename
-    protocol (safe on retries). Encoding and framing run on a background thread."""
+class TFRecordFormat:
+    """Tables -> one TFRecord file of tf.train.Example, a feature per column of ``schema``;
+    encoding and framing run on a background thread."""
+    suffix = ".tfrecord"
 
-    def __init__(self, prefix: str, schema: pa.Schema):
-        super().__init__(prefix, coder=None, file_name_suffix=".tfrecord",
-                         mime_type="application/octet-stream",
-                         compression_type=filesystem.CompressionTypes.UNCOMPRESSED)
+    def __init__(self, schema: pa.Schema):
         for field in schema:
             kind_of(field.type)  # say it at construction, not on a worker
-        self._schema = schema
+        self.schema = schema
 
-    def open(self, temp_path):
-        handle = super().open(temp_path)
-        schema = self._schema
+    def open(self, handle):
+        schema = self.schema
 
         def write(table: pa.Table):
             table = table.select(schema.names)
@@ -712,28 +710,15 @@ class _TFRecordSink(filebasedsink.FileBasedSink):
                 table = table.cast(schema)
             handle.write(frame_records(encode_examples_array(table)))
 
-        return handle, BackgroundWriter(write)
+        background = BackgroundWriter(write)
 
-    def write_record(self, file, table: pa.Table):
-        file[1].put(table)
-
-    def finalize_write(self, *args, **kwargs):
-        stamp(FINALIZE)
-        return super().finalize_write(*args, **kwargs)
-
-    def close(self, file):
-        handle, background = file
-        background.close()
-        handle.close()
+        def close():
+            background.close()
+            handle.close()
+        return background.put, close
 
 
-class WriteTFRecordBatches(beam.PTransform):
-    """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.tfrecord``, a tf.train.Example per row,
-    one feature per column of ``schema``."""
-
-    def __init__(self, directory: str, schema: pa.Schema, prefix: str = "part"):
-        super().__init__()
-        self._sink = _TFRecordSink(FileSystems.join(directory, prefix), schema)
-
-    def expand(self, tables):
-        return tables | beam.io.iobase.Write(self._sink)
+def WriteTFRecordBatches(directory: str, schema: pa.Schema, prefix: str = "part",
+                         finalize: bool = False) -> WriteTables:
+    """Tables -> ``directory/PREFIX-SSSSS-of-NNNNN.tfrecord`` (see transforms/writes.py)."""
+    return WriteTables(Destination(directory, prefix, TFRecordFormat(schema)), finalize)
