@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -75,34 +74,19 @@ def test_launch_refuses_what_titans_run_refuses(tmp_path, models, capsys):
     assert code == 2 and "no non-empty file matches" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def gcs(tmp_path):
-    """A local GCS JSON API (gcp-storage-emulator, a test dependency) with bucket 'bkt'."""
-    pytest.importorskip("gcp_storage_emulator")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
-                             "127.0.0.1", "--port", str(port), "--default-bucket", "bkt",
-                             "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the GCS emulator did not start")
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def gcs(gcs_bucket):
+    """The session's local GCS JSON API (conftest.gcs_bucket) with a bucket 'bkt' of its own;
+    its endpoint."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    endpoint = os.environ["STORAGE_EMULATOR_HOST"]
+    client = storage.Client(project="proj", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": endpoint})
+    if client.lookup_bucket("bkt") is None:
+        client.create_bucket("bkt")
+    return endpoint
 
 
 def test_template_launch_hands_dataflow_a_graph_with_the_gpu_on_the_teacher_only(
