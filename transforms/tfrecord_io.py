@@ -58,6 +58,7 @@ from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table 
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.example_codec import encode_examples_array, kind_of, parse_with_rejects
 from titans.transforms.overlap import BackgroundWriter, read_ahead
+from titans.transforms.parquet_io import input_pattern
 from titans.transforms.timing import FIRST_READ, stamp
 from titans.transforms.writes import Destination, WriteTables
 
@@ -151,17 +152,7 @@ def _fixed_width(flat: np.ndarray, width: int, n: int) -> pa.Array:
 def tfrecord_pattern(path: str) -> str:
     """A directory (local or URL) means every ``*.tfr*`` file directly inside it:
     ``.tfrecord``, ``.tfrecords``, ``.tfr``, each also gzipped (``.gz``)."""
-    if any(ch in path for ch in "*?["):
-        return path
-    if path.endswith("/") or ("://" not in path and _is_local_dir(path)):
-        return FileSystems.join(path.rstrip("/"), "*.tfr*")
-    return path
-
-
-def _is_local_dir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)
+    return input_pattern(path, "*.tfr*")
 
 
 def is_gzip(path: str, compression: str = AUTO) -> bool:
