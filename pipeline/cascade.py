@@ -6,18 +6,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.ml.inference.base import RunInference
 
-from titans.models import storage
 from titans.pipeline import counts, manifest
 from titans.pipeline.counts import Count
 from titans.pipeline.plan import CascadePlan
 from titans.pipeline.report import CascadeReport, plot_scores
-from titans.pipeline.stages import (LABELS, failures, finish, read_input, write_labels,
-                                    tables_typed)
+from titans.pipeline.stages import failures, finish, read_input, tables_typed, write_labels
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels
-from titans.transforms.parquet_io import (ParquetInput, ReadParquetBatches, WriteParquetBatches,
-                                          input_pattern, match_files)
+from titans.transforms.parquet_io import (ParquetInput, ReadParquetBatches, input_pattern, match_files)
 from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateTeacherRows,
                                      SplitByDeferral)
 
@@ -55,7 +52,6 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
     """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report."""
     c, columns = plan.config, plan.input.columns
     names = plan.input.input_names
-    labels_dir = storage.join(c.output, LABELS)
     tables, read_dead, count_parts = read_input(p, plan.input, c.batch_size)
 
     # A batch's failing rows are isolated inside the handler; a failure outside the model's
@@ -96,13 +92,12 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
     dead_parts = [read_dead, split[DEAD_LETTER], teacher[DEAD_LETTER],
                   failures(student_failed, STUDENT, names), failures(teacher_failed, TEACHER, names)]
     if c.prelabeled:  # `titans label`: its sample rows, labeled by the teacher already
-        written.append(_prelabeled(p, plan, labels_dir, count_parts, dead_parts))
+        written.append(_prelabeled(p, plan, count_parts, dead_parts))
     finish(c.output, dead_parts, count_parts, written, CascadeReport(plan.facts()), start_time,
            plot=plot_scores, on_complete=manifest.record_for(plan, "run"))
 
 
-def _prelabeled(p: beam.Pipeline, plan: CascadePlan, labels_dir: str, count_parts: list,
-                dead_parts: list):
+def _prelabeled(p: beam.Pipeline, plan: CascadePlan, count_parts: list, dead_parts: list):
     """Rows labeled before this job, read as they are (conformed to the output schema) and
     written into labels/ by a writer of their own (prefix 'sample'), counted as PRELABELED.
     A row that does not fit the schema is dead-lettered and counted in (IN) like an input row."""

@@ -52,7 +52,7 @@ from titans.models.calibration import cascade_curve, ltt_threshold, save_calibra
 from titans.models.deferral import CONFIDENCE_RULES, make_rule, threshold_for_rate
 from titans.models.forward import forward_in_chunks
 from titans.models.loading import ModelRef, count_parameters, load_model
-from titans.models.student_search import (FLOPS, Target, candidate_architectures,
+from titans.models.student_search import (Target, candidate_architectures,
                                           flops_per_row, ltt_bar, search_student)
 from titans.pipeline import label_defaults as ld
 from titans.pipeline.plan import (CascadePlan, RunConfig, TeacherLabelConfig, plan_run,

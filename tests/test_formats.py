@@ -63,6 +63,8 @@ def test_tfrecord_input_gives_the_labels_parquet_gives(tmp_path, models):
     np.testing.assert_allclose(b.column("deferral_score").to_numpy(),
                                a.column("deferral_score").to_numpy(), atol=1e-6)
     assert from_tfrecord["rows_in"] == 2001 and from_tfrecord["rows_dead_letter"] == 1
+    assert (from_parquet["rows_easy"], from_parquet["rows_hard"]) == (
+        from_tfrecord["rows_easy"], from_tfrecord["rows_hard"])
     dead = pq.read_table(tmp_path / "b" / "dead_letter")
     row = json.loads(dead.column("row")[0].as_py())
     assert "base64" in json.dumps(row) and "part-0.tfrecord" in json.dumps(row)

@@ -66,8 +66,8 @@ def test_damage_is_named_and_every_record_is_counted(tmp_path):
     (tmp_path / "bad.tfrecord").write_bytes(bytes(data[:offsets[299] + 30]))  # 299 cut short
     undecodable = wire.example({"id": ("float", [1.0])})
     wire.write_tfrecord(tmp_path / "odd.tfrecord", [_record(1000), undecodable])
-    full = wire.write_tfrecord(tmp_path / "cut.tfrecord.gz", [_record(i) for i in range(2000, 2400)],
-                               compress=True)
+    wire.write_tfrecord(tmp_path / "cut.tfrecord.gz", [_record(i) for i in range(2000, 2400)],
+                        compress=True)
     gz = (tmp_path / "cut.tfrecord.gz").read_bytes()
     (tmp_path / "cut.tfrecord.gz").write_bytes(gz[:len(gz) // 2])
     with _pipeline() as p:
