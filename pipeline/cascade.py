@@ -1,6 +1,8 @@
 """`titans run`: the cascade pipeline, composed from named transforms (see README's diagram)."""
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -102,8 +104,8 @@ def _prelabeled(p: beam.Pipeline, plan: CascadePlan, count_parts: list, dead_par
     written into labels/ by a writer of their own (prefix 'sample'), counted as PRELABELED.
     A row that does not fit the schema is dead-lettered and counted in (IN) like an input row."""
     files = match_files(input_pattern(plan.config.prelabeled))
-    source = ParquetInput.from_files(files)
-    source = ParquetInput(source.files, plan.input.output_schema, {}, source.num_rows)
+    source = dataclasses.replace(ParquetInput.from_files(files),
+                                 schema=plan.input.output_schema, conflicts={})
     read = p | "ReadPrelabeled" >> ReadParquetBatches(source, plan.config.batch_size)
     rejected = read.dead_letter | "PrelabeledRejected" >> beam.Map(lambda d: d.rows)
     count_parts += [counts.rows(read.tables, Count.PRELABELED, "CountPrelabeled"),

@@ -55,13 +55,15 @@ from titans.models.loading import ModelRef, count_parameters, load_model
 from titans.models.student_search import (Target, candidate_architectures,
                                           flops_per_row, ltt_bar, search_student)
 from titans.pipeline import label_defaults as ld
+from titans.pipeline.model_checks import check_on_sample, load_checked
 from titans.pipeline.plan import (CascadePlan, RunConfig, TeacherLabelConfig, plan_run,
-                                  plan_teacher_label)
+                                  plan_teacher_label, usable_rows)
 from titans.pipeline.stages import OUTPUTS, REPORT, SUCCESS, mark_complete
-from titans.transforms.features import FeatureSpec, feature_matrix, resolve_feature_spec
+from titans.transforms.features import (FeatureSpec, feature_matrix, first_vector_length,
+                                        resolve_feature_spec)
 from titans.transforms.labels import LabelColumns
 from titans.transforms.parquet_io import (ParquetInput, conform, input_pattern, match_files,
-                                          open_parquet, read_footers, unify_schemas)
+                                          open_parquet)
 
 _LOG = logging.getLogger("titans")
 
@@ -277,9 +279,8 @@ def _launch_checks(c: LabelConfig) -> _Launch:
     """Files, schema, features, the teacher (loaded and run on real rows), the budget and the
     sample size: everything that can fail before the data is touched."""
     files = match_files(input_pattern(c.input), exclude_under=c.output)
-    footers = read_footers(files)
-    schema, conflicts = unify_schemas(footers)
-    source = ParquetInput(tuple(files), schema, conflicts, sum(f.num_rows for f in footers))
+    source = ParquetInput.from_files(files)
+    schema, conflicts = source.schema, source.conflicts
     if len(conflicts) == len(files):
         raise ValueError("no input file fits the others' schema:\n  "
                          + "\n  ".join(conflicts.values()))
@@ -289,7 +290,7 @@ def _launch_checks(c: LabelConfig) -> _Launch:
     if c.id_column and c.id_column not in schema.names:
         raise ValueError(f"--id-column {c.id_column!r} is not in the input; its columns are "
                          f"{schema.names}")
-    row_counts = [0 if f.path in conflicts else f.num_rows for f in footers]
+    row_counts = [0 if f in conflicts else n for f, n in zip(files, source.file_rows)]
     rows = sum(row_counts)
     if rows < 2 * MIN_LABELED:
         raise ValueError(f"the input has {rows:,} readable row(s); titans label needs at least "
@@ -300,26 +301,10 @@ def _launch_checks(c: LabelConfig) -> _Launch:
                          f"label it all with `titans teacher-label`, or sample fewer rows")
     check = source.sample(CHECK_ROWS, c.seed)
     features = resolve_feature_spec(schema, tuple(c.feature_columns),
-                                    _first_vector_length(check, c.feature_columns))
-    x, reasons = feature_matrix(check, features)
-    if reasons is not None:
-        x = x[np.array([r is None for r in reasons], bool)]
-    if len(x) == 0:
-        raise ValueError(f"none of the {check.num_rows:,} rows read at launch has usable features "
-                         f"in {list(features.columns)}; check --feature-columns")
-    try:
-        teacher = c.teacher.load("cpu")
-    except ValueError as e:  # ModelLoadError, or --teacher-class-kwargs that is not JSON
-        raise ValueError(f"--teacher: {e}") from e
-    try:
-        logits = forward_in_chunks(teacher, x[:256], 256)
-    except Exception as e:  # noqa: BLE001 - any failure here is a shape/contract problem
-        raise ValueError(f"--teacher {c.teacher.path!r} fails on float32 [batch, "
-                         f"{features.dim}] rows of the input: {type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
-    if logits.dim() != 2 or len(logits) != min(256, len(x)):
-        raise ValueError(f"--teacher {c.teacher.path!r} must return logits [batch, classes]; it "
-                         f"returned {tuple(logits.shape)}")
+                                    first_vector_length(check, c.feature_columns))
+    x = usable_rows(check, features)
+    teacher = load_checked("teacher", c.teacher, features)
+    logits = check_on_sample("teacher", teacher, x[:256])
     k = logits.shape[-1]
     if k < 2:
         raise ValueError(f"--teacher has {k} output; a classifier needs at least 2 classes")
@@ -329,18 +314,6 @@ def _launch_checks(c: LabelConfig) -> _Launch:
     columns.output_schema(schema, columns.cascade_fields())  # a clash with an added column?
     return _Launch(files, source, row_counts, features, k, teacher_flops,
                    count_parameters(teacher), proxy, n, columns)
-
-
-def _first_vector_length(table: pa.Table, columns) -> int | None:
-    """The length of the first non-null vector of a single list feature column, if any."""
-    if len(columns) != 1 or columns[0] not in table.column_names:
-        return None
-    col = table.column(columns[0])
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
-        return None
-    for v in col.drop_null().slice(0, 1).to_pylist():
-        return len(v)
-    return None
 
 
 # =========================================================================== the directory

@@ -168,7 +168,7 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
         rule_name, threshold, deferral_model = _calibration(config)
     rule = make_rule(rule_name or defaults.RULE, deferral_model)
     source, sample, features = _plan_source(config, phases)
-    x = _valid_rows(sample, features)
+    x = usable_rows(sample, features)
     teacher = load_checked("teacher", config.teacher, features)
     teacher_classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
     student = load_checked("student", config.student, features)
@@ -206,7 +206,7 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
 def plan_teacher_label(config: TeacherLabelConfig, phases: Phases | None = None) -> TeacherLabelPlan:
     _check_job(config)
     source, sample, features = _plan_source(config, phases)
-    x = _valid_rows(sample, features)
+    x = usable_rows(sample, features)
     teacher = load_checked("teacher", config.teacher, features)
     classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
     mark(phases, "model_loading_and_checks")
@@ -295,7 +295,9 @@ def _plan_source(config: JobConfig, phases: Phases | None = None):
     return source, sample, features
 
 
-def _valid_rows(sample: pa.Table, features: FeatureSpec) -> np.ndarray:
+def usable_rows(sample: pa.Table, features: FeatureSpec) -> np.ndarray:
+    """The models' input for the sampled rows whose features are usable; ValueError (with a
+    reason) when none is."""
     x, reasons = feature_matrix(sample, features)
     if reasons is not None:
         x = x[np.array([r is None for r in reasons])]

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import apache_beam as beam
@@ -110,7 +111,7 @@ def test_rows_to_skip_are_left_out_across_batches_and_row_groups(tmp_path):
     source = _input(tmp_path)
     part0, part1 = source.files
     skip = {part0: ((0, 5), (120, 270), (499, 500)), part1: ((10, 11),)}
-    source = ParquetInput(source.files, source.schema, source.conflicts, source.num_rows, skip)
+    source = dataclasses.replace(source, skip=skip)
     expected = sorted(set(range(1000)) - set(range(5)) - set(range(120, 270)) - {499} - {510})
     with _pipeline() as p:
         read = p | ReadParquetBatches(source, 64)

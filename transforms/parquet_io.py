@@ -151,6 +151,8 @@ class ParquetInput:
     schema: pa.Schema
     conflicts: dict
     num_rows: int
+    file_rows: tuple[int, ...]   # per file, from its footer
+    row_groups: tuple[int, ...]  # per file, from its footer
     skip: dict = dataclasses.field(default_factory=dict)
     format: str = "parquet"
 
@@ -158,7 +160,8 @@ class ParquetInput:
     def from_files(cls, files: list[str]) -> "ParquetInput":
         footers = read_footers(files)
         schema, conflicts = unify_schemas(footers)
-        return cls(tuple(files), schema, conflicts, sum(f.num_rows for f in footers))
+        return cls(tuple(files), schema, conflicts, sum(f.num_rows for f in footers),
+                   tuple(f.num_rows for f in footers), tuple(f.row_groups for f in footers))
 
     def reader(self, batch_size: int) -> "ReadParquetBatches":
         return ReadParquetBatches(self, batch_size)
@@ -185,9 +188,9 @@ class ParquetInput:
         """About ``rows`` rows from up to ``units`` random row groups (the first rows of
         each), conformed to the schema. Decodes only the rows it keeps."""
         rng = np.random.default_rng(seed)
-        files = [f for f in self.files if f not in self.conflicts]
-        chosen = [files[i] for i in rng.permutation(len(files))[:units]]
-        candidates = [(f, g) for f in chosen for g in range(open_parquet(f).num_row_groups)]
+        groups = [(f, n) for f, n in zip(self.files, self.row_groups) if f not in self.conflicts]
+        chosen = [groups[i] for i in rng.permutation(len(groups))[:units]]
+        candidates = [(f, g) for f, n in chosen for g in range(n)]
         picked = [candidates[i] for i in rng.permutation(len(candidates))[:units]]
         per_unit = max(1, -(-rows // max(1, len(picked))))
         tables = []
@@ -223,12 +226,6 @@ def conform(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table | No
             pass
     good = table.filter(pa.array(ok)).cast(schema) if ok.any() else schema.empty_table()
     return good, (table.filter(pa.array(~ok)) if not ok.all() else None), reason
-
-
-class _SplitIntoRowGroups(beam.DoFn):
-    def process(self, path: str):
-        for g in range(open_parquet(path).num_row_groups):
-            yield path, g
 
 
 class _ReadRowGroup(beam.DoFn):
@@ -306,8 +303,9 @@ class ReadParquetBatches(beam.PTransform):
         s = self._source
         return (
             pbegin
-            | "Files" >> beam.Create(list(s.files))
-            | "SplitIntoRowGroups" >> beam.ParDo(_SplitIntoRowGroups())
+            # (file, row group) units from the footers read at launch: no file is opened twice
+            | "RowGroups" >> beam.Create([(f, g) for f, n in zip(s.files, s.row_groups)
+                                          for g in range(n)])
             | "Spread" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, s.schema, s.conflicts,
                                                          s.skip))
