@@ -11,7 +11,8 @@ from apache_beam.ml.inference.base import RunInference
 from titans.pipeline import counts, manifest
 from titans.pipeline.counts import Count
 from titans.pipeline.plan import CascadePlan
-from titans.pipeline.report import CascadeReport, plot_scores
+from titans.pipeline.report import CascadeReport
+from titans.pipeline.report_plot import plot_scores
 from titans.pipeline.stages import failures, finish, read_input, tables_typed, write_labels
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler

@@ -6,11 +6,7 @@ is written on every runner, including Dataflow jobs whose launcher does not wait
 from __future__ import annotations
 
 import dataclasses
-import io
 
-import numpy as np
-
-from titans.models.storage import write_bytes
 from titans.pipeline.counts import Count, Counts
 from titans.pipeline.stages import job_status
 
@@ -130,56 +126,6 @@ def audit_figures(audited: int, agree: int) -> dict:
         "audit_agreement": agree / audited if audited else None,
         "audit_agreement_ci95": list(binomial_interval(agree, audited)) if audited else None,
     }
-
-
-def plot_scores(report: dict, path: str) -> None:
-    """Stacked histogram of deferral scores (easy vs hard rows) with the threshold marked."""
-    if "deferral_score_histogram" not in report:
-        return
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    h = report["deferral_score_histogram"]
-    edges = np.asarray(h["bin_edges"])
-    whole = report.get("rows_prelabeled") is not None  # `titans label`: where every row went
-    fig = Figure(figsize=(6, 5.6 if whole else 3.6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(2, 1, 1) if whole else fig.add_subplot()
-    easy, hard = np.asarray(h["easy"]), np.asarray(h["hard"])
-    # one filled outline per series, not 2 x 50 bars: half the drawing time, on every run
-    ax.stairs(easy, edges, fill=True, label="easy: student labels")
-    ax.stairs(easy + hard, edges, baseline=easy, fill=True, label="hard: teacher labels")
-    threshold = report.get("threshold")
-    if isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0:
-        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.4g}")
-    ax.set_xlabel(f"deferral score ({report.get('rule')}; higher = harder)")
-    ax.set_ylabel("rows")
-    ax.set_title(f"{report['rows_easy'] + report['rows_deferred']:,} rows, "
-                 f"{report['deferral_rate']:.1%} to the teacher")
-    ax.legend(fontsize=8)
-    if whole:
-        _plot_row_sources(fig.add_subplot(2, 1, 2), report)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_bytes(path, buf.getvalue())
-
-
-def _plot_row_sources(ax, report: dict) -> None:
-    """One bar of every row of a `titans label` job: who labeled it, or the dead letter."""
-    parts = [("sample: teacher", report["rows_prelabeled"], "tab:purple"),
-             ("easy: student", report["rows_easy"], "tab:blue"),
-             ("hard: teacher", report["rows_hard"], "tab:orange"),
-             ("dead letter", report["rows_dead_letter"], "tab:gray")]
-    left = 0
-    for name, rows, color in parts:
-        ax.barh([0], [rows], left=left, color=color, label=f"{name} {rows:,}")
-        left += rows
-    ax.set_yticks([])
-    ax.set_xlabel("rows")
-    ax.set_title(f"{report['rows_in']:,} rows, {report['rows_to_teacher_share']:.1%} to the "
-                 f"teacher (sample + hard + audited)")
-    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.35))
 
 
 def summary(report: dict) -> str:

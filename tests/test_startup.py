@@ -1,0 +1,84 @@
+"""What the `titans` command does to start faster, checked for what it must not break: Beam
+imported without the modules it hides, report.png drawn by a helper process exactly as
+in-process, and the default runner."""
+import json
+import os
+import subprocess
+import sys
+
+from titans.pipeline import report_plot
+
+REPORT = {"deferral_score_histogram": {"bin_edges": [i / 50 for i in range(51)],
+                                       "easy": [1000 - 20 * i for i in range(50)],
+                                       "hard": [10 * i for i in range(50)]},
+          "threshold": 0.8, "rule": "margin", "rows_easy": 25500, "rows_deferred": 12250,
+          "deferral_rate": 0.3245}
+
+
+def test_beam_imported_by_the_command_leaves_out_what_it_hides_and_can_still_load_it():
+    code = ("import sys\n"
+            "from titans.pipeline.beam_import import HIDDEN, import_beam\n"
+            "import_beam()\n"
+            "import apache_beam\n"
+            "print(sorted(m for m in HIDDEN if m in sys.modules))\n"
+            "assert not any(sys.modules.get(m, 1) is None for m in HIDDEN)\n"
+            "from apache_beam.io.gcp.bigquery import ReadFromBigQuery\n"
+            "from apache_beam.io.filesystems import FileSystems\n"
+            "FileSystems.get_filesystem('gs://bucket/x')  # gs:// still known\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "ok"]
+
+
+def test_the_helper_draws_the_same_png_as_the_command_would(tmp_path):
+    report_plot.start_helper()
+    try:
+        report_plot.plot_scores(REPORT, str(tmp_path / "helper.png"))
+        assert report_plot._helper is None  # used once
+    finally:
+        report_plot.stop_helper()
+    drawn_here = report_plot.scores_png(REPORT)
+    assert drawn_here.startswith(b"\x89PNG") and len(drawn_here) > 5_000
+    assert (tmp_path / "helper.png").read_bytes() == drawn_here
+
+
+def test_a_dead_helper_means_drawing_in_process(tmp_path):
+    report_plot.start_helper()
+    report_plot._helper.kill()
+    report_plot._helper.wait()
+    report_plot.plot_scores(REPORT, str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").read_bytes() == report_plot.scores_png(REPORT)
+    assert report_plot._helper is None
+
+
+def test_an_unused_helper_exits_when_stopped():
+    report_plot.start_helper()
+    helper = report_plot._helper
+    report_plot.stop_helper()
+    assert helper.returncode == 0 and report_plot._helper is None
+
+
+def test_no_histogram_no_plot_and_the_helper_is_kept(tmp_path):
+    report_plot.start_helper()
+    try:
+        report_plot.plot_scores({"mode": "teacher-label"}, str(tmp_path / "report.png"))
+        assert not (tmp_path / "report.png").exists() and report_plot._helper is not None
+    finally:
+        report_plot.stop_helper()
+
+
+def test_the_titans_command_runs_on_the_in_process_runner_and_draws_its_plot(tmp_path, dataset, models):
+    (data, _), (student, teacher) = dataset, models
+    script = os.path.join(os.path.dirname(sys.executable), "titans")
+    cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "titans.pipeline.cli"]
+    out = tmp_path / "out"
+    done = subprocess.run(cmd + ["run", "--input", data, "--output", str(out), "--student",
+                                 student, "--teacher", teacher, "--deferral-rate", "0.3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["runner"] == "FnApiRunner" and report["status"] == "complete"
+    png = (out / "report.png").read_bytes()
+    assert png == report_plot.scores_png(report)
+    assert (out / "_SUCCESS").stat().st_mtime_ns >= (out / "report.png").stat().st_mtime_ns
