@@ -81,12 +81,13 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
     written = written + [(writer.destination, dead | "WriteDeadLetter" >> writer)]
     count_parts = count_parts + [counts.rows(dead, Count.DEAD_LETTER, "CountDeadLetter"),
                                  counts.reasons(dead, "CountReasons")]
-    sums = (count_parts | "MergeCounts" >> beam.Flatten()
-            | "Sum" >> beam.CombinePerKey(sum) | "ToDict" >> beam.combiners.ToDict())
+    # a few hundred (key, rows) pairs: summed by Finish itself, which runs once they are all
+    # in (a side input), as every writer's paths are
+    pairs = count_parts | "MergeCounts" >> beam.Flatten()
     destinations = [d for d, _ in written]
-    _ = sums | "Finish" >> beam.Map(
+    _ = (dead.pipeline | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(
         _Finish(output, destinations, build_report, start_time, plot, on_complete),
-        *[AsList(paths) for _, paths in written])
+        AsList(pairs), *[AsList(paths) for _, paths in written]))
 
 
 class _Finish:
@@ -102,8 +103,11 @@ class _Finish:
         self._plot = plot
         self._on_complete = on_complete
 
-    def __call__(self, sums: dict, *written: list[str]) -> dict:
+    def __call__(self, _, pairs: list[tuple[str, int]], *written: list[str]) -> dict:
         finalize_started = time.time()
+        sums: dict[str, int] = {}
+        for key, rows in pairs:
+            sums[key] = sums.get(key, 0) + rows
         final = [d.put_in_place(paths) for d, paths in zip(self._destinations, written)]
         started = time.time()
         report = self._build(Counts(sums), started - self._start)

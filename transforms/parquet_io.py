@@ -303,10 +303,10 @@ class ReadParquetBatches(beam.PTransform):
         s = self._source
         return (
             pbegin
-            # (file, row group) units from the footers read at launch: no file is opened twice
+            # (file, row group) units from the footers read at launch: no file is opened
+            # twice. Create spreads two or more units over the workers (its own Reshuffle).
             | "RowGroups" >> beam.Create([(f, g) for f, n in zip(s.files, s.row_groups)
                                           for g in range(n)])
-            | "Spread" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, s.schema, s.conflicts,
                                                          s.skip))
             .with_output_types(pa.Table, dead_letter=DeadLetter)
