@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -89,6 +90,9 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     output = plan.config.output
     prepare_output(output, plan.config.overwrite)
     phases.mark("pipeline_construction")
+    if not gc.isenabled():  # the command line turned the collector off for start-up:
+        gc.freeze()  # what start-up made is never garbage; later collections skip it
+        gc.enable()
     result = p.run()
     if not wait:
         return submitted(result, options, output)

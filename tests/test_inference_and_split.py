@@ -1,5 +1,6 @@
 """The Arrow-table ModelHandler inside a real RunInference, and the deferral split."""
 import apache_beam as beam
+import pytest
 import numpy as np
 import pyarrow as pa
 import torch
@@ -85,8 +86,8 @@ def test_teacher_labels_replace_the_students():
     out = TeacherLabels(COLS)(table, logits.numpy(), RowErrors(2))
     assert out.column("label").to_pylist() == [1, 0]
     assert out.column("source").to_pylist() == ["teacher", "teacher"]
-    assert out.column("confidence").to_pylist() == [float(np.float32(torch.softmax(logits, -1).max(-1).values[i]))
-                                                    for i in range(2)]
+    assert out.column("confidence").to_pylist() == pytest.approx(
+        [float(torch.softmax(logits, -1).max(-1).values[i]) for i in range(2)], rel=1e-6)
     assert out.column("deferral_score").to_pylist() == table.column("deferral_score").to_pylist()
 
 

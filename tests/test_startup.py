@@ -82,3 +82,21 @@ def test_the_titans_command_runs_on_the_in_process_runner_and_draws_its_plot(tmp
     png = (out / "report.png").read_bytes()
     assert png == report_plot.scores_png(report)
     assert (out / "_SUCCESS").stat().st_mtime_ns >= (out / "report.png").stat().st_mtime_ns
+
+
+def test_a_job_turns_the_collector_back_on_with_start_up_frozen(tmp_path, dataset, models):
+    """The command line runs start-up without the cyclic collector; the job must not run
+    without it (a long job's cycles would pile up)."""
+    import gc
+
+    from titans.pipeline.cli import main
+
+    (data, _), (student, teacher) = dataset, models
+    gc.disable()
+    try:
+        assert main(["run", "--input", data, "--output", str(tmp_path / "out"), "--student",
+                     student, "--teacher", teacher, "--runner", "FnApiRunner"]) == 0
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()

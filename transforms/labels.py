@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from titans.models.deferral import DeferralRule
+from titans.models.deferral import DeferralRule, softmax
 from titans.transforms.dead_letter import TEACHER
 
 # internal columns, never written: why a row cannot be labeled (null when it can) and at which
@@ -124,7 +124,7 @@ def finite_rows(logits: np.ndarray) -> np.ndarray | None:
     if logits.shape[1] == 0:
         return np.zeros(len(logits), bool)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is the point here
-        if np.isfinite(logits.sum(dtype=np.float64)):  # one fast pass: the common case
+        if np.isfinite(logits.sum()):  # one fast pass: the common case
             return None
         ok = np.isfinite(logits.sum(axis=1))
     return None if ok.all() else ok
@@ -133,7 +133,7 @@ def finite_rows(logits: np.ndarray) -> np.ndarray | None:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     if logits.shape[1] == 0:
         return logits
-    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+    return softmax(torch.from_numpy(logits)).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
