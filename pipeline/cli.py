@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from titans.pipeline import defaults
 from titans.pipeline.flags import BEAM_COMMANDS, build_parser, feature_columns, model_ref
 
 _LOG = logging.getLogger("titans")
@@ -162,7 +163,7 @@ def fast_exit_is_safe(argv: list[str]) -> bool:
     for flag in ("--runner", "--direct_running_mode", "--environment_type"):
         options.add_argument(flag)
     beam, _ = options.parse_known_args(beam_args)
-    runner = (beam.runner or "DirectRunner").rsplit(".", 1)[-1].lower()
+    runner = (beam.runner or defaults.RUNNER).rsplit(".", 1)[-1].lower()
     runner = runner[:-len("runner")] if runner.endswith("runner") else runner
     if runner not in IN_PROCESS_RUNNERS:
         return False

@@ -12,3 +12,6 @@ MAX_DEAD_LETTER_RATE = 0.1   # above this share of dead-lettered rows the job fa
 # every deferral rule `titans run` and `titans calibrate` know (titans.models.deferral.RULES
 # plus 'learned'); tests/test_deferral.py keeps the two lists equal
 RULE_NAMES = ("max_prob", "margin", "entropy", "defer_head", "learned")
+# Beam runner when --runner is not given: the in-process runner the DirectRunner would hand
+# titans' pipelines to (Prism does not run their exception-handling steps), chosen directly
+RUNNER = "FnApiRunner"

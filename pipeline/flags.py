@@ -228,8 +228,9 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         "run", allow_abbrev=False, help="label a Parquet dataset with the cascade",
         description="Label every row of a Parquet dataset: the student scores all rows, rows "
                     "whose deferral score is above the threshold go to the teacher. Flags not "
-                    "listed below are Beam pipeline options (default --runner FnApiRunner: "
-                    "Beam's in-process runner, which the DirectRunner would pick for it).")
+                    f"listed below are Beam pipeline options (default --runner "
+                    f"{defaults.RUNNER}: Beam's in-process runner, which the DirectRunner "
+                    f"would pick for it).")
     _add_input_flags(run)
     add_model_flags(run, "student")
     add_model_flags(run, "teacher")

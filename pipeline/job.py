@@ -23,12 +23,12 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from titans.models import storage
+from titans.pipeline import defaults
 from titans.pipeline.phases import Phases
 from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
 from titans.transforms.timing import FIRST_READ
 
 _LOG = logging.getLogger("titans")
-DEFAULT_RUNNER = "FnApiRunner"  # Beam's in-process runner, the DirectRunner's engine
 
 Build = Callable[[beam.Pipeline, object, float], None]
 
@@ -36,10 +36,9 @@ Build = Callable[[beam.Pipeline, object, float], None]
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     options = PipelineOptions(beam_args)
     if not options.view_as(StandardOptions).runner:
-        # what the DirectRunner would hand titans' pipelines to, chosen directly: Prism
-        # does not run their exception-handling steps, and the DirectRunner's checks before
-        # it decides (two passes over the graph, importing Pub/Sub) cost ~0.15 s a run
-        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+        # not "DirectRunner": its checks before it picks this same runner (two passes over
+        # the graph, importing Pub/Sub) cost ~0.15 s a run
+        options.view_as(StandardOptions).runner = defaults.RUNNER
     return options
 
 
