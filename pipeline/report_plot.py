@@ -26,9 +26,12 @@ def start_helper() -> None:
     """Start the drawing helper of this process (the `titans` command calls it once)."""
     global _helper
     stop_helper()
-    _helper = subprocess.Popen([sys.executable, "-m", "titans.pipeline.report_plot"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
+    try:
+        _helper = subprocess.Popen([sys.executable, "-m", "titans.pipeline.report_plot"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+    except OSError:  # no helper: the plot is drawn in-process, as anywhere else
+        _helper = None
 
 
 def stop_helper() -> None:

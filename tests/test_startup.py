@@ -100,3 +100,11 @@ def test_a_job_turns_the_collector_back_on_with_start_up_frozen(tmp_path, datase
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_a_helper_that_cannot_start_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_plot.sys, "executable", str(tmp_path / "no-such-python"))
+    report_plot.start_helper()
+    assert report_plot._helper is None
+    report_plot.plot_scores(REPORT, str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").read_bytes() == report_plot.scores_png(REPORT)
