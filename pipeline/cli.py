@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import logging
 import os
 import sys
 import time
 
-from titans.pipeline import defaults
+from titans.pipeline import collector, defaults
 from titans.pipeline.flags import BEAM_COMMANDS, build_parser, feature_columns, model_ref
 
 _LOG = logging.getLogger("titans")
@@ -195,11 +194,7 @@ def entry_point() -> None:
     argv = sys.argv[1:]
     command = _command_of(argv)
     if command in ("run", "teacher-label", "label", "demo"):
-        # Start-up allocates millions of objects that live as long as the process (torch,
-        # Beam, the pipeline graph); the cyclic collector scanned them all ~5 times, ~0.4 s
-        # of a 1M-row run (measured). Off until the job runs: run_job freezes what start-up
-        # made and turns it back on (see there).
-        gc.disable()
+        collector.pause()  # until the job runs (see titans.pipeline.collector)
     if command in ("run", "label", "demo") and fast_exit_is_safe(argv):
         from titans.pipeline.report_plot import start_helper
 

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from titans.models import storage
-from titans.pipeline import defaults
+from titans.pipeline import collector, defaults
 from titans.pipeline.phases import Phases
 from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
 from titans.transforms.timing import FIRST_READ
@@ -89,9 +88,7 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     output = plan.config.output
     prepare_output(output, plan.config.overwrite)
     phases.mark("pipeline_construction")
-    if not gc.isenabled():  # the command line turned the collector off for start-up:
-        gc.freeze()  # what start-up made is never garbage; later collections skip it
-        gc.enable()
+    collector.resume()  # if the command line paused it for start-up
     result = p.run()
     if not wait:
         return submitted(result, options, output)

@@ -89,16 +89,26 @@ def test_a_job_turns_the_collector_back_on_with_start_up_frozen(tmp_path, datase
     without it (a long job's cycles would pile up)."""
     import gc
 
+    from titans.pipeline import collector
     from titans.pipeline.cli import main
 
     (data, _), (student, teacher) = dataset, models
-    gc.disable()
+    run = ["run", "--input", data, "--student", student, "--teacher", teacher,
+           "--runner", "FnApiRunner"]
+    collector.pause()
     try:
-        assert main(["run", "--input", data, "--output", str(tmp_path / "out"), "--student",
-                     student, "--teacher", teacher, "--runner", "FnApiRunner"]) == 0
+        assert not gc.isenabled()
+        assert main(run + ["--output", str(tmp_path / "out")]) == 0
         assert gc.isenabled() and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+        gc.enable()
+    # a collector the caller turned off itself stays off: only the command's pause is resumed
+    gc.disable()
+    try:
+        assert main(run + ["--output", str(tmp_path / "again")]) == 0
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
         gc.enable()
 
 
