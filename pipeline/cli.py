@@ -152,10 +152,22 @@ def fast_exit_is_safe(argv: list[str]) -> bool:
     DirectRunner's multi_processing mode or non-embedded environments start job servers or
     worker processes that Beam stops from atexit handlers.
     """
-    try:
-        args, beam_args = build_parser().parse_known_args(_minus_inf_as_value(argv))
-    except SystemExit:
-        return False
+    parsed = _parse_quietly(argv)
+    return parsed is not None and _starts_nothing_outside(*parsed) and not _prism_started()
+
+
+def _parse_quietly(argv: list[str]) -> tuple[argparse.Namespace, list[str]] | None:
+    """(titans flags, the rest) of ``argv``, or None if it does not parse; quietly (main()
+    says what is wrong)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return build_parser().parse_known_args(_minus_inf_as_value(argv))
+        except SystemExit:
+            return None
+
+
+def _starts_nothing_outside(args: argparse.Namespace, beam_args: list[str]) -> bool:
+    """What fast_exit_is_safe can tell from the flags alone (see there)."""
     if args.command not in BEAM_COMMANDS:
         return True
     options = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
@@ -168,19 +180,12 @@ def fast_exit_is_safe(argv: list[str]) -> bool:
         return False
     if (beam.direct_running_mode or "in_memory") not in ("in_memory", "multi_threading"):
         return False
-    if (beam.environment_type or "EMBEDDED").upper() != "EMBEDDED":
-        return False
+    return (beam.environment_type or "EMBEDDED").upper() == "EMBEDDED"
+
+
+def _prism_started() -> bool:
     # the DirectRunner hands pipelines Prism supports to Prism (a job server in a subprocess)
-    return "apache_beam.runners.portability.prism_runner" not in sys.modules
-
-
-def _command_of(argv: list[str]) -> str | None:
-    """The command ``argv`` names, if it parses; quietly (main() says what is wrong)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            return build_parser().parse_known_args(_minus_inf_as_value(argv))[0].command
-        except SystemExit:
-            return None
+    return "apache_beam.runners.portability.prism_runner" in sys.modules
 
 
 def entry_point() -> None:
@@ -192,15 +197,17 @@ def entry_point() -> None:
     so Beam's atexit handlers stop the job servers and workers it started.
     """
     argv = sys.argv[1:]
-    command = _command_of(argv)
+    parsed = _parse_quietly(argv)  # once; main() parses for itself and reports errors
+    command = parsed[0].command if parsed else None
+    in_process = parsed is not None and _starts_nothing_outside(*parsed)
     if command in ("run", "teacher-label", "label", "demo"):
         collector.pause()  # until the job runs (see titans.pipeline.collector)
-    if command in ("run", "label", "demo") and fast_exit_is_safe(argv):
+    if command in ("run", "label", "demo") and in_process:
         from titans.pipeline.report_plot import start_helper
 
         start_helper()  # report.png's matplotlib, imported on the idle CPU meanwhile
     code = main(argv)
-    if not fast_exit_is_safe(argv):
+    if not in_process or _prism_started():
         sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()
