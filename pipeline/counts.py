@@ -1,7 +1,7 @@
 """The row counts a pipeline gathers for its report: the one place that names them.
 
-Every branch of a pipeline emits ``(key, rows)`` pairs; the report step sums them by key
-and reads them back through ``Counts``. Keys are plain strings so Beam can group them.
+Every branch of a pipeline emits ``(key, rows)`` pairs; the report step gets them all and
+reads them through ``Counts``, which sums them by key. Keys are plain strings.
 """
 from __future__ import annotations
 
@@ -70,10 +70,12 @@ def audits(pcoll, label: str):
 
 
 class Counts:
-    """The summed counts, read by name."""
+    """The (key, rows) pairs of every branch, summed by key and read by name."""
 
-    def __init__(self, sums: dict[str, int]):
-        self._sums = dict(sums)
+    def __init__(self, pairs):
+        self._sums: dict[str, int] = {}
+        for key, rows in pairs:
+            self._sums[key] = self._sums.get(key, 0) + rows
 
     def __getitem__(self, key: Count) -> int:
         return int(self._sums.get(key.value, 0))

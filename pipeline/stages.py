@@ -105,12 +105,9 @@ class _Finish:
 
     def __call__(self, _, pairs: list[tuple[str, int]], *written: list[str]) -> dict:
         finalize_started = time.time()
-        sums: dict[str, int] = {}
-        for key, rows in pairs:
-            sums[key] = sums.get(key, 0) + rows
         final = [d.put_in_place(paths) for d, paths in zip(self._destinations, written)]
         started = time.time()
-        report = self._build(Counts(sums), started - self._start)
+        report = self._build(Counts(pairs), started - self._start)
         # split the launcher's phase_seconds: processing | finalisation | report
         report["finalize_started_at"], report["finish_started_at"] = finalize_started, started
         report["output_files"] = sum(len(f) for f in final)
