@@ -221,7 +221,7 @@ def resolve_token_spec(schema: pa.Schema, spec: TokenSpec) -> TokenSpec:
 
 
 def _from_vector(col, n: int, dim: int, name: str):
-    arr = _one_array(col)
+    arr = one_array(col)
     if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size == dim and arr.null_count == 0:
         good_len = np.ones(n, bool)  # the type guarantees every length
     else:
@@ -282,7 +282,7 @@ def _zero_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.where(rows[:, None], np.float32(0.0), matrix)
 
 
-def _one_array(col):
+def one_array(col):
     """A column as one Array; a one-chunk column without a copy (combine_chunks copies)."""
     if not isinstance(col, pa.ChunkedArray):
         return col
@@ -291,7 +291,7 @@ def _one_array(col):
 
 def _to_float32(arr) -> np.ndarray:
     """Numbers -> float32 numpy; nulls become NaN so the finiteness check catches them."""
-    arr = _one_array(arr)
+    arr = one_array(arr)
     if arr.type != pa.float32():
         arr = pc.cast(arr, pa.float32(), safe=False)
     return arr.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)

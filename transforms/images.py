@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+from titans.transforms.features import one_array
+
 _CHANNELS = {"RGB": 3, "L": 1}
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
@@ -77,8 +79,7 @@ def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None
 
 
 def _blobs(column) -> list:
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    column = one_array(column)
     if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         raise ValueError(f"an image column holds encoded bytes (binary), not {column.type}")
     return column.to_pylist()  # bytes objects: Pillow reads them without another copy

@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from titans.transforms.features import one_array
+
 DEAD_LETTER, TRUNCATE = "dead_letter", "truncate"
 
 
@@ -27,7 +29,7 @@ def token_matrix(column, pad_id: int = 0, max_length: int | None = None,
         raise ValueError(f"overflow must be 'dead_letter' or 'truncate', not {overflow!r}")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = one_array(column)
     t = arr.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
             or not pa.types.is_integer(t.value_type):
