@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from titans.models.deferral import DeferralRule, normalised_entropy
+from titans.models.deferral_base import DeferralRule, normalised_entropy
 from titans.models.storage import read_bytes, write_bytes
 
 FORMAT = "titans.learned_deferral/2"

@@ -18,7 +18,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineRunner
 
-from titans.pipeline.job import pipeline_options
+from titans.pipeline.options import pipeline_options
 
 # the model stages of the pipelines (see cascade.py, teacher_label.py), by transform name
 MODEL_STAGES = {"ScoreStudent": "student", "ScoreTeacher": "teacher"}

@@ -22,7 +22,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from titans.models import storage
-from titans.pipeline import collector, defaults
+from titans.pipeline import collector
+from titans.pipeline.options import pipeline_options  # shared with describe
 from titans.pipeline.phases import Phases
 from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
 from titans.transforms.timing import FIRST_READ
@@ -30,15 +31,6 @@ from titans.transforms.timing import FIRST_READ
 _LOG = logging.getLogger("titans")
 
 Build = Callable[[beam.Pipeline, object, float], None]
-
-
-def pipeline_options(beam_args: list[str]) -> PipelineOptions:
-    options = PipelineOptions(beam_args)
-    if not options.view_as(StandardOptions).runner:
-        # not "DirectRunner": its checks before it picks this same runner (two passes over
-        # the graph, importing Pub/Sub) cost ~0.15 s a run
-        options.view_as(StandardOptions).runner = defaults.RUNNER
-    return options
 
 
 def prepare_output(output: str, overwrite: bool) -> None:

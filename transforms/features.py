@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from titans.transforms.columns import one_array
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
@@ -280,13 +282,6 @@ def _zero_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``matrix`` with ``rows`` zeroed; a copy, since a zero-copy view of Arrow memory is
     read-only (only batches with bad rows pay for it)."""
     return np.where(rows[:, None], np.float32(0.0), matrix)
-
-
-def one_array(col):
-    """A column as one Array; a one-chunk column without a copy (combine_chunks copies)."""
-    if not isinstance(col, pa.ChunkedArray):
-        return col
-    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _to_float32(arr) -> np.ndarray:

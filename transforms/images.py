@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from titans.transforms.features import one_array
+from titans.transforms.columns import one_array
 
 _CHANNELS = {"RGB": 3, "L": 1}
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}

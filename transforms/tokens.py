@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from titans.transforms.features import one_array
+from titans.transforms.columns import one_array
 
 DEAD_LETTER, TRUNCATE = "dead_letter", "truncate"
 
