@@ -1,7 +1,8 @@
 """The row counts a pipeline gathers for its report: the one place that names them.
 
-Every branch of a pipeline emits ``(key, rows)`` pairs; the report step gets them all and
-reads them through ``Counts``, which sums them by key. Keys are plain strings.
+Every branch of a pipeline emits ``(key, rows)`` pairs; they are summed per key on the way
+(``stages.finish``), and the report step reads the sums through ``Counts``. Keys are plain
+strings.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def audits(pcoll, label: str):
 
 
 class Counts:
-    """The (key, rows) pairs of every branch, summed by key and read by name."""
+    """The (key, rows) pairs of every branch, summed by key and read by name (a key may come
+    more than once; the job hands over one pair per key)."""
 
     def __init__(self, pairs):
         self._sums: dict[str, int] = {}

@@ -81,9 +81,11 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
     written = written + [(writer.destination, dead | "WriteDeadLetter" >> writer)]
     count_parts = count_parts + [counts.rows(dead, Count.DEAD_LETTER, "CountDeadLetter"),
                                  counts.reasons(dead, "CountReasons")]
-    # a few hundred (key, rows) pairs: summed by Finish itself, which runs once they are all
-    # in (a side input), as every writer's paths are
-    pairs = count_parts | "MergeCounts" >> beam.Flatten()
+    # every batch emits (key, rows) pairs (~100 of them with the histogram bins): summed per
+    # key on the way (combiner lifting sums each bundle's pairs before the shuffle), so the
+    # side input Finish waits for holds one pair per key, however many batches the job had
+    pairs = (count_parts | "MergeCounts" >> beam.Flatten()
+             | "SumCounts" >> beam.CombinePerKey(sum))
     destinations = [d for d, _ in written]
     _ = (dead.pipeline | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(
         _Finish(output, destinations, build_report, start_time, plot, on_complete),
