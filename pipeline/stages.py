@@ -13,15 +13,13 @@ from apache_beam.pvalue import AsList
 from titans.models import storage
 from titans.pipeline import counts
 from titans.pipeline.counts import Count, Counts
+# what a run writes into its output directory (named in outputs.py, which imports nothing)
+from titans.pipeline.outputs import DEAD_LETTER, LABELS, OUTPUTS, PLOT, REPORT, SUCCESS  # noqa: F401
 from titans.pipeline.plan import InputPlan
 from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
 from titans.transforms.dead_letter import DeadLetter, ToDeadLetter
 from titans.transforms.labels import AUDIT
 from titans.transforms.parquet_io import WriteParquetBatches
-
-# what a run writes into its output directory; --overwrite removes exactly these
-LABELS, DEAD_LETTER, REPORT, PLOT, SUCCESS = "labels", "dead_letter", "report.json", "report.png", "_SUCCESS"
-OUTPUTS = (LABELS, DEAD_LETTER, REPORT, PLOT, SUCCESS)
 
 
 def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int):
