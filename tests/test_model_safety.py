@@ -7,7 +7,11 @@ the trap would have gone off.
 import io
 import json
 import pickle
+import struct
+import subprocess
+import sys
 import zipfile
+import zlib
 
 import pytest
 import torch
@@ -368,6 +372,209 @@ def test_torchscript_unpickler_does_not_reach_python(tmp_path):
         with pytest.raises(ModelLoadError):
             load_model(str(path), trust_code=trust_code)
     assert not marker.exists()
+
+
+class Plain(torch.nn.Module):
+    """A legitimate model; the traps below are hooks added to it."""
+
+    def __init__(self, path: str = ""):
+        super().__init__()
+        self.path = path
+        self.linear = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def write_before_each_call(module: Plain, inputs: tuple[torch.Tensor]) -> None:
+    torch.save("written by a hook of the model file", module.path)
+
+
+def leak_after_each_call(module: Plain, inputs: tuple[torch.Tensor],
+                         output: torch.Tensor) -> torch.Tensor:
+    return output * 0 + torch.from_file(module.path, size=3, dtype=torch.uint8)
+
+
+def scripted_file(tmp_path, model, name="model.pt"):
+    path = tmp_path / name
+    torch.jit.save(torch.jit.script(model), str(path))
+    return path
+
+
+def test_torchscript_forward_pre_hook_that_writes_a_file_is_refused(tmp_path):
+    """torch.jit.load restores hooks and every call runs them; the old check saw only the
+    methods (forward), not the hooks."""
+    marker = tmp_path / "ran"
+    model = Plain(str(marker))
+    model.register_forward_pre_hook(write_before_each_call)
+    path = scripted_file(tmp_path, model)
+    message = assert_refused(path, marker)
+    assert "forward pre-hook (write_before_each_call)" in message and "\n" not in message
+    trusted = load_model(str(path), trust_code=True)  # the trap is real
+    assert not marker.exists()
+    trusted(X)
+    assert marker.exists()
+
+
+def test_torchscript_forward_hook_that_reads_a_file_is_refused(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"key")
+    model = Plain(str(secret))
+    model.register_forward_hook(leak_after_each_call)
+    path = scripted_file(tmp_path, model)
+    assert "forward hook (leak_after_each_call)" in assert_refused(path)
+    leaked = load_model(str(path), trust_code=True)(X)  # the trap is real
+    assert bytes(leaked[0].int().tolist()) == b"key"
+
+
+class Helper(torch.nn.Module):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def record(self, x: torch.Tensor) -> torch.Tensor:
+        torch.save(x, self.path)
+        return x
+
+
+class CallsHelper(torch.nn.Module):
+    def __init__(self, path: str):
+        super().__init__()
+        self.helper = Helper(path)
+        self.linear = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.helper.record(x))
+
+
+def test_exported_method_of_a_submodule_that_writes_a_file_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = scripted_file(tmp_path, CallsHelper(str(marker)))
+    assert "aten::save" in assert_refused(path, marker)
+    load_model(str(path), trust_code=True)(X)  # the trap is real
+    assert marker.exists()
+
+
+class Reseeds(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1234)
+        return x
+
+
+class CallsReseeds(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Reseeds()
+        self.linear = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.inner(x))
+
+
+def test_operator_outside_the_allowlist_in_a_submodule_is_refused(tmp_path):
+    """An aten operator that is neither a file nor an RPC one, but not tensor maths either:
+    it reseeds the worker's random generator. Refused because it is not on the list."""
+    path = scripted_file(tmp_path, CallsReseeds())
+    message = assert_refused(path)
+    assert "Reseeds.forward calls aten::manual_seed" in message, message
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        assert load_model(str(path), trust_code=True)(X).shape == (7, 3)
+        assert torch.initial_seed() == 1234  # the trap is real
+
+
+def test_torchscript_pickle_naming_a_cpp_class_is_refused_before_loading(tmp_path):
+    """torch.classes objects run their C++ __setstate__ while the file loads."""
+    path = tmp_path / "model.pt"
+    save_torchscript(MLP(5, 3, (4,)), str(path))
+    path.write_bytes(rezip(path.read_bytes(), lambda name, content: content.replace(
+        b"__torch__.torch.nn.modules.activation\nReLU\n",
+        b"__torch__.torch.classes.quantized\nLinearPackedParamsBase\n")
+        if name == "data.pkl" else content))
+    assert "torch.classes.quantized LinearPackedParamsBase" in assert_refused(path)
+
+
+def test_export_graph_with_an_operator_outside_the_allowlist_is_refused(tmp_path, capfd):
+    class Prints(torch.nn.Module):
+        def forward(self, x):
+            torch.ops.aten._print("printed by the model file")
+            return x[:, :3] * 2
+
+    path = tmp_path / "model.pt2"
+    path.write_bytes(export_bytes(Prints()))
+    assert "aten._print" in assert_refused(path)
+    assert "printed by the model file" not in capfd.readouterr().out
+    torch.testing.assert_close(load_model(str(path), trust_code=True)(X), X[:, :3] * 2)
+    assert "printed by the model file" in capfd.readouterr().out  # the trap is real
+
+
+# --- zips that declare more than they hold ----------------------------------------------
+
+MIB = 1 << 20
+
+
+def with_deflated_zeros(data: bytes, name: str, mib: int) -> bytes:
+    """``data`` (a zip) plus a real deflated member of ``mib`` MiB of zeros, about 1 KiB per
+    MiB: a deflate segment for 1 MiB, repeated (a full flush makes each one independent)."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    segment = comp.compress(bytes(MIB)) + comp.flush(zlib.Z_FULL_FLUSH)
+    stream = segment * mib + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+    crc = 0
+    for _ in range(mib):
+        crc = zlib.crc32(bytes(MIB), crc)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        dst.writestr(zipfile.ZipInfo(name), stream)  # written stored, then marked deflated
+        local = dst.infolist()[-1].header_offset
+    raw = bytearray(out.getvalue())
+    central = raw.rindex(b"PK\x01\x02")  # the last member's central directory entry
+    for method, crc_at, size_at in ((local + 8, local + 14, local + 22),
+                                    (central + 10, central + 16, central + 24)):
+        struct.pack_into("<H", raw, method, zipfile.ZIP_DEFLATED)
+        struct.pack_into("<I", raw, crc_at, crc)
+        struct.pack_into("<I", raw, size_at, mib * MIB)
+    return bytes(raw)
+
+
+PEAK_MEMORY = """
+import resource, sys
+from titans.models.loading import ModelLoadError, load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_model(sys.argv[1])
+    print("loaded")
+except ModelLoadError as e:
+    print(e)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_zip_member_declaring_a_huge_size_is_refused_without_unpacking_it(tmp_path):
+    """A 1 MiB model file whose extra member unpacks to 1 GiB (the old scan read each member
+    whole). The declared size is checked before anything is read: peak memory stays small."""
+    path = tmp_path / "model.pt"
+    save_torchscript(MLP(5, 3, (4,)), str(path))
+    path.write_bytes(with_deflated_zeros(path.read_bytes(), "model/extra/blob", 1024))
+    assert path.stat().st_size < 2 * MIB
+    with zipfile.ZipFile(path) as z:
+        assert z.getinfo("model/extra/blob").file_size == 1024 * MIB  # a real zip ...
+        with z.open("model/extra/blob") as member:
+            assert member.read(MIB) == bytes(MIB)  # ... of zeros
+    run = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    *lines, grown_kib = run.stdout.strip().splitlines()
+    assert int(grown_kib) < 64 * 1024, f"loading grew the process by {grown_kib} KiB: {lines}"
+    message = lines[-1]
+    assert "'model/extra/blob': 1024.0 MiB" in message and "--trust-model-code" in message, \
+        run.stdout + run.stderr
+    # trusted, the file is what it looks like: a model torch loads (it never reads extra/)
+    assert load_model(str(path), trust_code=True)(X).shape == (7, 3)
 
 
 # --- pickles --------------------------------------------------------------------------
