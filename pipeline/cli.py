@@ -69,11 +69,13 @@ def _minus_inf_as_value(argv: list[str]) -> list[str]:
 
 
 def input_kind(a: argparse.Namespace) -> dict:
-    """The format and feature flags as JobConfig fields: input_format, output_format, and
-    image or tokens specs (titans.transforms.features) when their column is given."""
+    """The format and feature flags as JobConfig fields: input_format, output_format,
+    max_record_bytes, and image or tokens specs (titans.transforms.features) when their
+    column is given."""
     from titans.transforms.features import ImageSpec, TokenSpec
 
-    kind = {"input_format": a.format, "output_format": a.output_format}
+    kind = {"input_format": a.format, "output_format": a.output_format,
+            "max_record_bytes": a.max_record_bytes}
     if a.image_column:
         kind["image"] = ImageSpec(a.image_column, a.image_mode, a.image_size, a.image_mean,
                                   a.image_std)

@@ -9,6 +9,9 @@ SAMPLE_ROWS = 100_000        # rows sampled at launch to check models and set qu
 DEFERRAL_RATE = 0.2          # share of rows sent to the teacher when no threshold is given
 RULE = "margin"              # deferral rule when none is given
 MAX_DEAD_LETTER_RATE = 0.1   # above this share of dead-lettered rows the job fails
+# TFRecord input: a record whose header declares more bytes is dead-lettered unread (a lying
+# header would otherwise be buffered whole); transforms/tfrecord_framing.py has the same
+MAX_RECORD_BYTES = 64 << 20
 # every deferral rule `titans run` and `titans calibrate` know (titans.models.deferral.RULES
 # plus 'learned'); tests/test_deferral.py keeps the two lists equal
 RULE_NAMES = ("max_prob", "margin", "entropy", "defer_head", "learned")

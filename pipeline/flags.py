@@ -102,6 +102,35 @@ def _format_flags(p: argparse.ArgumentParser) -> None:
                         "Parquet) (default: %(default)s)")
 
 
+def byte_size(text: str) -> int:
+    """argparse type: a positive number of bytes, or of KiB, MiB or GiB ('64MiB')."""
+    number = text.strip()
+    scale = 1
+    for suffix, shift in (("KiB", 10), ("MiB", 20), ("GiB", 30), ("K", 10), ("M", 20), ("G", 30)):
+        if number.endswith(suffix):
+            number, scale = number[:-len(suffix)].strip(), 1 << shift
+            break
+    try:
+        value = int(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes (or KiB, MiB, GiB), got "
+                                         f"{text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
+    return value
+
+
+def _tfrecord_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-record-bytes", type=byte_size, default=defaults.MAX_RECORD_BYTES,
+                   metavar="SIZE",
+                   help="TFRecord input: the largest record read. A header declaring more is "
+                        "taken as damage, checked before any of the record is read: its bytes "
+                        "up to the next valid record go to the dead letter (with their byte "
+                        "range) and reading goes on from there, so a lying header can neither "
+                        "exhaust memory nor hide the records after it. Bytes, or KiB/MiB/GiB "
+                        "(default: %(default)s, 64 MiB)")
+
+
 def _dims(text: str) -> tuple[int, int]:
     """argparse type: 'H,W' -> (H, W)."""
     try:
@@ -232,6 +261,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                     f"{defaults.RUNNER}: Beam's in-process runner, which the DirectRunner "
                     f"would pick for it).")
     _add_input_flags(run)
+    _tfrecord_flags(run)
     add_model_flags(run, "student")
     add_model_flags(run, "teacher")
     add_trust_flag(run)
@@ -276,6 +306,7 @@ def add_teacher_label_parser(sub) -> argparse.ArgumentParser:
                     "teacher_probs`) from unlabeled data at scale. Flags not listed below are "
                     "Beam pipeline options.")
     _add_input_flags(label)
+    _tfrecord_flags(label)
     add_model_flags(label, "teacher")
     add_trust_flag(label)
     _add_teacher_stage_flags(label)

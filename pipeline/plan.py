@@ -57,6 +57,7 @@ class JobConfig:
     seed: int = 0
     teacher_resource_hints: dict = dataclasses.field(default_factory=dict)
     max_dead_letter_rate: float = defaults.MAX_DEAD_LETTER_RATE
+    max_record_bytes: int = defaults.MAX_RECORD_BYTES  # TFRecord: larger records are damage
     # rows this job leaves out, {path: ((first row, end row), ...)}: `titans label` labels its
     # sample rows with the teacher itself and runs the cascade on the others
     skip_rows: dict = dataclasses.field(default_factory=dict)
@@ -267,7 +268,7 @@ def _plan_source(config: JobConfig, phases: Phases | None = None):
         from titans.pipeline import manifest
 
         files = manifest.unlabeled(config.skip_labeled, files, config.output, config.overwrite)
-    source = load_input(fmt, files)
+    source = load_input(fmt, files, config.max_record_bytes)
     if config.skip_rows:
         unknown = set(config.skip_rows) - set(files)
         if unknown:

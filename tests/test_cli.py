@@ -126,7 +126,7 @@ JOB_FLAGS = {"--input", "--output", "--feature-columns", "--id-column", "--overw
              "--teacher-batch-size", "--teacher-device", "--teacher-accelerator",
              "--teacher-min-ram", "--column-prefix", "--sample-rows", "--seed",
              "--output-format"} | DATA_FLAGS
-MODE_FLAGS = {"--skip-labeled", "--describe"}  # run and teacher-label only
+MODE_FLAGS = {"--skip-labeled", "--describe", "--max-record-bytes"}  # run and teacher-label only
 FLAGS = {
     "run": JOB_FLAGS | MODEL_FLAGS | MODE_FLAGS | {
         "--rule", "--threshold", "--deferral-rate", "--calibration", "--deferral-model",

@@ -16,9 +16,10 @@ import example_wire as wire
 from conftest import RUNNER
 from titans.transforms.example_codec import encode_examples
 from titans.transforms.parquet_io import match_files
+from titans.transforms.tfrecord_framing import RecordBatch, Unit, iter_unit
 from titans.transforms.tfrecord_io import (
-    RecordBatch, ReadTFRecordBatches, Unit, WriteTFRecordBatches, frame_records, is_gzip,
-    iter_unit, needs_record_spread, sample_records, split_file, tfrecord_pattern)
+    ReadTFRecordBatches, WriteTFRecordBatches, frame_records, is_gzip, needs_record_spread,
+    sample_records, split_file, tfrecord_pattern)
 
 SCHEMA = pa.schema([pa.field("id", pa.int64(), nullable=False),
                     pa.field("vec", pa.list_(pa.float32(), 3), nullable=False),

@@ -48,9 +48,12 @@ def open_input(path: str, fmt: str = AUTO, exclude_under: str | None = None):
     return load_input(*list_input(path, fmt, exclude_under))
 
 
-def load_input(fmt: str, files: list[str]):
-    """The files' footers (Parquet) or sampled records (TFRecord) read into one input."""
-    return ParquetInput.from_files(files) if fmt == PARQUET else TFRecordInput.from_files(files)
+def load_input(fmt: str, files: list[str], max_record_bytes: int | None = None):
+    """The files' footers (Parquet) or sampled records (TFRecord) read into one input;
+    ``max_record_bytes``: the TFRecord record-size cap (None: the reader's default)."""
+    if fmt == PARQUET:
+        return ParquetInput.from_files(files)
+    return TFRecordInput.from_files(files, max_record_bytes=max_record_bytes)
 
 
 def list_input(path: str, fmt: str = AUTO, exclude_under: str | None = None) -> tuple[str, list[str]]:
@@ -89,14 +92,17 @@ class TFRecordInput:
     num_rows: int | None = None  # unknown until every record is read
     skip: dict = dataclasses.field(default_factory=dict)
     format: str = TFRECORD
+    max_record_bytes: int | None = None  # larger records are dead-lettered (None: the default)
 
     @classmethod
-    def from_files(cls, files: list[str], compression: str = "auto") -> "TFRecordInput":
+    def from_files(cls, files: list[str], compression: str = "auto",
+                   max_record_bytes: int | None = None) -> "TFRecordInput":
         from titans.transforms.example_codec import infer_schema
         from titans.transforms.tfrecord_io import sample_records
 
         try:
-            records = sample_records(files, SCHEMA_SAMPLE_RECORDS, 0, compression)
+            records = sample_records(files, SCHEMA_SAMPLE_RECORDS, 0, compression,
+                                     max_record_bytes)
         except Exception as e:  # noqa: BLE001 - unreadable, not TFRecord: say which input
             raise ValueError(f"cannot read the input as TFRecord: {type(e).__name__}: {e}") from e
         if not records:
@@ -106,14 +112,14 @@ class TFRecordInput:
             schema = infer_schema(records)
         except ValueError as e:
             raise ValueError(f"the input's records are not tf.train.Example: {e}") from e
-        return cls(tuple(files), schema, compression)
+        return cls(tuple(files), schema, compression, max_record_bytes=max_record_bytes)
 
     def sample(self, rows: int, seed: int) -> pa.Table:
         from titans.transforms.example_codec import parse_examples
         from titans.transforms.tfrecord_io import sample_records
 
-        table, _ = parse_examples(sample_records(list(self.files), rows, seed, self.compression),
-                                  self.schema)
+        table, _ = parse_examples(sample_records(list(self.files), rows, seed, self.compression,
+                                                 self.max_record_bytes), self.schema)
         return table
 
     def reader(self, batch_size: int):
@@ -121,17 +127,20 @@ class TFRecordInput:
 
         if self.skip:
             raise ValueError("leaving rows out (skip_rows) is only supported for Parquet input")
-        return ReadTFRecordBatches(list(self.files), batch_size, self.schema, self.compression)
+        return ReadTFRecordBatches(list(self.files), batch_size, self.schema, self.compression,
+                                   max_record_bytes=self.max_record_bytes)
 
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
         """Every parseable record (``columns`` of it, default all), in memory; records that do
         not fit are left out and logged."""
         from titans.transforms.example_codec import parse_examples
-        from titans.transforms.tfrecord_io import RecordBatch, Unit, is_gzip, iter_unit
+        from titans.transforms.tfrecord_framing import RecordBatch, Unit, iter_unit
+        from titans.transforms.tfrecord_io import is_gzip
 
         tables, dropped = [], 0
         for path in self.files:
-            for item in iter_unit(Unit(path, 0, None, is_gzip(path, self.compression)), 65536):
+            unit = Unit(path, 0, None, is_gzip(path, self.compression))
+            for item in iter_unit(unit, 65536, max_record_bytes=self.max_record_bytes):
                 if isinstance(item, RecordBatch):
                     table, dead = parse_examples(item.records, self.schema)
                     tables.append(table)
