@@ -9,6 +9,9 @@ Object stores have no directories: ``gs://b/out/labels`` does not "exist" even w
 ``list_under`` and ``delete_under`` list and delete every object below it, recursively,
 on every filesystem.
 
+Paths are literal: ``gs://b/out[1Z]`` is that prefix, never ``out1/`` and ``outZ/``. Only
+``match`` takes a glob, and ``glob_escape`` makes any path one that matches only itself.
+
 Beam is imported inside the functions: this module is imported by the command line and by
 model loading, which must stay cheap to import.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 
@@ -131,32 +135,208 @@ def write_json(path: str, data) -> None:
 
 
 def exists(path: str) -> bool:
-    """Whether a file (an object, on an object store) is at ``path``."""
+    """Whether a file (an object, on an object store) is at exactly ``path`` (never a glob)."""
     if not is_url(path):
         return os.path.isfile(path)
     if _beam_knows(path):
-        return _beam_fs().exists(path)
+        return _beam_fs().exists(path)  # GCS, S3: a lookup of that one name
     import fsspec
 
     fs, p = fsspec.core.url_to_fs(path)
     return fs.isfile(p)
 
 
-def list_under(prefix: str) -> list[str]:
-    """Every file (object) below the directory ``prefix``, recursively, hidden ones included."""
-    if not is_url(prefix):
-        if not os.path.isdir(prefix):
-            return []
-        return sorted(os.path.join(d, f) for d, _, files in os.walk(prefix) for f in files)
+def kind(path: str) -> str | None:
+    """What is at ``path``: ``"file"`` (a file, an object), ``"dir"`` (a directory; on an object
+    store, some object's name starts with ``path/``) or None (nothing)."""
+    if not is_url(path):
+        return "file" if os.path.isfile(path) else "dir" if os.path.isdir(path) else None
+    if not path.endswith("/") and exists(path):
+        return "file"
+    return "dir" if next(iter(_list_prefix(path.rstrip("/") + "/")), None) else None
+
+
+# ---------------------------------------------------------------- listing, literal and glob
+# A path is always literal here: "gs://b/out[1Z]" is that prefix, never out1/ and outZ/. Beam's
+# FileSystems.match takes every path as a pattern (and GCS's delete matches its paths first),
+# so listing and deleting go by prefix: an object store's own prefix listing, os.walk locally.
+
+_MAGIC = "*?["
+
+
+def has_magic(path: str) -> bool:
+    return any(ch in path for ch in _MAGIC)
+
+
+def glob_escape(path: str) -> str:
+    """A glob (see ``match``) that matches ``path`` only: ``[``, ``*`` and ``?`` bracketed."""
+    return "".join(f"[{ch}]" if ch in _MAGIC else ch for ch in path)
+
+
+def _literal_prefix(pattern: str) -> tuple[str, bool]:
+    """(the unescaped part of ``pattern`` before its first glob character, whether the
+    whole pattern is that literal)."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "[" and pattern[i + 1:i + 2] in tuple(_MAGIC) and pattern[i + 2:i + 3] == "]":
+            out.append(pattern[i + 1])
+            i += 3
+        elif ch in _MAGIC:
+            return "".join(out), False
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out), True
+
+
+def _translate(pattern: str) -> re.Pattern:
+    """Beam's glob syntax as a regex: ``*`` within a path segment, ``**`` across them, ``?``
+    one character, ``[...]`` a class (``[!...]`` negated); ``[*]``, ``[?]``, ``[[]`` are the
+    characters themselves (``glob_escape``)."""
+    i, n, res = 0, len(pattern), []
+    while i < n:
+        ch = pattern[i]
+        i += 1
+        if ch == "*":
+            if i < n and pattern[i] == "*":
+                res.append(".*")
+                i += 1
+            else:
+                res.append(r"[^/\\]*")
+        elif ch == "?":
+            res.append(".")
+        elif ch == "[":
+            j = i + 1 if i < n and pattern[i] == "!" else i
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                res.append(re.escape("["))
+            else:
+                stuff = pattern[i:j]
+                negate = stuff.startswith("!")
+                body = "".join("\\" + c if c in "\\^[]" else c for c in stuff[negate:])
+                res.append(f"[{'^' if negate else ''}{body}]")
+                i = j + 1
+        else:
+            res.append(re.escape(ch))
+    return re.compile("(?s)" + "".join(res) + r"\Z")
+
+
+def match(pattern: str) -> list[tuple[str, int]]:
+    """Sorted (path, size) of the files matching the glob ``pattern`` (local or URL), listed
+    below its literal prefix only. A pattern without glob characters is one literal path."""
+    prefix, literal = _literal_prefix(pattern)
+    if literal:
+        size = _size(prefix)
+        return [] if size is None else [(prefix, size)]
+    regex = _translate(pattern)
+    if is_url(pattern):
+        found = _list_prefix(prefix)
+    else:
+        cut = prefix.rfind(os.sep) + 1
+        top, rest = prefix[:cut], pattern[len(glob_escape(prefix[:cut])):]
+        found = _walk(top, recursive="/" in rest or "**" in rest)
+    return sorted((p, s) for p, s in found if regex.match(p))
+
+
+def _size(path: str) -> int | None:
+    """The size of the file at exactly ``path``; None if there is none."""
+    if not is_url(path):
+        try:
+            return os.path.getsize(path) if os.path.isfile(path) else None
+        except OSError:
+            return None
+    if _beam_knows(path):
+        fs = _beam_fs().get_filesystem(path)
+        if not fs.exists(path):  # one lookup of that name
+            return None
+        return fs.metadata(path).size_in_bytes
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.size(p) if fs.isfile(p) else None
+
+
+def _is_gcs(fs) -> bool:
+    return type(fs).__name__ == "GCSFileSystem"
+
+
+def _gcsio(fs):
+    """The GCS client of Beam's GCS filesystem ``fs`` (with the options Beam was given)."""
+    make = getattr(fs, "_gcsIO", None)
+    if make is not None:
+        return make()
+    from apache_beam.io.gcp.gcsio import GcsIO
+
+    return GcsIO()
+
+
+def _walk(top: str, recursive: bool):
+    """(path, size) of the files in the local directory ``top`` ("" is the current one, and
+    paths then stay relative), below it too if ``recursive``. Like Beam's local listing,
+    symlinked directories below ``top`` are not followed."""
+    root = top or "."
+    if not os.path.isdir(root):
+        return
+    if recursive:
+        entries = ((os.path.join(d, f), f) for d, _, files in os.walk(root) for f in files)
+    else:
+        entries = ((e.path, e.name) for e in os.scandir(root) if e.is_file())
+    for path, _ in entries:
+        if not top and path.startswith("." + os.sep):
+            path = path[2:]
+        try:
+            yield path, os.path.getsize(path)
+        except OSError:  # gone meanwhile, a dangling link
+            pass
+
+
+def _list_prefix(prefix: str):
+    """(path, size) of every object whose name starts with the string ``prefix`` (a URL), by
+    the object store's own prefix listing: nothing in ``prefix`` is a pattern."""
     if _beam_knows(prefix):
-        fs = _beam_fs()
-        result = fs.match([join(prefix, "**")])[0]
-        return sorted(m.path for m in result.metadata_list)
+        fs = _beam_fs().get_filesystem(prefix)
+        if _is_gcs(fs):
+            for path, (size, _) in _gcsio(fs).list_files(prefix, with_metadata=True):
+                yield path, size
+            return
+        if not fs.has_dirs():  # S3, Azure: _list is their prefix listing
+            for m in fs._list(prefix):
+                if m.path.startswith(prefix):
+                    yield m.path, m.size_in_bytes
+            return
+        # a filesystem with directories (HDFS): Beam's match, the prefix escaped
+        top = prefix if prefix.endswith("/") else prefix.rsplit("/", 1)[0] + "/"
+        for m in _beam_fs().match([glob_escape(top) + "**"])[0].metadata_list:
+            if m.path.startswith(prefix):
+                yield m.path, m.size_in_bytes
+        return
     import fsspec
 
     fs, p = fsspec.core.url_to_fs(prefix)
     protocol = prefix.split("://", 1)[0]
-    return sorted(f"{protocol}://{f}" for f in fs.find(p))
+    top = p if p.endswith("/") else p.rsplit("/", 1)[0]
+    try:
+        found = fs.find(top, detail=True)
+    except FileNotFoundError:
+        return
+    for name, info in found.items():
+        path = f"{protocol}://{name.lstrip('/')}" if protocol != "file" else name
+        if path.startswith(prefix):
+            yield path, info.get("size") or 0
+
+
+def list_under(prefix: str) -> list[str]:
+    """Every file (object) below the directory ``prefix``, recursively, hidden ones included.
+    ``prefix`` is literal: a name with glob characters is that name."""
+    if not is_url(prefix):
+        if not os.path.isdir(prefix):
+            return []
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(prefix) for f in files)
+    return sorted(p for p, _ in _list_prefix(prefix.rstrip("/") + "/"))
 
 
 def delete_under(prefix: str) -> int:
@@ -167,27 +347,36 @@ def delete_under(prefix: str) -> int:
         if os.path.isdir(prefix):
             shutil.rmtree(prefix)
         return len(paths)
-    if paths:
-        if _beam_knows(prefix):
-            _beam_fs().delete(paths)
-        else:
-            import fsspec
-
-            fs, _ = fsspec.core.url_to_fs(prefix)
-            fs.rm([fsspec.core.url_to_fs(p)[1] for p in paths])
+    _delete_exactly(paths)
     return len(paths)
 
 
 def delete(path: str) -> None:
-    """Delete one file if it is there."""
-    if not exists(path):
-        return
+    """Delete the one file at exactly ``path`` if it is there."""
     if not is_url(path):
-        os.remove(path)
-    elif _beam_knows(path):
-        _beam_fs().delete([path])
-    else:
-        import fsspec
+        if os.path.isfile(path):
+            os.remove(path)
+    elif exists(path):
+        _delete_exactly([path])
 
-        fs, p = fsspec.core.url_to_fs(path)
-        fs.rm(p)
+
+def _delete_exactly(paths: list[str]) -> None:
+    """Delete these objects by name. Beam's GCS delete would match each path as a glob first
+    (``out[1Z]/x`` deletes ``out1/x`` and not itself), so GCS objects are deleted in batches
+    by name; other Beam filesystems delete the paths they are given."""
+    if not paths:
+        return
+    if _beam_knows(paths[0]):
+        fs = _beam_fs().get_filesystem(paths[0])
+        if _is_gcs(fs):
+            failed = [f"{p}: {e}" for p, e in _gcsio(fs).delete_batch(paths) if e is not None]
+            if failed:
+                raise OSError(f"cannot delete {len(failed)} object(s): " + "; ".join(failed[:5]))
+        else:
+            fs.delete(paths)
+        return
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(paths[0])
+    for p in paths:
+        fs.rm_file(fsspec.core.url_to_fs(p)[1])

@@ -1,7 +1,13 @@
 """Models checked before any work: they load, take the features' input, return logits, and
-run on real sampled rows. Torch only (no Beam): the training commands use these too."""
+run on real sampled rows. Torch only (no Beam): the training commands use these too.
+
+Those checks run the models, the teacher included (the costly one): a ``Tally`` passed to
+them counts every row they run a model on, so that a report can say how many rows the
+teacher saw at launch besides the ones it labeled.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -14,15 +20,28 @@ from titans.models.loading import ModelLoadError, ModelRef
 _LOG = logging.getLogger("titans")
 
 
-def load_checked(role: str, ref: ModelRef, features) -> torch.nn.Module:
+@dataclasses.dataclass
+class Tally:
+    """Rows a model was run on by launch-time checks (every forward's rows, failed ones too)."""
+    rows: int = 0
+
+    def add(self, n: int) -> None:
+        self.rows += int(n)
+
+
+def load_checked(role: str, ref: ModelRef, features, tally: Tally | None = None) -> torch.nn.Module:
     """The model of --ROLE, loaded on the CPU and tried on the input ``features`` (a spec
-    from titans.transforms.features) describes; ValueError saying what to fix."""
+    from titans.transforms.features) describes; ValueError saying what to fix. ``tally``
+    counts the rows of that try."""
     try:
         model = ref.load("cpu")
     except (ModelLoadError, json.JSONDecodeError) as e:
         raise ValueError(f"--{role}: {e}") from e
     try:
-        out = forward_in_chunks(model, features.example_input(2), 2)
+        example = features.example_input(2)
+        if tally is not None:
+            tally.add(len(example))
+        out = forward_in_chunks(model, example, 2)
     except Exception as e:  # noqa: BLE001 - any failure here is a shape/contract problem
         raise ValueError(f"--{role} {ref.path!r} does not accept a {features.describe()}: "
                          f"{short_error(e)}") from e
@@ -32,10 +51,17 @@ def load_checked(role: str, ref: ModelRef, features) -> torch.nn.Module:
     return model
 
 
-def check_on_sample(role: str, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def check_on_sample(role: str, model: torch.nn.Module, x: np.ndarray,
+                    tally: Tally | None = None) -> np.ndarray:
     """The model's outputs on sampled rows. A model that fails on every row is broken (a
-    launch error); one that fails on a few will see those rows dead-lettered."""
-    out, failed = isolate_failures(lambda xb: forward_in_chunks(model, xb, 65536).numpy(), x)
+    launch error); one that fails on a few will see those rows dead-lettered. ``tally``
+    counts every row run, the retries that find failing rows included."""
+    def forward(xb: np.ndarray) -> np.ndarray:
+        if tally is not None:
+            tally.add(len(xb))
+        return forward_in_chunks(model, xb, 65536).numpy()
+
+    out, failed = isolate_failures(forward, x)
     if out is None:
         raise ValueError(f"--{role} fails on every sampled row: {next(iter(failed.values()))}")
     if failed:

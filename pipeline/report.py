@@ -28,6 +28,7 @@ class CascadeReport:
         easy, hard, deferred = counts[Count.EASY], counts[Count.HARD], counts[Count.DEFERRED]
         scored = easy + deferred  # rows the student labeled or sent on
         teacher_rows = counts[Count.TEACHER_SCORED]
+        checks = f.get("rows_teacher_checks") or 0  # the teacher's rows at launch, not labeling
         sp, tp = f.get("student_parameters") or 0, f.get("teacher_parameters") or 0
         report = {
             **job_status(counts, f["max_dead_letter_rate"]),
@@ -40,13 +41,15 @@ class CascadeReport:
             "rows_deferred_teacher_failed": deferred - hard,
             "rows_student_nonfinite": counts[Count.STUDENT_NONFINITE],
             "rows_teacher_scored": teacher_rows,
+            "rows_teacher_checks": checks,
             # rows the student sent to the teacher, whatever the teacher then made of them
             "deferral_rate": deferred / scored if scored else 0.0,
             **{k: f[k] for k in ("rule", "threshold", "threshold_source", "requested_deferral_rate")},
             **_rates(rows_in, wall_seconds),
             "teacher_rows_avoided": easy,
             "teacher_rows_avoided_share": easy / scored if scored else 0.0,
-            # compute proxy: parameters per row (an MLP costs ~2 FLOPs per weight per row)
+            # compute proxy: parameters per row (an MLP costs ~2 FLOPs per weight per row); the
+            # launch checks are left out here, as a teacher-only job runs such checks too
             "teacher_compute_avoided_share": (
                 1.0 - (scored * sp + teacher_rows * tp) / (scored * tp) if scored and tp else None),
             "dead_letter_reasons": counts.dead_letter_reasons(),
@@ -68,16 +71,19 @@ def whole_job_figures(counts: Counts, f: dict) -> dict:
     (student_flops_per_row, teacher_flops_per_row), else parameters."""
     pre, easy, deferred = counts[Count.PRELABELED], counts[Count.EASY], counts[Count.DEFERRED]
     rows_in, teacher = counts[Count.IN] + pre, counts[Count.TEACHER_SCORED]
+    checks = f.get("rows_teacher_checks") or 0  # every launch check of the job, all phases
     scored = easy + deferred
     cs = f.get("student_flops_per_row") or f.get("student_parameters") or 0
     ct = f.get("teacher_flops_per_row") or f.get("teacher_parameters") or 0
     out = {
         "rows_prelabeled": pre,
         "rows_cascade_in": counts[Count.IN],
-        # every row the teacher ran on in this job and before it: sample + hard + audited
-        "rows_to_teacher": pre + teacher,
-        "rows_to_teacher_share": (pre + teacher) / rows_in if rows_in else 0.0,
-        # against the teacher labeling every row the job labeled or tried to
+        # every row the teacher ran on in this job and before it: sample + hard + audited +
+        # the launch checks' rows (counted in rows_teacher_checks)
+        "rows_to_teacher": pre + teacher + checks,
+        "rows_to_teacher_share": (pre + teacher + checks) / rows_in if rows_in else 0.0,
+        # against the teacher labeling every row the job labeled or tried to (launch checks
+        # left out, as in teacher_compute_avoided_share)
         "teacher_compute_saved_share_job": (
             1.0 - (pre * ct + scored * cs + teacher * ct) / ((pre + scored) * ct)
             if pre + scored and ct else None),
@@ -108,6 +114,8 @@ class TeacherLabelReport:
             "rows_in": rows_in,
             "rows_labeled": labeled,
             "rows_dead_letter": dead,
+            # rows the launch checks ran the teacher on, besides the rows it labeled
+            "rows_teacher_checks": self.facts.get("rows_teacher_checks") or 0,
             "conservation_ok": rows_in == labeled + dead,
             **_rates(rows_in, wall_seconds),
             "dead_letter_reasons": counts.dead_letter_reasons(),
@@ -133,6 +141,9 @@ def summary(report: dict) -> str:
     if report.get("mode") == "teacher-label":
         lines = [f"rows in: {report['rows_in']:,}   labeled by the teacher: "
                  f"{report['rows_labeled']:,}   dead letter: {report['rows_dead_letter']:,}"]
+        if report.get("rows_teacher_checks"):
+            lines.append(f"teacher rows of the launch checks: {report['rows_teacher_checks']:,} "
+                         f"(besides the rows it labeled)")
     else:
         lines = [
             f"rows in: {report['rows_in']:,}   easy (student): {report['rows_easy']:,}   "
@@ -144,6 +155,10 @@ def summary(report: dict) -> str:
             f"({report['teacher_rows_avoided_share']:.1%})" + (
                 f", teacher compute avoided: {report['teacher_compute_avoided_share']:.1%}"
                 if report.get("teacher_compute_avoided_share") is not None else "")]
+        if report.get("rows_teacher_checks"):
+            scored, checks = report["rows_teacher_scored"], report["rows_teacher_checks"]
+            lines.append(f"teacher rows: {scored + checks:,} ({scored:,} in the pipeline, "
+                         f"launch checks: {checks:,})")
         if report.get("rows_student_nonfinite"):
             lines.append(f"student output not finite on {report['rows_student_nonfinite']:,} "
                          f"rows: sent to the teacher")

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import DIM, RUNNER, features_table, read_parquet_under, upload, write_dataset
 from titans.models import storage
@@ -78,3 +79,69 @@ def upload_file(path: str, url: str) -> str:
     with open(path, "rb") as f:
         storage.write_bytes(url, f.read())
     return url
+
+
+# ------------------------------------------------------------------ output paths are literal
+# An output (or input directory) whose name holds glob characters is that name, nothing else:
+# listing, deleting and --overwrite go by prefix, never by pattern (issue 16, item 5).
+
+NEIGHBOURS = ("out1", "outZ", "outer", "out")
+
+
+def _put(url: str, data: bytes = b"x") -> str:
+    storage.write_bytes(url, data)
+    return url
+
+
+@pytest.mark.parametrize("n, name", [(0, "out[1Z]"), (1, "out*"), (2, "out?")])
+def test_storage_takes_a_gcs_prefix_with_glob_characters_literally(gcs_bucket, n, name):
+    from titans.pipeline.job import prepare_output
+
+    base = f"{gcs_bucket}/lit{n}"
+    neighbours = sorted(_put(f"{base}/{other}/{leaf}") for other in NEIGHBOURS
+                        for leaf in ("labels/part-0.parquet", "report.json", "_SUCCESS"))
+    neighbours.append(_put(f"{base}/{name}x/labels/part-0.parquet"))  # same prefix, other name
+    out = f"{base}/{name}"
+    own = sorted(_put(f"{out}/{leaf}") for leaf in ("labels/part-0.parquet",
+                                                    "labels/.titans-tmp-1/a.parquet",
+                                                    "dead_letter/part-0.parquet", "notes.txt"))
+    assert storage.list_under(out) == own
+    assert storage.list_under(f"{out}/labels") == own[1:3]
+    assert storage.exists(f"{out}/notes.txt") and not storage.exists(f"{out}/labels")
+    assert storage.match(storage.glob_escape(f"{out}/notes.txt")) == [(f"{out}/notes.txt", 1)]
+    assert storage.match(storage.glob_escape(out) + "/labels/*.parquet") == [(own[2], 1)]
+    assert storage.delete_under(f"{out}/dead_letter") == 1
+    storage.delete(f"{out}/notes.txt")
+    assert storage.list_under(out) == own[1:3]
+
+    prepare_output(out, overwrite=True)  # the write probe, then the previous run's outputs
+    assert storage.list_under(out) == []  # labels/ gone, and no _titans_write_probe left
+    everything = storage.list_under(base)
+    assert sorted(everything) == sorted(neighbours), "a neighbour prefix was touched"
+
+
+def test_run_with_overwrite_into_a_gcs_output_named_with_brackets(tmp_path, models, gcs_bucket):
+    local = tmp_path / "data"
+    write_dataset(local, 600, files=2)
+    # an input directory named with glob characters (not '?': the emulator's download links
+    # leave it unquoted, where GCS's are quoted; listing it is tested above)
+    data = upload(local, f"{gcs_bucket}/t4/in[x] *")
+    other = tmp_path / "other"
+    write_dataset(other, 50, files=1, seed=1)
+    upload(other, f"{gcs_bucket}/t4/inx ab")  # what the name would match as a glob
+    student = upload_file(models[0], f"{gcs_bucket}/t4/models/student.pt")
+    teacher = upload_file(models[1], f"{gcs_bucket}/t4/models/teacher.pt")
+    neighbours = sorted(_put(f"{gcs_bucket}/t4/{other}/labels/student-00000-of-00001.parquet")
+                        for other in ("out1", "outZ"))
+    out = f"{gcs_bucket}/t4/out[1Z]"
+    args = ["--input", data, "--output", out, "--student", student, "--teacher", teacher,
+            "--id-column", "id", *RUNNER]
+    first = _titans_run(*args)
+    assert first.returncode == 0, first.stderr
+    again = _titans_run(*args, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert _ids(out) == list(range(600))  # every row once: the old labels were removed
+    assert storage.exists(f"{out}/_SUCCESS")
+    assert not storage.exists(f"{out}/_titans_write_probe")
+    assert [p for p in storage.list_under(f"{gcs_bucket}/t4") if "/out1/" in p or "/outZ/" in p] \
+        == neighbours

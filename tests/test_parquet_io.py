@@ -117,3 +117,25 @@ def test_rows_to_skip_are_left_out_across_batches_and_row_groups(tmp_path):
         read = p | ReadParquetBatches(source, 64)
         assert_that(read.tables | beam.FlatMap(lambda t: t.column("id").to_pylist()),
                     equal_to(expected))
+
+
+def test_globs_match_as_beams_do_and_escaped_names_literally(tmp_path):
+    """storage.match (what match_files lists with) agrees with Beam's FileSystems.match on
+    ordinary globs, and takes glob_escape'd names as themselves."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from titans.models import storage
+
+    for rel in ("a/x1.parquet", "a/x2.parquet", "a/y.parquet", "a/b/x3.parquet",
+                "a/b/c/x4.parquet", "ab/x5.parquet", "a/.hidden.parquet", "a/x[1].parquet"):
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        (tmp_path / rel).write_bytes(b"PAR1")
+    for glob in ("a/*.parquet", "a/**/*.parquet", "a/**", "a*/x?.parquet", "a/x[12].parquet",
+                 "a/x[!1].parquet", "**/x*.parquet", "a/b/*", "a/x1.parquet", "a/nothing*"):
+        pattern = str(tmp_path / glob)
+        beam = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        assert [p for p, _ in storage.match(pattern)] == beam, glob
+    weird = str(tmp_path / "a" / "x[1].parquet")
+    assert storage.match(storage.glob_escape(weird)) == [(weird, 4)]
+    assert [p for p, _ in storage.match(storage.glob_escape(str(tmp_path / "a")) + "/x[[]*")] \
+        == [weird]

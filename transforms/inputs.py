@@ -62,8 +62,8 @@ def list_input(path: str, fmt: str = AUTO, exclude_under: str | None = None) -> 
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    directory = path.endswith("/") or (not storage.is_url(path) and os.path.isdir(path))
-    if fmt == AUTO and directory:
+    # a path that exists is literal, whatever characters its name holds (input_pattern)
+    if fmt == AUTO and (path.endswith("/") or storage.kind(path) == "dir"):
         names = [format_of_name(p) for p in storage.list_under(path)
                  if os.path.dirname(p.rstrip("/")) == path.rstrip("/")]
         found = {f for f in names if f}

@@ -37,28 +37,35 @@ _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 
 
 def input_pattern(path: str, suffix: str = "*.parquet") -> str:
-    """A directory (local or URL) means every ``suffix`` file directly inside it."""
-    if any(ch in path for ch in "*?["):
-        return path
-    if path.endswith("/") or (not storage.is_url(path) and os.path.isdir(path)):
-        return storage.join(path.rstrip("/"), suffix)
+    """The glob (``storage.match`` syntax) of the input at ``path``. A path that exists is
+    taken literally, whatever its name holds (``data[1] *?`` is that file or directory): a
+    file is itself, a directory every ``suffix`` file directly inside it. Only a path that
+    does not exist is a glob."""
+    found = storage.kind(path)
+    if found == "file":
+        return storage.glob_escape(path)
+    if found == "dir" or (path.endswith("/") and not storage.has_magic(path)):
+        return storage.join(storage.glob_escape(path.rstrip("/")), suffix)
     return path
 
 
 def match_files(pattern: str, exclude_under: str | None = None) -> list[str]:
-    """Sorted non-empty files matching ``pattern``, leaving out any below ``exclude_under``
-    (a run's own output directory, which a recursive glob over the input tree would
-    otherwise read back). ValueError with what to fix if there are none."""
-    from apache_beam.io.filesystems import FileSystems
-
+    """Sorted non-empty files matching ``pattern`` (see ``input_pattern``), leaving out any
+    below ``exclude_under`` (a run's own output directory, which a recursive glob over the
+    input tree would otherwise read back), compared by real location: an output reached
+    through a symlink is still left out. ValueError with what to fix if there are none."""
     try:
-        result = FileSystems.match([pattern])[0]
+        found = storage.match(pattern)
     except Exception as e:  # noqa: BLE001 - bad scheme, missing bucket, no credentials...
         raise ValueError(f"cannot list input {pattern!r}: {e}") from e
-    files = sorted(m.path for m in result.metadata_list if m.size_in_bytes > 0)
+    files = sorted(path for path, size in found if size > 0)
     if exclude_under:
-        prefix = storage.absolute(exclude_under).rstrip("/") + "/"
-        kept = [f for f in files if not storage.absolute(f).startswith(prefix)]
+        inside = _under(exclude_under)
+        kept = [f for f in files if not inside(f)]
+        if files and not kept:
+            raise ValueError(f"no non-empty file matches input {pattern!r} outside the output "
+                             f"directory {exclude_under!r} (all {len(files)} it matches are in "
+                             f"it); the input and the output must be different places")
         if len(kept) < len(files):
             _LOG.warning("input %r also matches %d file(s) under the output directory %r; "
                          "they are not read", pattern, len(files) - len(kept), exclude_under)
@@ -67,6 +74,17 @@ def match_files(pattern: str, exclude_under: str | None = None) -> list[str]:
         raise ValueError(f"no non-empty file matches input {pattern!r}; check the path, or pass "
                          f"a directory of data files or a glob like 'data/*.parquet'")
     return files
+
+
+def _under(directory: str):
+    """path -> whether it is below ``directory``; local paths by their real location (symlinks
+    resolved on both sides)."""
+    if storage.is_url(directory):
+        prefix = directory.rstrip("/") + "/"
+        return lambda path: path.startswith(prefix)
+    real = os.path.realpath(directory).rstrip(os.sep) + os.sep
+    return lambda path: (not storage.is_url(path)
+                         and os.path.realpath(path).startswith(real))
 
 
 def open_parquet(path: str) -> pq.ParquetFile:

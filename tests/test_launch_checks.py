@@ -1,0 +1,118 @@
+"""What the launch checks run the models on, said and counted (issue 16, item 10).
+
+The teacher here is a real state_dict MLP whose class counts every row it is run on, in this
+process (the in-process runner runs the pipelines here too), so the report's teacher rows are
+checked against what the teacher really did, launch checks included.
+"""
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import CLASSES, DIM, RUNNER, features_table, write_dataset
+from titans.models.architectures import MLP
+from titans.models.loading import save_torchscript
+from titans.pipeline.cli import main
+
+TEACHER_CLASS = "test_launch_checks:CountingTeacher"
+TEACHER_KWARGS = json.dumps({"in_features": DIM, "out_features": CLASSES, "hidden": [32, 32]})
+
+
+class CountingTeacher(MLP):
+    """An MLP that counts the rows of every forward call, wherever it is built."""
+    rows = 0
+
+    def forward(self, x):
+        CountingTeacher.rows += int(x.shape[0])
+        return super().forward(x)
+
+
+@pytest.fixture
+def counting_teacher(tmp_path):
+    torch.manual_seed(0)
+    path = str(tmp_path / "teacher_state.pt")
+    torch.save(MLP(DIM, CLASSES, (32, 32)).state_dict(), path)
+    CountingTeacher.rows = 0
+    yield ["--teacher", path, "--teacher-class", TEACHER_CLASS,
+           "--teacher-class-kwargs", TEACHER_KWARGS]
+    CountingTeacher.rows = 0
+
+
+class NonFiniteStudent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(DIM, CLASSES)
+
+    def forward(self, x):
+        return self.linear(x) * float("nan")
+
+
+def test_a_student_non_finite_on_every_sampled_row_is_named(tmp_path, capsys):
+    write_dataset(tmp_path / "data", 500, files=1)
+    student = str(tmp_path / "student.pt")
+    save_torchscript(NonFiniteStudent(), student)
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "teacher.pt")
+    save_torchscript(MLP(DIM, CLASSES, (16,)), teacher)
+    code = main(["run", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                 "--student", student, "--teacher", teacher, *RUNNER])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "zero scores" not in err
+    assert "non-finite outputs (NaN or inf) on all 500 sampled rows" in err and "check the" in err
+
+
+def test_run_reports_the_teacher_rows_of_the_launch_checks(tmp_path, counting_teacher, capsys):
+    student_path = str(tmp_path / "student.pt")
+    torch.manual_seed(1)
+    save_torchscript(MLP(DIM, CLASSES, (6,)), student_path)
+    write_dataset(tmp_path / "data", 3000, files=2)
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(tmp_path / "data"), "--output", str(out), "--student",
+                 student_path, *counting_teacher, "--deferral-rate", "0.2", *RUNNER]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # the model check (2 example rows) and the sample check (256 rows) at launch
+    assert report["rows_teacher_checks"] == 2 + 256
+    assert CountingTeacher.rows == report["rows_teacher_scored"] + report["rows_teacher_checks"]
+    assert "launch checks: 258" in capsys.readouterr().out
+
+
+def test_teacher_label_reports_the_teacher_rows_of_the_launch_checks(tmp_path, counting_teacher,
+                                                                     capsys):
+    write_dataset(tmp_path / "data", 100, files=1)
+    out = tmp_path / "out"
+    assert main(["teacher-label", "--input", str(tmp_path / "data"), "--output", str(out),
+                 *counting_teacher, *RUNNER]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_teacher_checks"] == 2 + 100
+    assert CountingTeacher.rows == report["rows_labeled"] + report["rows_teacher_checks"]
+    assert "launch checks: 102" in capsys.readouterr().out
+
+
+def test_label_counts_every_teacher_row_of_the_job(tmp_path, counting_teacher, monkeypatch,
+                                                   capsys):
+    from titans.models import student_search
+
+    monkeypatch.setattr(student_search, "TRAIN_STEPS", 1000)  # tiny students converge fast
+    n = 2400
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, DIM)).astype(np.float32)
+    os.makedirs(tmp_path / "data")
+    for i, part in enumerate(np.array_split(np.arange(n), 3)):
+        pq.write_table(features_table(part, x[part]), tmp_path / "data" / f"part-{i}.parquet",
+                       row_group_size=250)
+    out = tmp_path / "out"
+    assert main(["label", "--input", str(tmp_path / "data"), "--output", str(out),
+                 *counting_teacher, "--id-column", "id", "--sample-rows", "800",
+                 "--deferral-rate", "0.2", *RUNNER]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # launch: model check 2 + sample check 256 + FLOPs count 64; the teacher-label phase's
+    # plan: 2 + 256; the cascade's plan: 2 + 256
+    assert report["rows_teacher_checks"] == (2 + 256 + 64) + (2 + 256) + (2 + 256)
+    assert report["rows_to_teacher"] == (report["rows_prelabeled"] + report["rows_teacher_scored"]
+                                         + report["rows_teacher_checks"])
+    assert CountingTeacher.rows == report["rows_to_teacher"]  # every row the teacher ran on
+    assert f"teacher rows: {report['rows_to_teacher']:,}" in capsys.readouterr().out
