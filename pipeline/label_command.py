@@ -20,11 +20,17 @@ in a later phase reuses them and never sends a sample row to the teacher again:
                      (``RunConfig.prelabeled``, files ``sample-*``, source 'teacher') and into the
                      same report -> DIR/labels/, dead_letter/, report.json, report.png, _SUCCESS
 
-DIR/_label/phases.json records each phase once its artifacts are in place, with the settings
-that made it; ``--resume`` reuses a phase when its record matches and every earlier phase was
-reused. A sample row the teacher could not label (bad features, a teacher failure) is not left
-out of the cascade: the cascade labels or dead-letters it like any other row, so every input
-row ends up exactly once in labels/ or dead_letter/.
+DIR/_label/phases.json records each phase once its artifacts are in place, with the key that
+made it: the content keys of the input files and of the teacher (``pipeline/content_keys.py``:
+size, time, GCS generation, Parquet footer hash; the model's SHA-256) and the flags the phase
+depends on; ``--resume`` reuses a phase when its key matches and every earlier phase was
+reused, and says what changed when one does not (a rewritten input file redoes everything, a
+replaced teacher everything from the teacher labels on). Other sampling flags (--seed,
+--sample-rows) are refused: they would relabel other rows.
+
+A sample row the teacher could not label (bad features, a teacher failure) is not left out of
+the cascade: the cascade labels or dead-letters it like any other row, so every input row ends
+up exactly once in labels/ or dead_letter/.
 
 The guarantee: the calibration rows are a uniformly random part of a uniformly random sample of
 the input, and the student never saw them, so they are exchangeable with the rows outside the
@@ -156,6 +162,7 @@ class _Launch:
     proxy: str
     sample_rows: int
     columns: LabelColumns
+    content: dict | None = None      # content keys of the files and the teacher (_content_keys)
 
     @property
     def rows(self) -> int:
@@ -174,7 +181,7 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
     keys = _phase_keys(c, launch)
     phases = manifest["phases"]
     reused = _reusable(c, phases, keys)
-    if c.resume and len(reused) == 4 and storage.exists(storage.join(c.output, SUCCESS)):
+    if _complete(c, phases, keys, reused):
         print(f"titans label: {c.output} is complete already (all phases match); nothing to do")
         return 0
     storage.delete(storage.join(c.output, SUCCESS))  # the job is not complete until phase 5 says so
@@ -233,9 +240,9 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
     with _Phase(5, "cascade", False, None) as ph:
         report = _cascade_phase(c, launch, sample, student_facts, cal_facts, phases, beam_args,
                                 start)
-        phases["cascade"] = ph.finish(report["rows_cascade_in"], (
+        done("cascade", ph.finish(report["rows_cascade_in"], (
             f"{report['rows_easy']:,} rows labeled by the student, {report['rows_hard']:,} by "
-            f"the teacher, {report['rows_dead_letter']:,} dead-lettered"))
+            f"the teacher, {report['rows_dead_letter']:,} dead-lettered")))
     _finish_report(c, report, phases, reused, start)
     print(job_summary(report))
     return 0 if report["status"] == "complete" else 1
@@ -344,13 +351,18 @@ def _prepare_directory(c: LabelConfig, launch: _Launch) -> dict:
             raise ValueError(f"--resume: {c.output!r} holds no titans label job to resume "
                              f"({_work(c, 'phases.json')} is missing); pass --overwrite to "
                              f"start over there, or another --output") from None
+        # other sampling flags would relabel other rows: refused. A changed input (a file
+        # rewritten, added or gone) is not refused: its phases are redone (see _reusable)
         key = _phase_keys(c, launch)["sample"]
         recorded = manifest.get("phases", {}).get("sample", {}).get("key")
-        if recorded is not None and recorded != key:
-            diff = sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
+        flags = (() if not isinstance(recorded, dict) else ("seed", "sample_rows_flag")
+                 if "sample_rows_flag" in recorded else ("seed", "sample_rows"))
+        diff = [k for k in flags if recorded.get(k) != key.get(k)]
+        if diff:
+            what = "; ".join(_change_text(k, recorded.get(k), key.get(k)) for k in diff)
             raise ValueError(f"--resume: the sample in {c.output!r} was drawn with other settings "
-                             f"({', '.join(diff)} differ); rerun with the same flags to reuse its "
-                             f"teacher labels, or pass --overwrite to start over")
+                             f"({what}); rerun with the same flags to reuse its teacher "
+                             f"labels, or pass --overwrite to start over")
     elif existing:
         hint = (" or --resume to continue the titans label job there"
                 if storage.exists(_work(c, "phases.json")) else "")
@@ -362,18 +374,76 @@ def _prepare_directory(c: LabelConfig, launch: _Launch) -> dict:
     return manifest
 
 
+def _content_keys(c: LabelConfig, launch: _Launch) -> dict:
+    """Content keys (``pipeline/content_keys.py``) of the input files and of the teacher's
+    bytes, taken once per command, before any phase reads them: a file rewritten while the
+    job runs then has another key next time."""
+    if launch.content is None:
+        from titans.pipeline import content_keys
+
+        launch.content = {"files": content_keys.file_keys(launch.files),
+                          "teacher": content_keys.model_key(c.teacher.path)}
+    return launch.content
+
+
 def _phase_keys(c: LabelConfig, launch: _Launch) -> dict[str, dict]:
-    """The settings each phase's artifacts depend on, as JSON values (a phase is reused only
-    when its key and every earlier phase's key match)."""
-    sample = {"files": [[f, n] for f, n in zip(launch.files, launch.row_counts)],
-              "sample_rows": launch.sample_rows, "seed": c.seed}
-    teacher = {**sample, "teacher": [c.teacher.path, c.teacher.model_class, c.teacher.model_kwargs],
+    """What each phase's artifacts depend on, as JSON values: the contents of the input files
+    and of the teacher (content keys, not names), and the flags that change results (not
+    batch sizes, devices or resource hints). A phase is reused only when its key and every
+    earlier phase's key match; each key holds the earlier ones'."""
+    content = _content_keys(c, launch)
+    sample = {"files": [[storage.absolute(f), n, content["files"].get(f)]
+                        for f, n in zip(launch.files, launch.row_counts)],
+              "sample_rows": launch.sample_rows, "sample_rows_flag": c.sample_rows,
+              "seed": c.seed}
+    teacher = {**sample,
+               "teacher": {**content["teacher"], "class": c.teacher.model_class,
+                           "kwargs": json.loads(c.teacher.model_kwargs or "null")},
                "feature_columns": list(c.feature_columns), "column_prefix": c.column_prefix}
     distil = {**teacher, "student_budget": c.student_budget, "eps": c.eps, "delta": c.level,
               "deferral_rate": c.deferral_rate, "rule": c.rule, "audit_rate": c.audit_rate,
               "split": [VAL_SHARE, CAL_SHARE]}
+    cascade = {**distil, "max_dead_letter_rate": c.max_dead_letter_rate}
     return json.loads(json.dumps({"sample": sample, "teacher labels": teacher, "distil": distil,
-                                  "calibrate": distil}))
+                                  "calibrate": distil, "cascade": cascade}))
+
+
+_FLAGS = {"sample_rows": "--sample-rows (rows drawn)", "sample_rows_flag": "--sample-rows",
+          "seed": "--seed", "feature_columns": "--feature-columns",
+          "column_prefix": "--column-prefix", "student_budget": "--student-budget",
+          "eps": "--max-disagreement", "delta": "--delta", "deferral_rate": "--deferral-rate",
+          "rule": "--rule", "audit_rate": "--audit-rate", "split": "the sample's split shares",
+          "max_dead_letter_rate": "--max-dead-letter-rate"}
+
+
+def _change_text(name: str, before, now) -> str:
+    return f"{_FLAGS.get(name, name)} {before!r} -> {now!r}"
+
+
+def _what_changed(c: LabelConfig, recorded, current: dict) -> list[str]:
+    """What differs between a phase's recorded key and its key now, in words: the input
+    files and the teacher by name, flags by their names."""
+    from titans.pipeline import content_keys
+
+    if not isinstance(recorded, dict):
+        return ["its previous run recorded no key"]
+    out = []
+    if recorded.get("files") != current["files"]:
+        def by_path(files):
+            return {f[0]: {"rows": f[1], **(f[2] or {})} for f in files}
+
+        old = recorded.get("files")
+        if isinstance(old, list) and all(isinstance(f, list) and len(f) == 3 for f in old):
+            out += content_keys.describe_file_changes(by_path(old), by_path(current["files"]))
+        else:
+            out.append("the input files were recorded without content keys (an older titans)")
+    if "teacher" in current and recorded.get("teacher") != current["teacher"]:
+        old = recorded.get("teacher")
+        fields = content_keys.changes(old if isinstance(old, dict) else None, current["teacher"])
+        out.append(f"the teacher {c.teacher.path} changed ({', '.join(fields)})")
+    out += [_change_text(k, recorded.get(k), v) for k, v in current.items()
+            if k not in ("files", "teacher") and recorded.get(k) != v]
+    return out or ["its key changed"]
 
 
 def _reusable(c: LabelConfig, phases: dict, keys: dict) -> list[str]:
@@ -383,11 +453,25 @@ def _reusable(c: LabelConfig, phases: dict, keys: dict) -> list[str]:
                  "distil": storage.join(c.output, STUDENT),
                  "calibrate": storage.join(c.output, CALIBRATION)}
     reused = []
-    for name in PHASES[:4]:
-        if phases.get(name, {}).get("key") != keys[name] or not storage.exists(artifacts[name]):
+    for number, name in enumerate(PHASES[:4], 1):
+        record = phases.get(name) or {}
+        same = record.get("key") == keys[name]
+        if not same or not storage.exists(artifacts[name]):
+            if c.resume and record:  # say why a phase the previous run finished is redone
+                why = (_what_changed(c, record.get("key"), keys[name]) if not same else
+                       [f"{artifacts[name]} is missing"])
+                print(f"titans label: --resume: {'; '.join(why)}: phase {number} ({name}) and "
+                      f"the phases after it are done again", flush=True)
             break
         reused.append(name)
     return reused
+
+
+def _complete(c: LabelConfig, phases: dict, keys: dict, reused: list[str]) -> bool:
+    """Whether --resume finds the job done already: every phase reused and the cascade
+    finished (_SUCCESS) with the same key."""
+    return (c.resume and len(reused) == 4 and (phases.get("cascade") or {}).get("key") ==
+            keys["cascade"] and storage.exists(storage.join(c.output, SUCCESS)))
 
 
 def _write_manifest(output: str, manifest: dict) -> None:

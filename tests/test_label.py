@@ -294,3 +294,93 @@ def test_label_on_gcs_and_resume_there(tmp_path, gcs_bucket, capsys):
     assert {"student.pt", "calibration.json", "report.png", "_SUCCESS", "phases.json"} <= names
     assert main(args + ["--max-disagreement", "0.05", "--resume"]) == 0
     assert "complete already" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ --resume keys on contents
+
+def _killed_after_the_teacher_phase(monkeypatch, args) -> None:
+    """A first run that stops after phase 2 (as a killed job would): sample and teacher labels
+    on disk and in phases.json, nothing after them."""
+    def killed(*a, **k):
+        raise RuntimeError("killed after the teacher phase")
+
+    with monkeypatch.context() as m:
+        m.setattr(label_command, "_distil_phase", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(args)
+
+
+def _input_ids(data) -> np.ndarray:
+    return np.concatenate([pq.read_table(p).column("id").to_numpy()
+                           for p in sorted(data.glob("*.parquet"))])
+
+
+def test_resume_redoes_the_phases_of_an_input_file_rewritten_with_the_same_row_count(
+        tmp_path, recording, monkeypatch, capsys):
+    data = tmp_path / "data"
+    write_data(data, n=1200, bad=0)
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    out = tmp_path / "out"
+    args = label_args(data, out, teacher)
+    args[args.index("--sample-rows") + 1] = "400"
+    _killed_after_the_teacher_phase(monkeypatch, args)
+
+    # part-1 rewritten in place: as many rows as before, other ids (the mtime kept, too)
+    path = data / "part-1.parquet"
+    stale = pq.read_table(path).column("id").to_numpy()
+    stat = os.stat(path)
+    fresh = stale + 5000
+    x = np.random.default_rng(9).normal(size=(len(fresh), DIM)).astype(np.float32)
+    x[:, 0] = fresh / 1000
+    pq.write_table(features_table(fresh, x), path, row_group_size=250)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+
+    assert main(args + ["--resume"]) == 0
+    labels, dead_ids = outputs(out)
+    ids = np.concatenate([labels.column("id").to_numpy(), dead_ids])
+    # every current input row exactly once, none of the rewritten file's old rows
+    assert not np.isin(stale, ids).any()
+    np.testing.assert_array_equal(np.sort(ids), np.sort(_input_ids(data)))
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["conservation_ok"]
+    printed = capsys.readouterr().out  # one line says what changed and what is redone
+    assert "input file" in printed and "part-1.parquet changed" in printed
+    assert "[1/5 sample] reused" not in printed
+
+
+def test_resume_relabels_the_sample_when_the_teacher_file_is_replaced(
+        tmp_path, recording, monkeypatch, capsys):
+    data = tmp_path / "data"
+    x = write_data(data, n=1200, bad=0)
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    out = tmp_path / "out"
+    args = label_args(data, out, teacher)
+    args[args.index("--sample-rows") + 1] = "400"
+    _killed_after_the_teacher_phase(monkeypatch, args)
+    old_labels = teacher_labels(teacher, x)
+
+    # the same path, the same architecture, new weights
+    torch.manual_seed(1)
+    torch.save(MLP(DIM, CLASSES, (32, 32)).state_dict(), teacher)
+    new_labels = teacher_labels(teacher, x)
+    assert (old_labels != new_labels).mean() > 0.3
+    capsys.readouterr()
+    RecordingTeacher.seen = []
+
+    assert main(args + ["--resume"]) == 0
+    labels, dead_ids = outputs(out)
+    assert len(dead_ids) == 0
+    np.testing.assert_array_equal(labels.column("id").to_numpy(), np.arange(1, 1201))
+    # every teacher label in the output is the new teacher's: the sample rows' and the hard ones
+    by_teacher = labels.filter(pa.compute.equal(labels.column("source"), "teacher"))
+    sample = pq.read_table([str(p) for p in (out / "labels").glob("sample-*.parquet")])
+    assert sample.num_rows == 400 and by_teacher.num_rows >= 400
+    np.testing.assert_array_equal(by_teacher.column("label").to_numpy(),
+                                  new_labels[by_teacher.column("id").to_numpy() - 1])
+    assert np.isin(sample.column("id").to_numpy(), seen_ids()).all()  # relabeled, not reused
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["conservation_ok"]
+    printed = capsys.readouterr().out
+    assert "[1/5 sample] reused" in printed and "[2/5 teacher labels] reused" not in printed
+    assert f"the teacher {teacher} changed (sha256)" in printed

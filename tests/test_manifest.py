@@ -147,9 +147,70 @@ def test_manifest_on_gcs(tmp_path, models, gcs_bucket):
     data = upload(local, f"{gcs_bucket}/manifest-test/data")
     url = f"{gcs_bucket}/manifest-test/manifest.json"
     states = manifest.file_states([f"{data}/part-0.parquet", f"{data}/part-1.parquet"])
-    assert {s.size for s in states.values()} == {os.path.getsize(local / "part-0.parquet"),
-                                                 os.path.getsize(local / "part-1.parquet")}
-    assert all(s.mtime and s.mtime > 1e9 for s in states.values())
+    assert {s["size"] for s in states.values()} == {os.path.getsize(local / "part-0.parquet"),
+                                                    os.path.getsize(local / "part-1.parquet")}
+    assert all(s["mtime"] and s["mtime"] > 1e9 and s["generation"] for s in states.values())
     assert _run(data + "/", tmp_path / "out1", url, models) == 0
     assert _run(data + "/", tmp_path / "out2", url, models) == 0
+    assert not (tmp_path / "out2").exists()
+
+
+def test_files_whose_labels_were_overwritten_are_labeled_again(tmp_path, models, capsys):
+    """a, b labeled into out1; c labeled into out1 with --overwrite, which deletes a's and b's
+    labels; then a, b and c into out2: a and b are labeled there (they are labeled nowhere
+    else), c is not (out1 still holds its labels)."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    _add_file(data, "a.parquet", range(0, 100), seed=1)
+    _add_file(data, "b.parquet", range(100, 200), seed=2)
+    manifest_path = str(tmp_path / "manifest.json")
+    assert _run(data, tmp_path / "out1", manifest_path, models) == 0
+    _add_file(data, "c.parquet", range(200, 300), seed=3)
+    assert _run(data / "c.parquet", tmp_path / "out1", manifest_path, models, "--overwrite") == 0
+    assert _ids(tmp_path / "out1") == list(range(200, 300))
+    capsys.readouterr()
+    assert _run(data, tmp_path / "out2", manifest_path, models) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    assert _ids(tmp_path / "out2") == list(range(0, 200))
+    files = _files(manifest_path)
+    assert {files[str(data / n)]["output"] for n in ("a.parquet", "b.parquet")} == {
+        str(tmp_path / "out2")}
+    assert files[str(data / "c.parquet")]["output"] == str(tmp_path / "out1")
+
+
+def test_labels_deleted_by_hand_are_labeled_again(setup, tmp_path):
+    import shutil
+
+    data, manifest_path, models = setup
+    assert _run(data, tmp_path / "out1", manifest_path, models) == 0
+    shutil.rmtree(tmp_path / "out1")
+    assert _run(data, tmp_path / "out2", manifest_path, models) == 0
+    assert _ids(tmp_path / "out2") == list(range(600))
+
+
+@pytest.mark.parametrize("entry", ["labeled", {"mtime": 1.0, "output": "/x"}, {"size": "big"}])
+def test_a_malformed_manifest_entry_is_one_line_and_exit_2(setup, tmp_path, capsys, entry):
+    data, manifest_path, models = setup
+    path = str(data / "part-0.parquet")
+    with open(manifest_path, "w") as f:
+        json.dump({"format": manifest.FORMAT, "files": {path: entry}}, f)
+    assert _run(data, tmp_path / "out", manifest_path, models) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert manifest_path in err and path in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_old_format_entries_are_still_read(setup, tmp_path, capsys):
+    """Entries written before content keys (size and mtime only) still skip their files
+    while their output holds a complete job."""
+    data, manifest_path, models = setup
+    assert _run(data, tmp_path / "out1", manifest_path, models) == 0
+    old = {p: {k: e[k] for k in ("size", "mtime", "output", "command", "labeled_at")}
+           for p, e in _files(manifest_path).items()}
+    with open(manifest_path, "w") as f:
+        json.dump({"format": manifest.FORMAT, "files": old}, f)
+    capsys.readouterr()
+    assert _run(data, tmp_path / "out2", manifest_path, models) == 0
+    assert "already labeled" in capsys.readouterr().out
     assert not (tmp_path / "out2").exists()
