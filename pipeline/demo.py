@@ -70,11 +70,14 @@ def train_models(train: pa.Table, seed: int) -> tuple[torch.nn.Module, torch.nn.
 
 def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str],
              fmt: str = "parquet") -> dict:
-    from titans.pipeline.job import run_cascade
+    from titans.pipeline.job import job_checks, run_cascade
     from titans.pipeline.plan import RunConfig, plan_run
     from titans.models.loading import ModelRef
 
     start = time.time()
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        beam_args = ["--runner", "FnApiRunner"] + beam_args  # in-process; no Prism download
+    job_checks(beam_args, {})  # the runner and its options, before a previous demo is removed
     _prepare(output)
     data, models, run_dir = (os.path.join(output, d) for d in ("data", "models", "run"))
     os.makedirs(os.path.join(data, "test"))
@@ -101,8 +104,6 @@ def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str],
           f"64-{TEACHER_ARCH}-10 ({tp:,} parameters, {tp / sp:.0f}x) trained in "
           f"{time.time() - start:.1f} s -> {models}/")
 
-    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
-        beam_args = ["--runner", "FnApiRunner"] + beam_args  # in-process; no Prism download
     config = RunConfig(input=os.path.join(data, "test"), output=run_dir,
                        student=ModelRef(student_path), teacher=ModelRef(teacher_path),
                        feature_columns=("pixels",), id_column="id", rule=RULE,

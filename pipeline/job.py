@@ -1,8 +1,10 @@
 """Running a planned job, with the output protocol a labeling job promises.
 
-1. Everything that can fail before the data is touched is checked first: the plan's launch
-   checks, then the pipeline options and runner (building the pipeline), then a write probe
-   into the output directory.
+1. Everything that can fail before the data is touched is checked first: the pipeline
+   options and runner (building a pipeline object) and the models' devices (where the
+   workers run on this machine: ``check_devices``, one check for every command), the output
+   lock (``output_lock``: one job per output; a second one is refused, naming the first),
+   the plan's launch checks (input, models), then a write probe into the output directory.
 2. Only then does ``--overwrite`` delete a previous run's outputs: every object under
    ``labels/`` and ``dead_letter/`` (temp files of a killed run included) and the report
    files, on any filesystem (object stores are listed by prefix).
@@ -22,7 +24,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from titans.models import storage
-from titans.pipeline import collector
+from titans.pipeline import collector, output_lock
 from titans.pipeline.options import pipeline_options  # shared with describe
 from titans.pipeline.phases import Phases
 from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
@@ -31,6 +33,75 @@ from titans.transforms.timing import FIRST_READ
 _LOG = logging.getLogger("titans")
 
 Build = Callable[[beam.Pipeline, object, float], None]
+
+# runners whose workers run on this machine (Beam's in-process runners and Prism), by their
+# name without a "Runner" suffix: the models' devices are checked here only for these
+LOCAL_RUNNERS = ("direct", "fnapi", "switchingdirect", "bundlebaseddirect", "prism")
+
+
+def runs_here(options: PipelineOptions) -> bool:
+    """Whether the runner runs the job's workers on this machine (not Dataflow, not a cluster)."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    name = name.rsplit(".", 1)[-1].lower()
+    return name.removesuffix("runner") in LOCAL_RUNNERS
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (a --ROLE-device value) cannot run a model on this machine, or None."""
+    import torch
+
+    d = device.lower()
+    if d in ("cpu", "auto"):
+        return None
+    if d == "gpu":
+        d = "cuda"
+    try:
+        parsed = torch.device(d)
+    except RuntimeError:
+        return "not a device; use cpu, cuda, cuda:N or auto"
+    if parsed.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        build = ("a CPU-only build of torch" if torch.version.cuda is None else
+                 f"torch built for CUDA {torch.version.cuda}, but no device is visible")
+        return f"no CUDA device on this machine ({build} {torch.__version__})"
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def check_devices(options: PipelineOptions, models: dict) -> None:
+    """Every command's device check, before anything is deleted: ``models`` maps a role
+    (teacher, student) to its ModelRef. Checked only where the models will run, i.e. when
+    the runner's workers are on this machine: a Dataflow launcher has no GPU, its workers do."""
+    if not runs_here(options):
+        return
+    for role, ref in models.items():
+        problem = device_problem(ref.device)
+        if problem:
+            raise ValueError(f"--{role}-device {ref.device}: {problem}; pass --{role}-device cpu "
+                             f"or auto, or run on workers that have a GPU (e.g. Dataflow with an "
+                             f"accelerator)")
+
+
+def job_checks(beam_args: list[str], models: dict) -> PipelineOptions:
+    """The launch checks of a job that need no data: the pipeline options and runner (a
+    pipeline object is built, then dropped: an unknown runner fails here) and the models'
+    devices. Nothing is written."""
+    options = pipeline_options(beam_args)
+    try:
+        beam.Pipeline(options=options)
+    except ValueError as e:
+        raise ValueError(f"pipeline options: {e}") from e
+    check_devices(options, models)
+    return options
+
+
+def models_of(config) -> dict:
+    """{role: ModelRef} of a RunConfig or TeacherLabelConfig."""
+    student = getattr(config, "student", None)
+    return {"teacher": config.teacher, **({"student": student} if student is not None else {})}
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
@@ -55,20 +126,27 @@ def prepare_output(output: str, overwrite: bool) -> None:
         if storage.exists(path):
             storage.delete(path)
             removed += 1
-    others = storage.list_under(output)
+    others = [p for p in storage.list_under(output) if not output_lock.is_lock(p)]
     _LOG.info("--overwrite: removed %d file(s) of a previous run from %s%s", removed, output,
               f"; left {len(others)} other file(s) alone" if others else "")
 
 
 def run_job(plan, build: Build, beam_args: list[str], start: float | None = None,
-            wait: bool = True, phases: Phases | None = None) -> dict:
+            wait: bool = True, phases: Phases | None = None,
+            lock: output_lock.Lock | None = None) -> dict:
     """Run a planned job to the end and return its report; ``start``: when the command began.
 
     ``wait=False``: return as soon as the runner has the job (a Dataflow job submitted, or
     its graph written for a Flex Template launch) with ``{"status": "submitted", ...}``; the
     job writes report.json and ``_SUCCESS`` itself when it is done (see ``stages.finish``),
     without the fields this function adds after waiting (wall time from launch, runner,
-    counters). A Flex Template's launcher must not wait for its job."""
+    counters). A Flex Template's launcher must not wait for its job.
+
+    ``lock``: the output lock the caller holds (``launch`` and `titans label` take it before
+    their checks; label's covers its phases' jobs too); without one, run_job takes the lock of
+    the output and releases it when the job ends, however it ends. Every check comes before
+    anything in the output is deleted: runner and options, devices, the lock, the write probe.
+    With ``wait=False`` the lock is handed to the job, whose last step releases it."""
     start = time.time() if start is None else start
     phases = Phases(start) if phases is None else phases
     options = pipeline_options(beam_args)
@@ -76,15 +154,34 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
         p = beam.Pipeline(options=options)  # an unknown runner fails here, before any deletion
     except ValueError as e:
         raise ValueError(f"pipeline options: {e}") from e
-    build(p, plan, start)
+    check_devices(options, models_of(plan.config))
     output = plan.config.output
-    prepare_output(output, plan.config.overwrite)
-    phases.mark("pipeline_construction")
-    collector.resume()  # if the command line paused it for start-up
-    result = p.run()
-    if not wait:
-        return submitted(result, options, output)
-    result.wait_until_finish()
+    own = lock is None
+    if own:
+        lock = output_lock.acquire(output, _command(plan), plan.config.overwrite)
+    try:
+        if not wait:
+            output_lock.hand_to_job(p, lock)  # before the build: the Finish step takes it along
+        build(p, plan, start)
+        prepare_output(output, plan.config.overwrite)
+        phases.mark("pipeline_construction")
+        collector.resume()  # if the command line paused it for start-up
+        result = p.run()
+        if not wait:
+            lock.handed_over()  # the job's last step releases it; this process must not
+            return submitted(result, options, output)
+        result.wait_until_finish()
+        return _final_report(result, options, phases, output)
+    finally:
+        if own:
+            lock.release()
+
+
+def _command(plan) -> str:
+    return "run" if hasattr(plan.config, "student") else "teacher-label"
+
+
+def _final_report(result, options: PipelineOptions, phases: Phases, output: str) -> dict:
     # the in-pipeline report timed the pipeline only: restate wall time as launch-to-finish
     report = storage.read_json(storage.join(output, REPORT))
     report["runner"] = str(options.view_as(StandardOptions).runner)
@@ -156,17 +253,19 @@ def titans_counters(result) -> dict:
 
 
 def run_cascade(plan, beam_args: list[str], start: float | None = None,
-                wait: bool = True, phases: Phases | None = None) -> dict:
+                wait: bool = True, phases: Phases | None = None,
+                lock: output_lock.Lock | None = None) -> dict:
     from titans.pipeline.cascade import build_pipeline
 
-    return run_job(plan, build_pipeline, beam_args, start, wait, phases)
+    return run_job(plan, build_pipeline, beam_args, start, wait, phases, lock)
 
 
 def run_teacher_label(plan, beam_args: list[str], start: float | None = None,
-                      wait: bool = True, phases: Phases | None = None) -> dict:
+                      wait: bool = True, phases: Phases | None = None,
+                      lock: output_lock.Lock | None = None) -> dict:
     from titans.pipeline.teacher_label import build_pipeline
 
-    return run_job(plan, build_pipeline, beam_args, start, wait, phases)
+    return run_job(plan, build_pipeline, beam_args, start, wait, phases, lock)
 
 
 def launch(config, beam_args: list[str], start: float | None = None, *,
@@ -187,16 +286,21 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
     cascade = isinstance(config, RunConfig)
     command = "run" if cascade else "teacher-label"
     try:
-        plan = plan_run(config, phases) if cascade else plan_teacher_label(config, phases)
         if describe:
             from titans.pipeline import cascade as cascade_pipeline, teacher_label
             from titans.pipeline.describe import describe_job, to_json
 
+            plan = plan_run(config, phases) if cascade else plan_teacher_label(config, phases)
             build = (cascade_pipeline if cascade else teacher_label).build_pipeline
             print(to_json(describe_job(plan, build, beam_args, command)))
             return 0
-        report = (run_cascade if cascade else run_teacher_label)(plan, beam_args, start, wait,
-                                                                 phases)
+        job_checks(beam_args, models_of(config))  # runner, options, devices: seconds earlier
+        # the lock before the plan's checks: a second run into this output is refused at once,
+        # naming the first; released however this ends, unless handed to a job not waited for
+        with output_lock.acquire(config.output, command, config.overwrite) as lock:
+            plan = plan_run(config, phases) if cascade else plan_teacher_label(config, phases)
+            report = (run_cascade if cascade else run_teacher_label)(plan, beam_args, start,
+                                                                     wait, phases, lock)
     except NothingToLabel as e:  # --skip-labeled: every input file is labeled already
         print(f"titans {command}: {e}")
         if not wait:

@@ -174,9 +174,25 @@ class _Launch:
 
 
 def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> int:
+    """The job, holding DIR's output lock throughout (released however it ends). Every check
+    that can fail at launch -- flags, runner and pipeline options, the devices, the lock, the
+    input and the teacher, the write probe -- passes before --overwrite deletes anything."""
+    from titans.pipeline import output_lock
+    from titans.pipeline.job import job_checks
+
     start = time.time() if start is None else start
     _check_config(c)
+    job_checks(beam_args, {"teacher": c.teacher, "student": ModelRef(
+        storage.join(c.output, STUDENT), device=c.student_device)})
+    with output_lock.acquire(c.output, "label", overwrite=c.overwrite or c.resume) as lock:
+        return _label(c, beam_args, start, lock)
+
+
+def _label(c: LabelConfig, beam_args: list[str], start: float, lock) -> int:
+    from titans.pipeline.job import prepare_output
+
     launch = _launch_checks(c)
+    prepare_output(c.output, overwrite=False)  # the write probe; deletes nothing
     manifest = _prepare_directory(c, launch)
     keys = _phase_keys(c, launch)
     phases = manifest["phases"]
@@ -206,7 +222,7 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
     # 2. teacher labels
     with _Phase(2, "teacher labels", "teacher labels" in reused, phases.get("teacher labels")) as ph:
         if not ph.reused:
-            report = _teacher_phase(c, launch, beam_args)
+            report = _teacher_phase(c, launch, beam_args, lock)
             if report["status"] != "complete":
                 print(f"titans label: the teacher-label phase failed: {report['status']}",
                       file=sys.stderr)
@@ -239,7 +255,7 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
     # 5. cascade
     with _Phase(5, "cascade", False, None) as ph:
         report = _cascade_phase(c, launch, sample, student_facts, cal_facts, phases, beam_args,
-                                start)
+                                start, lock)
         done("cascade", ph.finish(report["rows_cascade_in"], (
             f"{report['rows_easy']:,} rows labeled by the student, {report['rows_hard']:,} by "
             f"the teacher, {report['rows_dead_letter']:,} dead-lettered")))
@@ -336,7 +352,9 @@ def _prepare_directory(c: LabelConfig, launch: _Launch) -> dict:
     """The manifest of phases to resume from ({} phases for a fresh job), after checking that
     ``c.output`` may be used: empty, or --overwrite (the previous job's files are removed
     now, after the launch checks), or --resume of a job with the same sample."""
-    existing = storage.list_under(c.output)
+    from titans.pipeline.output_lock import is_lock
+
+    existing = [p for p in storage.list_under(c.output) if not is_lock(p)]  # the lock: no output
     manifest = {"version": 1, "phases": {}}
     if existing and c.overwrite:
         for name in LABEL_OUTPUTS:
@@ -581,7 +599,7 @@ def _write_parquet(path: str, table: pa.Table) -> None:
 
 # =========================================================================== 2. teacher labels
 
-def _teacher_phase(c: LabelConfig, launch: _Launch, beam_args: list[str]) -> dict:
+def _teacher_phase(c: LabelConfig, launch: _Launch, beam_args: list[str], lock=None) -> dict:
     from titans.pipeline.job import run_teacher_label
 
     config = TeacherLabelConfig(
@@ -592,7 +610,7 @@ def _teacher_phase(c: LabelConfig, launch: _Launch, beam_args: list[str]) -> dic
         sample_rows=min(CHECK_ROWS, launch.sample_rows), seed=c.seed,
         teacher_resource_hints=c.teacher_resource_hints,
         max_dead_letter_rate=c.max_dead_letter_rate)
-    return run_teacher_label(plan_teacher_label(config), beam_args)
+    return run_teacher_label(plan_teacher_label(config), beam_args, lock=lock)  # DIR's lock
 
 
 @dataclasses.dataclass
@@ -780,7 +798,7 @@ class _LabelPlan(CascadePlan):
 
 
 def _cascade_phase(c: LabelConfig, launch: _Launch, s: LabeledSample, student: dict, cal: dict,
-                   phases: dict, beam_args: list[str], start: float) -> dict:
+                   phases: dict, beam_args: list[str], start: float, lock=None) -> dict:
     from titans.pipeline.cascade import build_pipeline
     from titans.pipeline.job import run_job
 
@@ -818,7 +836,7 @@ def _cascade_phase(c: LabelConfig, launch: _Launch, s: LabeledSample, student: d
     }
     label_plan = _LabelPlan(*[getattr(plan, f.name) for f in dataclasses.fields(CascadePlan)],
                             label_facts=facts)
-    return run_job(label_plan, build_pipeline, beam_args, time.time())
+    return run_job(label_plan, build_pipeline, beam_args, time.time(), lock=lock)
 
 
 def _finish_report(c: LabelConfig, report: dict, phases: dict, reused: list[str],

@@ -26,6 +26,7 @@ from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelRef, count_parameters
 from titans.pipeline import defaults
 from titans.pipeline.model_checks import check_on_sample, load_checked
+from titans.pipeline.output_lock import is_lock
 from titans.pipeline.phases import Phases, mark
 from titans.transforms.features import (FeatureSpec, ImageSpec, TokenSpec, feature_matrix,
                                         resolve_features)
@@ -228,7 +229,7 @@ def _check_job(c: JobConfig) -> None:
     if not 0.0 <= c.max_dead_letter_rate <= 1.0:
         raise ValueError(f"--max-dead-letter-rate must be between 0 and 1, got "
                          f"{c.max_dead_letter_rate}")
-    existing = storage.list_under(c.output)
+    existing = [p for p in storage.list_under(c.output) if not is_lock(p)]  # a lock is no output
     if existing and not c.overwrite:
         raise ValueError(f"output directory {c.output!r} is not empty ({len(existing)} file(s), "
                          f"e.g. {existing[0]}); choose another --output or pass --overwrite to "

@@ -13,6 +13,7 @@ from apache_beam.pvalue import AsList
 from titans.models import storage
 from titans.pipeline import counts
 from titans.pipeline.counts import Count, Counts
+from titans.pipeline.output_lock import release_by_job
 # what a run writes into its output directory (named in outputs.py, which imports nothing)
 from titans.pipeline.outputs import DEAD_LETTER, LABELS, OUTPUTS, PLOT, REPORT, SUCCESS  # noqa: F401
 from titans.pipeline.plan import InputPlan
@@ -86,7 +87,8 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
              | "SumCounts" >> beam.CombinePerKey(sum))
     destinations = [d for d, _ in written]
     _ = (dead.pipeline | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(
-        _Finish(output, destinations, build_report, start_time, plot, on_complete),
+        _Finish(output, destinations, build_report, start_time, plot, on_complete,
+                release_by_job(dead.pipeline)),
         AsList(pairs), *[AsList(paths) for _, paths in written]))
 
 
@@ -95,8 +97,11 @@ class _Finish:
     runs once every writer's bundles are committed: it takes their paths as side inputs."""
 
     def __init__(self, output: str, destinations: list, build_report, start_time: float, plot,
-                 on_complete=None):
+                 on_complete=None, release=None):
         self._output = output
+        # the output lock, when the launcher does not wait for the job (output_lock): released
+        # by this step, the job's last
+        self._release = release
         self._destinations = destinations
         self._build = build_report
         self._start = start_time
@@ -118,6 +123,8 @@ class _Finish:
             mark_complete(self._output, report)
             if self._on_complete is not None:
                 self._on_complete(report)
+        if self._release is not None:
+            self._release()
         return report
 
 

@@ -166,8 +166,9 @@ def test_killed_run_is_visibly_incomplete_and_a_rerun_never_duplicates(tmp_path,
     assert left, "the run was killed before it wrote anything; the test proves nothing"
     assert not (out / "_SUCCESS").exists()  # visibly incomplete
 
-    again = _run_cli(*args)  # only subdirectories were left: still not empty
-    assert again.returncode == 2 and "is not empty" in again.stderr and "--overwrite" in again.stderr
+    again = _run_cli(*args)  # the killed run's lock is there: refused, naming it
+    assert again.returncode == 2 and f"pid {proc.pid}" in again.stderr
+    assert "no longer running" in again.stderr and "--overwrite" in again.stderr
     done = _run_cli(*args, "--overwrite")
     assert done.returncode == 0, done.stderr
     ids = read_labels(out).column("id").to_numpy()
@@ -263,3 +264,107 @@ def test_a_shape_mismatch_is_one_short_line(tmp_path, capsys, models):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and len(err) < 400, err
     assert f"does not accept a float32 [batch, {DIM}] input" in err
+
+
+# ------------------------------------------------------------------ launch checks before deletion (issue 16, item 2)
+
+def _files(out) -> dict:
+    """{relative path: bytes} of every file under ``out``."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_label_job(tmp_path_factory):
+    """A finished `titans label` job (labels, report, _SUCCESS, student, calibration, _label/)
+    over 1,200 rows, built once; each test works on its own copy."""
+    from conftest import save_models
+    from titans.models import student_search
+
+    base = tmp_path_factory.mktemp("label_job")
+    write_dataset(base / "data", 1200, files=2)
+    _, teacher = save_models(base)
+    steps, student_search.TRAIN_STEPS = student_search.TRAIN_STEPS, 300
+    try:
+        args = ["label", "--input", str(base / "data"), "--output", str(base / "out"),
+                "--teacher", teacher, "--id-column", "id", "--sample-rows", "300"]
+        assert main([*args, *RUNNER]) == 0
+    finally:
+        student_search.TRAIN_STEPS = steps
+    assert {"_SUCCESS", "report.json", "student.pt", "calibration.json"} <= set(_files(base / "out"))
+    return base, args
+
+
+def _copy_of(job, tmp_path) -> tuple:
+    import shutil
+
+    base, args = job
+    out = tmp_path / "out"
+    shutil.copytree(base / "out", out)
+    return out, [str(out) if a == str(base / "out") else a for a in args]
+
+
+def test_label_overwrite_with_an_unknown_runner_leaves_the_finished_job_as_it_was(
+        finished_label_job, tmp_path, capsys):
+    out, args = _copy_of(finished_label_job, tmp_path)
+    before = _files(out)
+    code = main([*args, "--overwrite", "--runner", "NoSuchRunner"])
+    captured = capsys.readouterr()
+    assert code == 2 and "NoSuchRunner" in captured.err
+    assert "[1/5" not in captured.out  # not a phase started
+    assert _files(out) == before  # byte for byte: labels, report, _SUCCESS, student, calibration
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_label_student_device_cuda_without_a_gpu_fails_before_phase_1(
+        finished_label_job, tmp_path, capsys):
+    out, args = _copy_of(finished_label_job, tmp_path)
+    before = _files(out)
+    code = main([*args, "--overwrite", "--student-device", "cuda", *RUNNER])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and "[1/5" not in captured.out
+    assert err.startswith("titans label: error: --student-device cuda: no CUDA device on this "
+                          "machine") and len(err.splitlines()) == 1, err
+    assert _files(out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+@pytest.mark.parametrize("command", ["run", "teacher-label"])
+def test_overwrite_with_a_cuda_device_this_machine_lacks_deletes_nothing(
+        tmp_path, models, capsys, command):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(data, 500, files=1)
+    args = [command, "--input", str(data), "--output", str(out), "--teacher", models[1], *RUNNER]
+    if command == "run":
+        args += ["--student", models[0]]
+    assert main(args) == 0
+    before = _files(out)
+    capsys.readouterr()
+    code = main([*args, "--overwrite", "--teacher-device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"titans {command}: error: --teacher-device cuda: no CUDA device on "
+                          f"this machine"), err
+    assert _files(out) == before
+
+
+def test_a_dataflow_launcher_does_not_check_the_workers_devices(models):
+    """Devices are checked where the models run: not on a launcher handing the job over."""
+    from titans.pipeline.job import check_devices, pipeline_options
+
+    cuda = {"teacher": ModelRef(models[1], device="cuda")}
+    check_devices(pipeline_options(["--runner", "DataflowRunner"]), cuda)  # no error
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--teacher-device cuda: no CUDA device"):
+            check_devices(pipeline_options(RUNNER), cuda)
+
+
+def test_demo_with_an_unknown_runner_keeps_the_previous_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)
+    (out / "summary.json").write_text('{"previous": true}')
+    (out / "run" / "_SUCCESS").write_text("{}")
+    before = _files(out)
+    assert main(["demo", "--output", str(out), "--runner", "NoSuchRunner"]) == 2
+    assert "NoSuchRunner" in capsys.readouterr().err
+    assert _files(out) == before
