@@ -61,7 +61,7 @@ from titans.models.loading import ModelRef, count_parameters, load_model
 from titans.models.student_search import (Target, candidate_architectures,
                                           flops_per_row, ltt_bar, search_student)
 from titans.pipeline import label_defaults as ld
-from titans.pipeline.model_checks import check_on_sample, load_checked
+from titans.pipeline.model_checks import Tally, check_on_sample, load_checked
 from titans.pipeline.plan import (CascadePlan, RunConfig, TeacherLabelConfig, plan_run,
                                   plan_teacher_label, usable_rows)
 from titans.pipeline.stages import OUTPUTS, REPORT, SUCCESS, mark_complete
@@ -162,6 +162,7 @@ class _Launch:
     proxy: str
     sample_rows: int
     columns: LabelColumns
+    teacher_check_rows: int = 0      # rows these checks ran the teacher on (report.json counts them)
     content: dict | None = None      # content keys of the files and the teacher (_content_keys)
 
     @property
@@ -230,7 +231,8 @@ def _label(c: LabelConfig, beam_args: list[str], start: float, lock) -> int:
             done("teacher labels", ph.finish(report["rows_in"], (
                 f"{report['rows_labeled']:,} sample rows labeled by the teacher, "
                 f"{report['rows_dead_letter']:,} dead-lettered -> {_work(c, 'teacher')}/"),
-                rows_labeled=report["rows_labeled"], rows_dead_letter=report["rows_dead_letter"]))
+                rows_labeled=report["rows_labeled"], rows_dead_letter=report["rows_dead_letter"],
+                rows_teacher_checks=report.get("rows_teacher_checks", 0)))
     sample = _labeled_sample(c, launch)
     # 3. distil
     split = split_sample(len(sample.x), c.seed)
@@ -326,17 +328,20 @@ def _launch_checks(c: LabelConfig) -> _Launch:
     features = resolve_feature_spec(schema, tuple(c.feature_columns),
                                     first_vector_length(check, c.feature_columns))
     x = usable_rows(check, features)
-    teacher = load_checked("teacher", c.teacher, features)
-    logits = check_on_sample("teacher", teacher, x[:256])
+    checks = Tally()
+    teacher = load_checked("teacher", c.teacher, features, checks)
+    logits = check_on_sample("teacher", teacher, x[:256], checks)
     k = logits.shape[-1]
     if k < 2:
         raise ValueError(f"--teacher has {k} output; a classifier needs at least 2 classes")
     teacher_flops, proxy = flops_per_row(teacher, x[:64])
+    checks.add(len(x[:64]))
     candidate_architectures(features.dim, k, c.student_budget * teacher_flops)  # budget too small?
     columns = LabelColumns(c.column_prefix)
     columns.output_schema(schema, columns.cascade_fields())  # a clash with an added column?
     return _Launch(files, source, row_counts, features, k, teacher_flops,
-                   count_parameters(teacher), proxy, n, columns)
+                   count_parameters(teacher), proxy, n, columns,
+                   teacher_check_rows=checks.rows)
 
 
 # =========================================================================== the directory
@@ -833,6 +838,10 @@ def _cascade_phase(c: LabelConfig, launch: _Launch, s: LabeledSample, student: d
             "flops": student["flops_share"],
             "parameters": plan.student_parameters / max(1, plan.teacher_parameters)},
         "sample_split": student["split_rows"],
+        # the teacher's rows in launch checks: this command's, the teacher-label phase's (when
+        # it ran, in this run or the one it resumes) and the cascade plan's
+        "rows_teacher_checks": (launch.teacher_check_rows + plan.teacher_check_rows
+                                + phases.get("teacher labels", {}).get("rows_teacher_checks", 0)),
     }
     label_plan = _LabelPlan(*[getattr(plan, f.name) for f in dataclasses.fields(CascadePlan)],
                             label_facts=facts)
@@ -860,7 +869,9 @@ def job_summary(report: dict) -> str:
         f"rows: {rows:,}   sample (teacher): {sample:,}   easy (student): "
         f"{report['rows_easy']:,}   hard (teacher): {report['rows_hard']:,}   dead letter: {dead:,}",
         f"teacher rows: {report['rows_to_teacher']:,} ({report['rows_to_teacher_share']:.1%} of "
-        f"the rows: sample + hard" + (" + audited" if report.get("rows_audited") else "") + ")"
+        f"the rows: sample + hard" + (" + audited" if report.get("rows_audited") else "")
+        + (f" + {report['rows_teacher_checks']:,} in launch checks"
+           if report.get("rows_teacher_checks") else "") + ")"
         + (f", teacher compute saved against labeling every row with the teacher: "
            f"{report['teacher_compute_saved_share_job']:.1%}"
            if report.get("teacher_compute_saved_share_job") is not None else ""),

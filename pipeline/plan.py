@@ -25,7 +25,7 @@ from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelRef, count_parameters
 from titans.pipeline import defaults
-from titans.pipeline.model_checks import check_on_sample, load_checked
+from titans.pipeline.model_checks import Tally, check_on_sample, load_checked
 from titans.pipeline.output_lock import is_lock
 from titans.pipeline.phases import Phases, mark
 from titans.transforms.features import (FeatureSpec, ImageSpec, TokenSpec, feature_matrix,
@@ -130,11 +130,13 @@ class CascadePlan:
     threshold_source: ThresholdSource
     threshold_detail: str
     deferral_rate: float | None  # the rate asked for, when the threshold comes from it
+    teacher_check_rows: int = 0  # rows the launch checks ran the teacher on
 
     def facts(self) -> dict:
         c = self.config
         return {
             "mode": "cascade", "rule": self.rule.name, "threshold": json_float(self.threshold),
+            "rows_teacher_checks": self.teacher_check_rows,
             "threshold_source": f"{self.threshold_source.value}: {self.threshold_detail}",
             "requested_deferral_rate": self.deferral_rate, "calibration": c.calibration,
             "audit_rate": c.audit_rate, "student": c.student.path,
@@ -149,10 +151,12 @@ class TeacherLabelPlan:
     input: InputPlan
     num_classes: int
     teacher_parameters: int
+    teacher_check_rows: int = 0  # rows the launch checks ran the teacher on
 
     def facts(self) -> dict:
         c = self.config
-        return {"mode": "teacher-label", "teacher": c.teacher.path,
+        return {"mode": "teacher-label", "rows_teacher_checks": self.teacher_check_rows,
+                "teacher": c.teacher.path,
                 "teacher_parameters": self.teacher_parameters, "num_classes": self.num_classes,
                 **self.input.facts(c)}
 
@@ -171,8 +175,9 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
     rule = make_rule(rule_name or defaults.RULE, deferral_model)
     source, sample, features = _plan_source(config, phases)
     x = usable_rows(sample, features)
-    teacher = load_checked("teacher", config.teacher, features)
-    teacher_classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
+    checks = Tally()  # the teacher's rows at launch, which report.json counts too
+    teacher = load_checked("teacher", config.teacher, features, checks)
+    teacher_classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS], checks).shape[-1]
     student = load_checked("student", config.student, features)
     student_logits = check_on_sample("student", student, x)
     mark(phases, "model_loading_and_checks")
@@ -193,6 +198,11 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
             detail = f"rate {rate:g}"
         else:
             finite = student_logits[np.isfinite(student_logits).all(axis=1)]
+            if len(finite) == 0:
+                raise ValueError(
+                    f"the student gave non-finite outputs (NaN or inf) on all "
+                    f"{len(student_logits):,} sampled rows, so no threshold can be set from its "
+                    f"scores; check the model (--student {config.student.path!r})")
             _, scores = rule(torch.from_numpy(finite))
             threshold = threshold_for_rate(scores.numpy(), rate)
             source_kind = ThresholdSource.SAMPLE_QUANTILE
@@ -202,20 +212,22 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
     plan_input = InputPlan(source, features, columns,
                            columns.output_schema(source.schema, columns.cascade_fields()))
     return CascadePlan(config, plan_input, num_classes, count_parameters(teacher),
-                       count_parameters(student), rule, float(threshold), source_kind, detail, rate)
+                       count_parameters(student), rule, float(threshold), source_kind, detail, rate,
+                       checks.rows)
 
 
 def plan_teacher_label(config: TeacherLabelConfig, phases: Phases | None = None) -> TeacherLabelPlan:
     _check_job(config)
     source, sample, features = _plan_source(config, phases)
     x = usable_rows(sample, features)
-    teacher = load_checked("teacher", config.teacher, features)
-    classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS]).shape[-1]
+    checks = Tally()
+    teacher = load_checked("teacher", config.teacher, features, checks)
+    classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS], checks).shape[-1]
     mark(phases, "model_loading_and_checks")
     columns = LabelColumns(config.column_prefix)
     plan_input = InputPlan(source, features, columns,
                            columns.output_schema(source.schema, columns.teacher_fields(classes)))
-    return TeacherLabelPlan(config, plan_input, classes, count_parameters(teacher))
+    return TeacherLabelPlan(config, plan_input, classes, count_parameters(teacher), checks.rows)
 
 
 def _check_job(c: JobConfig) -> None:

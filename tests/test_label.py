@@ -163,7 +163,8 @@ def test_label_end_to_end(tmp_path, recording, capsys):
     disagreement = np.mean(labels.column("label").to_numpy()[outside] != truth[ids[outside] - 1])
     assert disagreement <= 0.03
     assert "with probability >= 0.9" in report["guarantee"] and report["certified"]
-    assert report["rows_to_teacher"] == report["rows_prelabeled"] + report["rows_teacher_scored"]
+    assert report["rows_to_teacher"] == (report["rows_prelabeled"] + report["rows_teacher_scored"]
+                                         + report["rows_teacher_checks"])  # + launch checks
     assert 0 < report["teacher_compute_saved_share_job"] < 1
     assert report["student_size_vs_teacher"]["flops"] <= 0.1
     assert report["phases"]["distil"]["arch"] == report["student_arch"]
