@@ -59,7 +59,7 @@ IMAGES = {  # kind -> mode, size, extra titans flags
                                     "0.229,0.224,0.225", "--batch-size", "256",
                                     "--teacher-batch-size", "256"]),
 }
-TITANS = [sys.executable, "-m", "titans.pipeline.cli", "--log-level", "WARNING", "run"]
+TITANS = [sys.executable, "-m", "titans.pipeline.cli.main", "--log-level", "WARNING", "run"]
 
 
 # ---------------------------------------------------------------------------- data, models
@@ -70,8 +70,8 @@ def make_tabular(workdir: str, rows: int) -> tuple[str, str, str]:
 
     import pyarrow.parquet as pq
 
-    from titans.transforms.example_codec import encode_examples_array
-    from titans.transforms.tfrecord_io import frame_records
+    from titans.transforms.io.example_codec import encode_examples_array
+    from titans.transforms.io.tfrecord import frame_records
 
     parquet = os.path.join(workdir, f"data-{rows}.parquet")  # shared with throughput.py
     throughput.make_data(parquet, rows)

@@ -42,7 +42,7 @@ def main() -> None:
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     try:
         _wait_for(port)
-        from titans.models import storage
+        from titans.transforms.io import storage
 
         write_dataset(os.path.join(work, "data"), a.rows, files=4, row_group_size=500)
         student, teacher = save_models(work)
@@ -63,7 +63,7 @@ def main() -> None:
             for name, (data, out, s, t) in sides.items():
                 start = time.perf_counter()
                 done = subprocess.run(
-                    [sys.executable, "-m", "titans.pipeline.cli", "run", "--input", data,
+                    [sys.executable, "-m", "titans.pipeline.cli.main", "run", "--input", data,
                      "--output", out, "--student", s, "--teacher", t, "--overwrite",
                      "--runner", "FnApiRunner", "--batch-size", "1000"],
                     capture_output=True, text=True)

@@ -51,7 +51,7 @@ from sklearn.datasets import load_digits
 from titans.models.distill import make_student, train_supervised
 from titans.models.forward import forward_in_chunks
 from titans.models.loading import save_torchscript
-from titans.pipeline.cli import main as titans
+from titans.pipeline.cli.main import main as titans
 
 EPS = (0.005, 0.01, 0.02)
 BUDGETS = (0.02, 0.1, 0.25)

@@ -51,7 +51,7 @@ def main() -> None:
     make_data(data, args.rows)
     student, teacher = make_models(args.workdir, args.pair)
     out = os.path.join(args.workdir, "out-defaults")
-    base = [sys.executable, "-m", "titans.pipeline.cli", "--log-level", "WARNING", "run",
+    base = [sys.executable, "-m", "titans.pipeline.cli.main", "--log-level", "WARNING", "run",
             "--input", data, "--output", out, "--student", student, "--teacher", teacher,
             "--overwrite", "--deferral-rate", str(RATE)]
     runs = {name: Runs(name) for name, _, _ in SETTINGS}

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from titans.transforms import example_codec, tfrecord_io
+from titans.transforms.io import example_codec
+from titans.transforms.io import tfrecord as tfrecord_io
 
 DIM = 64
 
@@ -110,7 +111,7 @@ def beam_count(read) -> float:
 
 
 def _read_parquet(path: str):
-    from titans.transforms import parquet_io
+    from titans.transforms.io import parquet as parquet_io
 
     if hasattr(parquet_io, "ParquetInput"):  # launch-time file list and schema
         return parquet_io.ReadParquetBatches(parquet_io.ParquetInput.from_files([path]), 65536)

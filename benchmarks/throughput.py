@@ -221,7 +221,7 @@ def main() -> None:
     c_sizes = (args.stock_rows // 4, args.stock_rows)
     for rows in (*sizes, *c_sizes):
         make_data(w(f"data-{rows}.parquet"), rows)
-    titans = [sys.executable, "-m", "titans.pipeline.cli", "--log-level", "WARNING", "run"]
+    titans = [sys.executable, "-m", "titans.pipeline.cli.main", "--log-level", "WARNING", "run"]
     pairs = args.pairs.split(",")
     print(f"{datetime.date.today()}: {os.cpu_count()} CPUs; rows x {DIM} float32 in one Parquet "
           f"file (pyarrow's default 1M-row groups); deferral rate {RATE}; whole processes; "

@@ -26,7 +26,7 @@ import numpy as np
 
 from titans.models.defaults import BOUND, BOUNDS, DELTA
 from titans.models.deferral import threshold_for_rate
-from titans.models.storage import read_bytes, write_bytes
+from titans.transforms.io.storage import read_bytes, write_bytes
 
 CAL_METHODS = ("budget", "ltt")
 REQUIRED_KEYS = ("rule", "threshold", "method", "deferral_rate")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from titans.models.deferral_base import DeferralRule, normalised_entropy
-from titans.models.storage import read_bytes, write_bytes
+from titans.transforms.io.storage import read_bytes, write_bytes
 
 FORMAT = "titans.learned_deferral/2"
 # /1: fitted with torch's L-BFGS, standardised with the sample std (key "std"); scored the same

@@ -31,7 +31,7 @@ import torch
 
 from titans.models import model_safety
 from titans.models.model_safety import Unsafe
-from titans.models.storage import read_bytes
+from titans.transforms.io.storage import read_bytes
 
 
 class ModelLoadError(ValueError):

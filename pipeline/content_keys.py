@@ -27,7 +27,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
-from titans.models import storage
+from titans.transforms.io import storage
 
 CHUNK = 8 << 20            # bytes read at a time when hashing a model
 MAX_FOOTER = 64 << 20      # a longer "footer" is not a Parquet footer: not hashed

@@ -23,11 +23,12 @@ from typing import Callable
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from titans.models import storage
-from titans.pipeline import collector, output_lock
+from titans.transforms.io import storage
+from titans.pipeline import output_lock
+from titans.pipeline.cli import startup
 from titans.pipeline.options import pipeline_options  # shared with describe
 from titans.pipeline.phases import Phases
-from titans.pipeline.stages import OUTPUTS, REPORT, mark_complete
+from titans.pipeline.graphs.stages import OUTPUTS, REPORT, mark_complete
 from titans.transforms.timing import FIRST_READ
 
 _LOG = logging.getLogger("titans")
@@ -165,7 +166,7 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
         build(p, plan, start)
         prepare_output(output, plan.config.overwrite)
         phases.mark("pipeline_construction")
-        collector.resume()  # if the command line paused it for start-up
+        startup.resume_gc()  # if the command line paused it for start-up
         result = p.run()
         if not wait:
             lock.handed_over()  # the job's last step releases it; this process must not
@@ -255,7 +256,7 @@ def titans_counters(result) -> dict:
 def run_cascade(plan, beam_args: list[str], start: float | None = None,
                 wait: bool = True, phases: Phases | None = None,
                 lock: output_lock.Lock | None = None) -> dict:
-    from titans.pipeline.cascade import build_pipeline
+    from titans.pipeline.graphs.cascade import build_pipeline
 
     return run_job(plan, build_pipeline, beam_args, start, wait, phases, lock)
 
@@ -263,7 +264,7 @@ def run_cascade(plan, beam_args: list[str], start: float | None = None,
 def run_teacher_label(plan, beam_args: list[str], start: float | None = None,
                       wait: bool = True, phases: Phases | None = None,
                       lock: output_lock.Lock | None = None) -> dict:
-    from titans.pipeline.teacher_label import build_pipeline
+    from titans.pipeline.graphs.teacher_label import build_pipeline
 
     return run_job(plan, build_pipeline, beam_args, start, wait, phases, lock)
 
@@ -287,7 +288,8 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
     command = "run" if cascade else "teacher-label"
     try:
         if describe:
-            from titans.pipeline import cascade as cascade_pipeline, teacher_label
+            from titans.pipeline.graphs import cascade as cascade_pipeline
+            from titans.pipeline.graphs import teacher_label
             from titans.pipeline.describe import describe_job, to_json
 
             plan = plan_run(config, phases) if cascade else plan_teacher_label(config, phases)

@@ -55,7 +55,7 @@ import json
 import logging
 import time
 
-from titans.models import storage
+from titans.transforms.io import storage
 from titans.pipeline import content_keys
 from titans.pipeline.outputs import DEAD_LETTER, LABELS, SUCCESS
 

@@ -37,7 +37,7 @@ import socket
 import time
 import uuid
 
-from titans.models import storage
+from titans.transforms.io import storage
 
 _LOG = logging.getLogger("titans")
 

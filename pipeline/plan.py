@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from titans.models import storage
+from titans.transforms.io import storage
 from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelRef, count_parameters
@@ -30,7 +30,7 @@ from titans.pipeline.output_lock import is_lock
 from titans.pipeline.phases import Phases, mark
 from titans.transforms.features import (FeatureSpec, ImageSpec, TokenSpec, feature_matrix,
                                         resolve_features)
-from titans.transforms.inputs import AUTO, PARQUET, list_input, load_input
+from titans.transforms.io.inputs import AUTO, PARQUET, list_input, load_input
 from titans.transforms.labels import LabelColumns
 
 _LOG = logging.getLogger("titans")
@@ -97,7 +97,7 @@ class ThresholdSource(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class InputPlan:
     """The input as checked at launch: files, unified schema, features, added columns."""
-    source: object  # a ParquetInput or a TFRecordInput (titans.transforms.inputs)
+    source: object  # a ParquetInput or a TFRecordInput (titans.transforms.io.inputs)
     features: FeatureSpec
     columns: LabelColumns
     output_schema: pa.Schema

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from titans.pipeline.counts import Count, Counts
-from titans.pipeline.stages import job_status
+from titans.pipeline.graphs.counts import Count, Counts
+from titans.pipeline.graphs.stages import job_status
 
 
 def _rates(rows: int, wall_seconds: float) -> dict:

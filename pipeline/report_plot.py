@@ -50,7 +50,7 @@ def plot_scores(report: dict, path: str) -> None:
     """Write ``report.png`` for a report that has a deferral-score histogram."""
     if "deferral_score_histogram" not in report:
         return
-    from titans.models.storage import write_bytes
+    from titans.transforms.io.storage import write_bytes
 
     write_bytes(path, _from_helper(report) or scores_png(report))
 

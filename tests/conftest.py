@@ -119,7 +119,7 @@ def gcs_bucket(tmp_path_factory):
 
 def upload(local_dir, url: str) -> str:
     """Copy every file below ``local_dir`` to the object prefix ``url``; returns ``url``."""
-    from titans.models import storage
+    from titans.transforms.io import storage
 
     for d, _, files in os.walk(local_dir):
         for f in files:
@@ -131,7 +131,7 @@ def upload(local_dir, url: str) -> str:
 
 def read_parquet_under(url: str) -> pa.Table:
     """Every Parquet file below the prefix ``url`` (local or gs://), concatenated."""
-    from titans.models import storage
+    from titans.transforms.io import storage
 
     tables = [pq.read_table(storage.open_read(p)) for p in storage.list_under(url)
               if p.endswith(".parquet")]

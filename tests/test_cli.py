@@ -17,15 +17,15 @@ from titans.models.architectures import MLP
 from titans.models.loading import save_torchscript
 from titans.models import defaults as train_defaults
 from titans.pipeline import defaults
-from titans.pipeline.cli import build_parser, fast_exit_is_safe, job_config, main, parse
-from titans.pipeline.flags import model_ref
+from titans.pipeline.cli.main import build_parser, fast_exit_is_safe, job_config, main, parse
+from titans.pipeline.cli.flags import model_ref
 
 
 def test_titans_run_end_to_end(tmp_path, models):
     data = tmp_path / "data"
     write_dataset(data, 2000)
     student, teacher = models
-    cmd = [sys.executable, "-m", "titans.pipeline.cli", "run", "--input", str(data / "*.parquet"),
+    cmd = [sys.executable, "-m", "titans.pipeline.cli.main", "run", "--input", str(data / "*.parquet"),
            "--output", str(tmp_path / "out"), "--student", student, "--teacher", teacher,
            "--id-column", "id", "--deferral-rate", "0.2", "--batch-size", "256"] + RUNNER
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -233,7 +233,7 @@ def test_max_dead_letter_rate_must_be_a_share(capsys):
 
 def test_building_the_parser_imports_no_heavy_library():
     code = ("import sys\n"
-            "from titans.pipeline.cli import build_parser, parse\n"
+            "from titans.pipeline.cli.main import build_parser, parse\n"
             "build_parser()\n"
             "parse(['distill', '--train', 't', '--out', 'o', '--method', 'kd'])\n"
             "print(sorted(m for m in ('torch', 'apache_beam', 'pyarrow', 'numpy', 'sklearn',\n"
@@ -245,7 +245,7 @@ def test_building_the_parser_imports_no_heavy_library():
 
 def titans_command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "titans")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "titans.pipeline.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "titans.pipeline.cli.main"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
@@ -314,7 +314,7 @@ def test_the_report_says_where_the_time_went(tmp_path, models):
     from conftest import RUNNER, write_dataset
 
     write_dataset(tmp_path / "data", 500, files=1)
-    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "run", "--input",
+    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli.main", "run", "--input",
                            str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--student",
                            models[0], "--teacher", models[1], *RUNNER],
                           capture_output=True, text=True, timeout=300)

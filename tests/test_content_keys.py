@@ -49,7 +49,7 @@ def test_a_model_key_is_the_sha256_of_its_bytes(tmp_path):
 def test_a_gcs_object_rewritten_with_the_same_bytes_gets_another_key(tmp_path, gcs_bucket):
     """On GCS the key carries the object's generation: every upload is a new one, whatever
     its size and content."""
-    from titans.models import storage
+    from titans.transforms.io import storage
 
     local = tmp_path / "part-0.parquet"
     _write(local, 1)

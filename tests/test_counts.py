@@ -8,7 +8,7 @@ import pytest
 
 from conftest import RUNNER, write_dataset
 from titans.models.loading import ModelRef
-from titans.pipeline import stages
+from titans.pipeline.graphs import stages
 from titans.pipeline.job import run_cascade
 from titans.pipeline.plan import RunConfig, plan_run
 

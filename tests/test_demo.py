@@ -6,7 +6,7 @@ import sys
 
 def test_demo_meets_its_target(tmp_path):
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "demo", "--output", str(out)],
+    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli.main", "demo", "--output", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     for line in ("teacher accuracy", "student accuracy", "cascade accuracy", "deferral rate",
@@ -25,7 +25,7 @@ def test_demo_from_tfrecord_gives_the_same_labels(tmp_path):
     runs = {}
     for fmt in ("parquet", "tfrecord"):
         out = tmp_path / fmt
-        done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "demo", "--output",
+        done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli.main", "demo", "--output",
                                str(out), "--format", fmt], capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr

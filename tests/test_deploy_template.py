@@ -38,7 +38,7 @@ def metadata() -> dict:
 
 
 def test_parameters_are_exactly_the_flags_of_titans_run(metadata):
-    from titans.pipeline.cli import build_parser
+    from titans.pipeline.cli.main import build_parser
 
     parser = build_parser()
     run = next(a for a in parser._actions if a.dest == "command").choices["run"]
@@ -78,7 +78,7 @@ def test_metadata_is_valid_dataflow_template_metadata(metadata):
 
 
 def test_regexes_accept_defaults_and_examples_and_reject_junk(metadata):
-    from titans.pipeline.cli import build_parser
+    from titans.pipeline.cli.main import build_parser
 
     run = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]
     defaults = {a.dest: a.default for a in run._actions if a.option_strings}

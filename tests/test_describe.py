@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from conftest import CLASSES, DIM, RUNNER, write_dataset
-from titans.pipeline.cli import main
+from titans.pipeline.cli.main import main
 
 HINT = "type:nvidia-l4;count:1;machine_type:g2-standard-4;install-nvidia-driver"
 DATAFLOW = ["--runner", "DataflowRunner", "--project", "proj", "--region", "us-central1",

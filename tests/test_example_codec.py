@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 import example_wire as wire
-from titans.transforms.example_codec import (Example, encode_examples, infer_schema,
+from titans.transforms.io.example_codec import (Example, encode_examples, infer_schema,
                                              parse_examples)
 
 F32 = lambda v: float(np.float32(v))  # noqa: E731 - the float32 a float_list holds

@@ -17,7 +17,7 @@ import torch
 
 from conftest import DIM, RUNNER, features_table, read_labels, write_dataset
 from titans.models.loading import ModelRef, save_torchscript
-from titans.pipeline.cli import main
+from titans.pipeline.cli.main import main
 from titans.pipeline.job import run_cascade, run_teacher_label
 from titans.pipeline.plan import (RunConfig, TeacherLabelConfig, plan_run, plan_teacher_label)
 from titans.transforms.features import FeatureSpec, feature_matrix
@@ -144,7 +144,7 @@ def test_a_model_failing_on_a_few_sampled_rows_still_runs(tmp_path, models):
 # ------------------------------------------------------------------ output protocol
 
 def _run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "run", *args, *RUNNER],
+    return subprocess.run([sys.executable, "-m", "titans.pipeline.cli.main", "run", *args, *RUNNER],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -154,7 +154,7 @@ def test_killed_run_is_visibly_incomplete_and_a_rerun_never_duplicates(tmp_path,
     out = tmp_path / "out"
     args = ["--input", str(data), "--output", str(out), "--student", models[0], "--teacher",
             models[1], "--batch-size", "20000", "--id-column", "id"]
-    proc = subprocess.Popen([sys.executable, "-m", "titans.pipeline.cli", "run", *args, *RUNNER],
+    proc = subprocess.Popen([sys.executable, "-m", "titans.pipeline.cli.main", "run", *args, *RUNNER],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not any(
@@ -189,7 +189,7 @@ def test_overwrite_deletes_nothing_until_every_check_has_passed(tmp_path, models
     assert _run_cli(*args).returncode == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
 
-    typo = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "run", *args, "--overwrite",
+    typo = subprocess.run([sys.executable, "-m", "titans.pipeline.cli.main", "run", *args, "--overwrite",
                            "--runner", "FnApiRuner"], capture_output=True, text=True, timeout=300)
     assert typo.returncode == 2 and "FnApiRuner" in typo.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -17,9 +17,9 @@ from example_wire import example, write_tfrecord
 from titans.models.loading import ModelRef, save_torchscript
 from titans.pipeline.job import run_cascade, run_teacher_label
 from titans.pipeline.plan import RunConfig, TeacherLabelConfig, plan_run, plan_teacher_label
-from titans.transforms.example_codec import parse_examples
+from titans.transforms.io.example_codec import parse_examples
 from titans.transforms.features import ImageSpec, TokenSpec
-from titans.transforms.tfrecord_io import sample_records
+from titans.transforms.io.tfrecord import sample_records
 
 
 def _run(data, out, student, teacher, **kw):
@@ -186,7 +186,7 @@ def test_teacher_label_reads_tfrecord_and_writes_tfrecord(tmp_path, models):
 
 
 def test_distill_calibrate_and_run_on_tfrecord_images(tmp_path, one_torch_thread):
-    from titans.pipeline.cli import main
+    from titans.pipeline.cli.main import main
 
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, size=(400, 8, 8))

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DIM, RUNNER, features_table, read_parquet_under, upload, write_dataset
-from titans.models import storage
+from titans.transforms.io import storage
 
 
 def _titans_run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "run", *args],
+    return subprocess.run([sys.executable, "-m", "titans.pipeline.cli.main", "run", *args],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -65,7 +65,7 @@ def test_teacher_label_on_gcs(tmp_path, models, gcs_bucket):
     data = upload(local, f"{gcs_bucket}/t2/data")
     teacher = upload_file(models[1], f"{gcs_bucket}/t2/teacher.pt")
     out = f"{gcs_bucket}/t2/out"
-    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli", "teacher-label", "--input",
+    done = subprocess.run([sys.executable, "-m", "titans.pipeline.cli.main", "teacher-label", "--input",
                            data + "/", "--output", out, "--teacher", teacher, *RUNNER],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

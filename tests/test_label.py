@@ -16,8 +16,9 @@ import torch
 from conftest import RUNNER, features_table
 from titans.models.architectures import MLP
 from titans.models.calibration import load_calibration
-from titans.pipeline import label_command, plan
-from titans.pipeline.cli import main
+from titans.pipeline import plan
+from titans.pipeline.label import command as label_command
+from titans.pipeline.cli.main import main
 
 DIM, CLASSES = 8, 4
 TEACHER_CLASS = "test_label:RecordingTeacher"
@@ -278,7 +279,7 @@ def test_label_on_gcs_and_resume_there(tmp_path, gcs_bucket, capsys):
     """gs:// input, teacher and DIR (a local GCS JSON API): the phases' artifacts, the
     manifest and the outputs are objects, and --resume finds them by prefix."""
     from conftest import upload
-    from titans.models import storage
+    from titans.transforms.io import storage
 
     write_data(tmp_path / "data", n=1200, files=2, bad=10)
     data = upload(tmp_path / "data", f"{gcs_bucket}/label/data")

@@ -13,7 +13,7 @@ from titans.models.architectures import MLP
 from titans.models.student_search import (Candidate, Target, candidate_architectures,
                                           deferral_needed, flops_per_row, ltt_bar, mlp_flops,
                                           score_candidate, search_student)
-from titans.pipeline.label_command import (calibrate, default_sample_rows, draw_sample,
+from titans.pipeline.label.command import (calibrate, default_sample_rows, draw_sample,
                                            read_rows, row_ranges, split_sample)
 
 # ------------------------------------------------------------------ the sample
@@ -164,7 +164,7 @@ def test_guarantee_holds_over_repeated_seeded_draws_on_a_known_distribution():
 
 def test_label_flags_parse_without_heavy_imports():
     code = ("import sys\n"
-            "from titans.pipeline.flags import build_parser\n"
+            "from titans.pipeline.cli.flags import build_parser\n"
             "a, beam = build_parser().parse_known_args(\n"
             "    ['label', '--input', 'i', '--output', 'o', '--teacher', 't', '--runner', 'X'])\n"
             "print(a.max_disagreement, a.delta, a.deferral_rate, a.student_budget, a.sample_rows,\n"
@@ -177,7 +177,7 @@ def test_label_flags_parse_without_heavy_imports():
 
 
 def test_label_flags_are_exclusive(capsys):
-    from titans.pipeline.cli import parse
+    from titans.pipeline.cli.main import parse
 
     with pytest.raises(SystemExit):
         parse(["label", "--input", "i", "--output", "o", "--teacher", "t",

@@ -15,7 +15,7 @@ import torch
 from conftest import CLASSES, DIM, RUNNER, features_table, write_dataset
 from titans.models.architectures import MLP
 from titans.models.loading import save_torchscript
-from titans.pipeline.cli import main
+from titans.pipeline.cli.main import main
 
 TEACHER_CLASS = "test_launch_checks:CountingTeacher"
 TEACHER_KWARGS = json.dumps({"in_features": DIM, "out_features": CLASSES, "hidden": [32, 32]})

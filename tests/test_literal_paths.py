@@ -11,9 +11,9 @@ import os
 import pyarrow.parquet as pq
 
 from conftest import RUNNER, save_models, write_dataset
-from titans.models import storage
-from titans.pipeline.cli import main
-from titans.transforms.parquet_io import input_pattern, match_files
+from titans.transforms.io import storage
+from titans.pipeline.cli.main import main
+from titans.transforms.io.parquet import input_pattern, match_files
 
 
 def _ids(out) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DIM, RUNNER, features_table, write_dataset
 from titans.pipeline import manifest
-from titans.pipeline.cli import main
+from titans.pipeline.cli.main import main
 
 
 @pytest.fixture

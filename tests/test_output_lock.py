@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import RUNNER, read_labels, write_dataset
-from titans.models import storage
+from titans.transforms.io import storage
 from titans.pipeline import output_lock
-from titans.pipeline.cli import main
+from titans.pipeline.cli.main import main
 
 LOCK = "_titans_lock"
 
 
 def _titans(command: str, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "titans.pipeline.cli", command, *args, *RUNNER],
+    return subprocess.Popen([sys.executable, "-m", "titans.pipeline.cli.main", command, *args, *RUNNER],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 

@@ -11,7 +11,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import RUNNER, features_table, write_dataset
-from titans.transforms.parquet_io import ParquetInput, ReadParquetBatches, input_pattern, match_files
+from titans.transforms.io.parquet import ParquetInput, ReadParquetBatches, input_pattern, match_files
 
 
 def _input(path) -> ParquetInput:
@@ -124,7 +124,7 @@ def test_globs_match_as_beams_do_and_escaped_names_literally(tmp_path):
     ordinary globs, and takes glob_escape'd names as themselves."""
     from apache_beam.io.filesystems import FileSystems
 
-    from titans.models import storage
+    from titans.transforms.io import storage
 
     for rel in ("a/x1.parquet", "a/x2.parquet", "a/y.parquet", "a/b/x3.parquet",
                 "a/b/c/x4.parquet", "ab/x5.parquet", "a/.hidden.parquet", "a/x[1].parquet"):

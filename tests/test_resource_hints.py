@@ -3,7 +3,7 @@ the student stage does not."""
 import apache_beam as beam
 
 from conftest import write_dataset
-from titans.pipeline.cascade import build_pipeline
+from titans.pipeline.graphs.cascade import build_pipeline
 from titans.pipeline.plan import RunConfig, plan_run
 from titans.models.loading import ModelRef
 

@@ -17,7 +17,7 @@ REPORT = {"deferral_score_histogram": {"bin_edges": [i / 50 for i in range(51)],
 
 def test_beam_imported_by_the_command_leaves_out_what_it_hides_and_can_still_load_it():
     code = ("import sys\n"
-            "from titans.pipeline.beam_import import HIDDEN, import_beam\n"
+            "from titans.pipeline.cli.startup import HIDDEN, import_beam\n"
             "import_beam()\n"
             "import apache_beam\n"
             "print(sorted(m for m in HIDDEN if m in sys.modules))\n"
@@ -71,7 +71,7 @@ def test_no_histogram_no_plot_and_the_helper_is_kept(tmp_path):
 def test_the_titans_command_runs_on_the_in_process_runner_and_draws_its_plot(tmp_path, dataset, models):
     (data, _), (student, teacher) = dataset, models
     script = os.path.join(os.path.dirname(sys.executable), "titans")
-    cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "titans.pipeline.cli"]
+    cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "titans.pipeline.cli.main"]
     out = tmp_path / "out"
     done = subprocess.run(cmd + ["run", "--input", data, "--output", str(out), "--student",
                                  student, "--teacher", teacher, "--deferral-rate", "0.3"],
@@ -89,13 +89,13 @@ def test_a_job_turns_the_collector_back_on_with_start_up_frozen(tmp_path, datase
     without it (a long job's cycles would pile up)."""
     import gc
 
-    from titans.pipeline import collector
-    from titans.pipeline.cli import main
+    from titans.pipeline.cli import startup
+    from titans.pipeline.cli.main import main
 
     (data, _), (student, teacher) = dataset, models
     run = ["run", "--input", data, "--student", student, "--teacher", teacher,
            "--runner", "FnApiRunner"]
-    collector.pause()
+    startup.pause_gc()
     try:
         assert not gc.isenabled()
         assert main(run + ["--output", str(tmp_path / "out")]) == 0

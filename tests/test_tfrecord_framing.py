@@ -21,8 +21,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import example_wire as wire
 from conftest import DIM, RUNNER
-from titans.transforms.tfrecord_framing import RecordBatch, Unit, iter_unit
-from titans.transforms.tfrecord_io import ReadTFRecordBatches
+from titans.transforms.io.tfrecord_framing import RecordBatch, Unit, iter_unit
+from titans.transforms.io.tfrecord import ReadTFRecordBatches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -158,7 +158,7 @@ def _schema():
 
 BOMB_READER = textwrap.dedent("""
     import json, resource, sys
-    from titans.transforms.tfrecord_framing import RecordBatch, Unit, iter_unit
+    from titans.transforms.io.tfrecord_framing import RecordBatch, Unit, iter_unit
     good, dead = [], []
     for item in iter_unit(Unit(sys.argv[1], 0, None, True), 65536):
         if isinstance(item, RecordBatch):
@@ -218,8 +218,8 @@ def test_titans_run_labels_every_good_record_around_a_lying_header(tmp_path, mod
 
 def test_max_record_bytes_flag_reaches_the_job_config_with_a_documented_default(capsys):
     from titans.pipeline import defaults
-    from titans.pipeline.cli import job_config, main, parse
-    from titans.transforms import tfrecord_framing
+    from titans.pipeline.cli.main import job_config, main, parse
+    from titans.transforms.io import tfrecord_framing
 
     assert defaults.MAX_RECORD_BYTES == tfrecord_framing.MAX_RECORD_BYTES == 64 << 20
     base = ["--input", "i", "--output", "o", "--teacher", "t"]

@@ -14,10 +14,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import example_wire as wire
 from conftest import RUNNER
-from titans.transforms.example_codec import encode_examples
-from titans.transforms.parquet_io import match_files
-from titans.transforms.tfrecord_framing import RecordBatch, Unit, iter_unit
-from titans.transforms.tfrecord_io import (
+from titans.transforms.io.example_codec import encode_examples
+from titans.transforms.io.parquet import match_files
+from titans.transforms.io.tfrecord_framing import RecordBatch, Unit, iter_unit
+from titans.transforms.io.tfrecord import (
     ReadTFRecordBatches, WriteTFRecordBatches, frame_records, is_gzip, needs_record_spread,
     sample_records, split_file, tfrecord_pattern)
 

@@ -15,8 +15,8 @@ from titans.models.calibration import load_calibration
 from titans.models.deferral import make_rule
 from titans.models.learned_deferral import LearnedDeferral
 from titans.models.loading import load_model, save_torchscript
-from titans.pipeline.cli import main
-from titans.pipeline.datasets import split_rows
+from titans.pipeline.cli.main import main
+from titans.pipeline.commands.datasets import split_rows
 
 N = 1200
 

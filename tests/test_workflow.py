@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from conftest import RUNNER, logits_of, write_dataset
 from titans.models.calibration import load_calibration
 from titans.models.deferral import make_rule
-from titans.pipeline.cli import main
+from titans.pipeline.cli.main import main
 
 
 def test_unlabeled_data_to_calibrated_cascade(tmp_path, models):

@@ -113,7 +113,7 @@ def run_and_return(cli_args: list[str]) -> int:
     """`titans run` up to the job submission: the same flag checks, launch-time plan (files,
     schema, models, threshold) and output preparation, then Pipeline.run(), and return
     instead of waiting for the job and reading its report (titans' run_job(wait=False))."""
-    from titans.pipeline import cli
+    from titans.pipeline.cli import main as cli
     from titans.pipeline.job import launch
 
     args, beam_args = cli.parse(cli_args)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         args.append("--runner=DataflowRunner")
         runner = "DataflowRunner"
     if not is_dataflow(runner):
-        from titans.pipeline.cli import main as titans_main
+        from titans.pipeline.cli.main import main as titans_main
 
         return titans_main(["run", *args])
     if not any(a.split("=", 1)[0] in ("--sdk_container_image", "--worker_harness_container_image",

@@ -8,7 +8,7 @@
 One template parameter per `titans run` flag, named like the flag's argparse dest
 (`--teacher-batch-size` -> `teacher_batch_size`), because Dataflow hands parameters to the
 launcher as `--name=value`; deploy/dataflow/launch.py turns them back into titans flags.
-The flags are read from `titans.pipeline.cli.build_parser()`, so a new flag changes the
+The flags are read from `titans.pipeline.cli.main.build_parser()`, so a new flag changes the
 generated file and tests/test_deploy_template.py fails until it is regenerated.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ REGEXES = {
 
 def run_parser() -> argparse.ArgumentParser:
     """The `titans run` subparser of the command line."""
-    from titans.pipeline.cli import build_parser
+    from titans.pipeline.cli.main import build_parser
 
     parser = build_parser()
     for action in parser._actions:  # pylint: disable=protected-access

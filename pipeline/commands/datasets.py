@@ -2,7 +2,7 @@
 
 Shared by the training-side commands (`titans distill`, `titans calibrate`): they need a few
 million rows in memory at most, so they read without starting a pipeline. The input (Parquet
-or TFRecord, see titans.transforms.inputs), its unified schema, the features (columns,
+or TFRecord, see titans.transforms.io.inputs), its unified schema, the features (columns,
 images, token sequences) and the reasons a row is unusable are exactly those of `titans run`.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from titans.models.storage import is_url
+from titans.transforms.io.storage import is_url
 from titans.transforms.features import (ImageSpec, TokenSpec, feature_matrix,
                                         resolve_feature_spec, resolve_features)
-from titans.transforms.inputs import open_input
+from titans.transforms.io.inputs import open_input
 
 
 @dataclasses.dataclass

@@ -16,8 +16,8 @@ import os
 
 import pyarrow as pa
 
-from titans.models import storage
-from titans.transforms.parquet_io import ParquetInput, input_pattern, match_files
+from titans.transforms.io import storage
+from titans.transforms.io.parquet import ParquetInput, input_pattern, match_files
 
 _LOG = logging.getLogger("titans")
 
@@ -58,7 +58,7 @@ def load_input(fmt: str, files: list[str], max_record_bytes: int | None = None):
 
 def list_input(path: str, fmt: str = AUTO, exclude_under: str | None = None) -> tuple[str, list[str]]:
     """(format, sorted files) of the input at ``path``, leaving out ``exclude_under``."""
-    from titans.transforms.tfrecord_io import tfrecord_pattern
+    from titans.transforms.io.tfrecord import tfrecord_pattern
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
@@ -97,8 +97,8 @@ class TFRecordInput:
     @classmethod
     def from_files(cls, files: list[str], compression: str = "auto",
                    max_record_bytes: int | None = None) -> "TFRecordInput":
-        from titans.transforms.example_codec import infer_schema
-        from titans.transforms.tfrecord_io import sample_records
+        from titans.transforms.io.example_codec import infer_schema
+        from titans.transforms.io.tfrecord import sample_records
 
         try:
             records = sample_records(files, SCHEMA_SAMPLE_RECORDS, 0, compression,
@@ -115,15 +115,15 @@ class TFRecordInput:
         return cls(tuple(files), schema, compression, max_record_bytes=max_record_bytes)
 
     def sample(self, rows: int, seed: int) -> pa.Table:
-        from titans.transforms.example_codec import parse_examples
-        from titans.transforms.tfrecord_io import sample_records
+        from titans.transforms.io.example_codec import parse_examples
+        from titans.transforms.io.tfrecord import sample_records
 
         table, _ = parse_examples(sample_records(list(self.files), rows, seed, self.compression,
                                                  self.max_record_bytes), self.schema)
         return table
 
     def reader(self, batch_size: int):
-        from titans.transforms.tfrecord_io import ReadTFRecordBatches
+        from titans.transforms.io.tfrecord import ReadTFRecordBatches
 
         if self.skip:
             raise ValueError("leaving rows out (skip_rows) is only supported for Parquet input")
@@ -133,9 +133,9 @@ class TFRecordInput:
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
         """Every parseable record (``columns`` of it, default all), in memory; records that do
         not fit are left out and logged."""
-        from titans.transforms.example_codec import parse_examples
-        from titans.transforms.tfrecord_framing import RecordBatch, Unit, iter_unit
-        from titans.transforms.tfrecord_io import is_gzip
+        from titans.transforms.io.example_codec import parse_examples
+        from titans.transforms.io.tfrecord_framing import RecordBatch, Unit, iter_unit
+        from titans.transforms.io.tfrecord import is_gzip
 
         tables, dropped = [], 0
         for path in self.files:

@@ -24,7 +24,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.transforms.window import GlobalWindows
 
-from titans.models import storage
+from titans.transforms.io import storage
 
 
 @dataclasses.dataclass(frozen=True)

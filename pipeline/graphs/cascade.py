@@ -8,16 +8,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.ml.inference.base import RunInference
 
-from titans.pipeline import counts, manifest
-from titans.pipeline.counts import Count
+from titans.pipeline import manifest
+from titans.pipeline.graphs import counts
+from titans.pipeline.graphs.counts import Count
 from titans.pipeline.plan import CascadePlan
 from titans.pipeline.report import CascadeReport
 from titans.pipeline.report_plot import plot_scores
-from titans.pipeline.stages import failures, finish, read_input, tables_typed, write_labels
+from titans.pipeline.graphs.stages import failures, finish, read_input, tables_typed, write_labels
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels
-from titans.transforms.parquet_io import (ParquetInput, ReadParquetBatches, input_pattern, match_files)
+from titans.transforms.io.parquet import (ParquetInput, ReadParquetBatches, input_pattern, match_files)
 from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateTeacherRows,
                                      SplitByDeferral)
 

@@ -1,6 +1,6 @@
 """The ``titans`` command line.
 
-The flags live in ``titans.pipeline.flags`` (no torch, no Beam: `titans --help` answers at
+The flags live in ``titans.pipeline.cli.flags`` (no torch, no Beam: `titans --help` answers at
 once); each command imports what it needs after parsing. For run, teacher-label and demo,
 every flag not listed is handed to Beam as a pipeline option (``--runner``,
 ``--direct_num_workers``, ``--project``, ...), and a flag neither side knows is an error;
@@ -16,8 +16,9 @@ import os
 import sys
 import time
 
-from titans.pipeline import collector, defaults
-from titans.pipeline.flags import BEAM_COMMANDS, build_parser, feature_columns, model_ref
+from titans.pipeline import defaults
+from titans.pipeline.cli import startup
+from titans.pipeline.cli.flags import BEAM_COMMANDS, build_parser, feature_columns, model_ref
 
 _LOG = logging.getLogger("titans")
 
@@ -27,7 +28,7 @@ __all__ = ["build_parser", "check_beam_args", "entry_point", "fast_exit_is_safe"
 
 def check_beam_args(parser: argparse.ArgumentParser, command: str, args: list[str]) -> None:
     """Fail on flags that are neither ours nor a Beam option, instead of Beam dropping them."""
-    from titans.pipeline.beam_import import import_beam
+    from titans.pipeline.cli.startup import import_beam
 
     import_beam()  # the first Beam import of a command
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
@@ -117,22 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("titans").setLevel(args.log_level)
     if args.command == "distill":
-        from titans.pipeline.distill_command import run_distill
+        from titans.pipeline.commands.distill import run_distill
 
         return run_distill(args)
     if args.command == "calibrate":
-        from titans.pipeline.calibrate_command import run_calibrate
+        from titans.pipeline.commands.calibrate import run_calibrate
 
         return run_calibrate(args)
     if args.command == "demo":
-        from titans.pipeline.console import run_reporting_errors
-        from titans.pipeline.demo import run_demo
+        from titans.pipeline.cli.console import run_reporting_errors
+        from titans.pipeline.commands.demo import run_demo
 
         return run_reporting_errors(
             "demo", lambda: run_demo(args.output, args.deferral_rate, args.seed, beam_args,
                                      args.format))
     if args.command == "label":
-        from titans.pipeline.label_command import run_label
+        from titans.pipeline.label.command import run_label
 
         return run_label(args, beam_args, start)
     from titans.pipeline.job import launch  # run, teacher-label: plan, run, summarise
@@ -203,7 +204,7 @@ def entry_point() -> None:
     command = parsed[0].command if parsed else None
     in_process = parsed is not None and _starts_nothing_outside(*parsed)
     if command in ("run", "teacher-label", "label", "demo"):
-        collector.pause()  # until the job runs (see titans.pipeline.collector)
+        startup.pause_gc()  # until the job runs (see titans.pipeline.cli.startup)
     if command in ("run", "label", "demo") and in_process:
         from titans.pipeline.report_plot import start_helper
 

@@ -6,11 +6,12 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.ml.inference.base import RunInference
 
-from titans.pipeline import counts, manifest
-from titans.pipeline.counts import Count
+from titans.pipeline import manifest
+from titans.pipeline.graphs import counts
+from titans.pipeline.graphs.counts import Count
 from titans.pipeline.plan import TeacherLabelPlan
 from titans.pipeline.report import TeacherLabelReport
-from titans.pipeline.stages import failures, finish, read_input, tables_typed, write_labels
+from titans.pipeline.graphs.stages import failures, finish, read_input, tables_typed, write_labels
 from titans.transforms.dead_letter import TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import TeacherProbs

@@ -53,22 +53,22 @@ import pyarrow.parquet as pq
 import torch
 
 from titans.models import defaults as train_defaults
-from titans.models import storage
+from titans.transforms.io import storage
 from titans.models.calibration import cascade_curve, ltt_threshold, save_calibration
 from titans.models.deferral import CONFIDENCE_RULES, make_rule, threshold_for_rate
 from titans.models.forward import forward_in_chunks
 from titans.models.loading import ModelRef, count_parameters, load_model
 from titans.models.student_search import (Target, candidate_architectures,
                                           flops_per_row, ltt_bar, search_student)
-from titans.pipeline import label_defaults as ld
+from titans.pipeline.label import defaults as ld
 from titans.pipeline.model_checks import Tally, check_on_sample, load_checked
 from titans.pipeline.plan import (CascadePlan, RunConfig, TeacherLabelConfig, plan_run,
                                   plan_teacher_label, usable_rows)
-from titans.pipeline.stages import OUTPUTS, REPORT, SUCCESS, mark_complete
+from titans.pipeline.graphs.stages import OUTPUTS, REPORT, SUCCESS, mark_complete
 from titans.transforms.features import (FeatureSpec, feature_matrix, first_vector_length,
                                         resolve_feature_spec)
 from titans.transforms.labels import LabelColumns
-from titans.transforms.parquet_io import (ParquetInput, conform, input_pattern, match_files,
+from titans.transforms.io.parquet import (ParquetInput, conform, input_pattern, match_files,
                                           open_parquet)
 
 _LOG = logging.getLogger("titans")
@@ -120,7 +120,7 @@ class LabelConfig:
 
 
 def config_from_args(a) -> LabelConfig:
-    from titans.pipeline.flags import feature_columns, model_ref
+    from titans.pipeline.cli.flags import feature_columns, model_ref
 
     hints = {}
     if a.teacher_accelerator:
@@ -632,7 +632,7 @@ class LabeledSample:
 
 
 def _labeled_sample(c: LabelConfig, launch: _Launch) -> LabeledSample:
-    from titans.pipeline.distill_command import probs_from_column
+    from titans.pipeline.commands.distill import probs_from_column
 
     paths = [p for p in storage.list_under(_work(c, "teacher", "labels")) if p.endswith(".parquet")]
     tables = [pq.read_table(storage.open_read(p)) for p in paths]
@@ -681,7 +681,7 @@ def split_sample(n: int, seed: int) -> Split:
 
 
 def _distil_phase(c: LabelConfig, launch: _Launch, s: LabeledSample, split: Split) -> dict:
-    from titans.pipeline.distill_command import save_student
+    from titans.pipeline.commands.distill import save_student
 
     target = (Target(deferral_rate=c.deferral_rate) if c.eps is None else
               Target(bar=ltt_bar(len(split.cal), c.eps, c.level)))
@@ -804,7 +804,7 @@ class _LabelPlan(CascadePlan):
 
 def _cascade_phase(c: LabelConfig, launch: _Launch, s: LabeledSample, student: dict, cal: dict,
                    phases: dict, beam_args: list[str], start: float, lock=None) -> dict:
-    from titans.pipeline.cascade import build_pipeline
+    from titans.pipeline.graphs.cascade import build_pipeline
     from titans.pipeline.job import run_job
 
     prelabeled = _work(c, "prelabeled", "sample.parquet")

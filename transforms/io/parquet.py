@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from titans.models import storage
+from titans.transforms.io import storage
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
 from titans.transforms.timing import FIRST_READ, stamp
-from titans.transforms.writes import Destination, WriteTables
+from titans.transforms.io.writes import Destination, WriteTables
 
 _LOG = logging.getLogger("titans")
 _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)

@@ -1,7 +1,7 @@
 """`titans distill`: read the training rows, get the teacher's probabilities, train a student,
 save it as TorchScript for `titans run`.
 
-The flags are in ``titans.pipeline.flags``; the training loop in ``titans.models.distill``.
+The flags are in ``titans.pipeline.cli.flags``; the training loop in ``titans.models.distill``.
 Anything wrong with the inputs is a ValueError that says what to fix, printed as
 ``titans distill: error: ...`` with exit code 2.
 """
@@ -18,12 +18,12 @@ from titans.models.architectures import parse_hidden
 from titans.models.distill import distill, make_student
 from titans.models.forward import forward_in_chunks
 from titans.models.loading import save_torchscript
-from titans.models.storage import absolute, write_bytes
+from titans.transforms.io.storage import absolute, write_bytes
 from titans.pipeline import defaults
-from titans.pipeline.console import print_distill_summary, run_reporting_errors
-from titans.pipeline.datasets import (data_features, check_labels, check_output_path, read_dataset,
+from titans.pipeline.cli.console import print_distill_summary, run_reporting_errors
+from titans.pipeline.commands.datasets import (data_features, check_labels, check_output_path, read_dataset,
                                       split_rows)
-from titans.pipeline.flags import model_ref
+from titans.pipeline.cli.flags import model_ref
 from titans.pipeline.model_checks import load_checked
 from titans.transforms.features import FeatureSpec, feature_matrix, is_list_type
 

@@ -36,13 +36,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
 from titans.transforms.dead_letter import READ, DeadLetter
-from titans.transforms.example_codec import encode_examples_array, kind_of, parse_with_rejects
+from titans.transforms.io.example_codec import encode_examples_array, kind_of, parse_with_rejects
 from titans.transforms.overlap import BackgroundWriter
-from titans.transforms.parquet_io import input_pattern
-from titans.transforms.tfrecord_framing import (
+from titans.transforms.io.parquet import input_pattern
+from titans.transforms.io.tfrecord_framing import (
     MAX_RECORD_BYTES, RecordBatch, Unit, crc32c_rows, iter_unit, mask, masked_crc32c)
 from titans.transforms.timing import FIRST_READ, stamp
-from titans.transforms.writes import Destination, WriteTables
+from titans.transforms.io.writes import Destination, WriteTables
 
 _LOG = logging.getLogger("titans")
 if getattr(google_crc32c, "implementation", "c") != "c":
@@ -59,7 +59,7 @@ _SAMPLE_CHUNK = 1 << 20  # bytes read at a time when sampling records at launch
 def write_table(table: pa.Table, path: str) -> None:
     """``table`` as one TFRecord file of tf.train.Example (every column a feature), outside a
     pipeline (the demo's data, tests); arguments in pyarrow.parquet.write_table's order."""
-    from titans.models.storage import write_bytes
+    from titans.transforms.io.storage import write_bytes
 
     write_bytes(path, bytes(frame_records(encode_examples_array(table))))
 

@@ -86,7 +86,7 @@ def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str],
     train, calibration, test = digits_tables(seed)
     write = pq.write_table
     if fmt == "tfrecord":  # tf.train.Example: id and y int64_list, pixels float_list
-        from titans.transforms.tfrecord_io import write_table as write
+        from titans.transforms.io.tfrecord import write_table as write
     suffix = ".parquet" if fmt == "parquet" else ".tfrecord"
     write(train, os.path.join(data, "train" + suffix))
     write(calibration, os.path.join(data, "calibration" + suffix))

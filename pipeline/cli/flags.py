@@ -2,14 +2,15 @@
 
 Light on purpose: `titans --help` and parsing any command import argparse and the two
 defaults modules, never torch, Beam, pyarrow or numpy. The commands import what they need
-once the flags are parsed (``titans.pipeline.cli``).
+once the flags are parsed (``titans.pipeline.cli.main``).
 """
 from __future__ import annotations
 
 import argparse
 
 from titans.models import defaults as train_defaults
-from titans.pipeline import defaults, label_defaults
+from titans.pipeline import defaults
+from titans.pipeline.label import defaults as label_defaults
 
 IN_MEMORY_NOTE = ("The data is read into memory with pyarrow: fine for the millions of rows a "
                   "student needs; labeling a dataset at scale is done by `titans teacher-label` "

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.pvalue import AsList
 
-from titans.models import storage
-from titans.pipeline import counts
-from titans.pipeline.counts import Count, Counts
+from titans.transforms.io import storage
+from titans.pipeline.graphs import counts
+from titans.pipeline.graphs.counts import Count, Counts
 from titans.pipeline.output_lock import release_by_job
 # what a run writes into its output directory (named in outputs.py, which imports nothing)
 from titans.pipeline.outputs import DEAD_LETTER, LABELS, OUTPUTS, PLOT, REPORT, SUCCESS  # noqa: F401
@@ -20,7 +20,7 @@ from titans.pipeline.plan import InputPlan
 from titans.transforms.dead_letter import SCHEMA as DEAD_LETTER_SCHEMA
 from titans.transforms.dead_letter import DeadLetter, ToDeadLetter
 from titans.transforms.labels import AUDIT
-from titans.transforms.parquet_io import WriteParquetBatches
+from titans.transforms.io.parquet import WriteParquetBatches
 
 
 def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int):
@@ -36,7 +36,7 @@ def write_labels(tables, label: str, output: str, schema, output_format: str, pr
     every column a feature): (destination, temporary paths), for ``finish`` to put in place."""
     directory = storage.join(output, LABELS)
     if output_format == "tfrecord":
-        from titans.transforms.tfrecord_io import WriteTFRecordBatches as write
+        from titans.transforms.io.tfrecord import WriteTFRecordBatches as write
     else:
         write = WriteParquetBatches
     writer = write(directory, schema, prefix=prefix)

@@ -1,7 +1,7 @@
 """`titans calibrate`: run the student and the teacher on a calibration set, score every
 deferral rule, choose the operating rule and threshold, write CAL.json for `titans run`.
 
-The flags are in ``titans.pipeline.flags``; curves, Learn then Test and CAL.json in
+The flags are in ``titans.pipeline.cli.flags``; curves, Learn then Test and CAL.json in
 ``titans.models.calibration``. Anything wrong with the inputs is a ValueError that says what
 to fix, printed as ``titans calibrate: error: ...`` with exit code 2.
 """
@@ -21,12 +21,12 @@ from titans.models.deferral import (CONFIDENCE_RULES, DeferHead, make_rule,
                                     threshold_for_rate)
 from titans.models.forward import forward_in_chunks
 from titans.models.learned_deferral import LearnedDeferral
-from titans.models.storage import absolute
+from titans.transforms.io.storage import absolute
 from titans.pipeline import defaults
-from titans.pipeline.console import print_calibration, run_reporting_errors
-from titans.pipeline.datasets import (data_features, Dataset, check_labels, check_output_path, read_dataset,
+from titans.pipeline.cli.console import print_calibration, run_reporting_errors
+from titans.pipeline.commands.datasets import (data_features, Dataset, check_labels, check_output_path, read_dataset,
                                       split_rows)
-from titans.pipeline.flags import model_ref
+from titans.pipeline.cli.flags import model_ref
 from titans.pipeline.model_checks import load_checked
 
 
