@@ -44,11 +44,12 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from titans.models.calibration import cascade_curve, ltt_threshold, plot_curves
+from titans.models.calibration import cascade_curve, ltt_threshold
 from titans.models.deferral import RULES, DeferHead
 from titans.models.distill import distill, make_student, train_supervised
 from titans.models.learned_deferral import LearnedDeferral
 from titans.models.loading import count_parameters
+from titans.transforms.io.models import save_plot
 
 RATES = (0.05, 0.10, 0.20, 0.30)
 CURVE_RATES = np.round(np.linspace(0.0, 1.0, 101), 10)
@@ -403,8 +404,8 @@ def plot(run: dict, path: str, name: str = "digits-shifted") -> None:
     hard = scores[n_cal:] > r["threshold"]
     cascade = np.where(hard, run["plot"]["t_pred_test"], s_pred[n_cal:])
     op = (float(hard.mean()), float((cascade == run["plot"]["y_test"]).mean()), "LTT kd/max_prob eps=0.02")
-    plot_curves(chosen, path, operating_point=op, teacher_accuracy=run["teacher_acc"],
-                student_accuracy=run["students"]["kd"]["acc"], title=f"{name}, seed 0, test rows")
+    save_plot(path, chosen, operating_point=op, teacher_accuracy=run["teacher_acc"],
+              student_accuracy=run["students"]["kd"]["acc"], title=f"{name}, seed 0, test rows")
 
 
 def main(argv=None) -> None:

@@ -114,7 +114,7 @@ def make_image_models(workdir: str, kind: str) -> tuple[str, str]:
     from torch import nn
 
     from titans.models.architectures import MLP
-    from titans.models.loading import save_torchscript
+    from titans.transforms.io.models import save_torchscript
 
     paths = tuple(os.path.join(workdir, f"{kind}-{role}.pt") for role in ("student", "teacher"))
     if all(os.path.exists(p) for p in paths):

@@ -50,7 +50,7 @@ from sklearn.datasets import load_digits
 
 from titans.models.distill import make_student, train_supervised
 from titans.models.forward import forward_in_chunks
-from titans.models.loading import save_torchscript
+from titans.transforms.io.models import save_torchscript
 from titans.pipeline.cli.main import main as titans
 
 EPS = (0.005, 0.01, 0.02)

@@ -60,7 +60,7 @@ def make_models(directory: str, pair: str = "small") -> tuple[str, str]:
     import torch
 
     from titans.models.architectures import MLP
-    from titans.models.loading import save_torchscript
+    from titans.transforms.io.models import save_torchscript
 
     student_hidden, teacher_hidden = PAIRS[pair]
     suffix = "" if pair == "small" else f"-{pair}"

@@ -37,7 +37,8 @@ NAMESPACE = "gpu_check"
 
 def save_teacher(directory: str) -> tuple[str, int]:
     from titans.models.architectures import MLP
-    from titans.models.loading import count_parameters, save_torchscript
+    from titans.models.loading import count_parameters
+    from titans.transforms.io.models import save_torchscript
 
     torch.manual_seed(0)
     model = MLP(DIM, CLASSES, HIDDEN)

@@ -1,2 +1,3 @@
-"""Everything torch that is not Beam: model loading, architectures, deferral rules,
-distillation, calibration."""
+"""Everything torch that is neither Beam nor file I/O: models from their bytes, architectures,
+deferral rules, distillation, calibration (``titans.transforms.io.models`` reads and writes
+their files)."""

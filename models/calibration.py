@@ -6,7 +6,8 @@ A row is *hard* (goes to the teacher) iff its deferral score > threshold, as in
   * ``ltt_threshold``: the cheapest threshold whose accuracy loss is certified (Learn then Test),
   * ``binomial_interval``: a confidence interval for an audited agreement rate.
 
-CAL.json (``save_calibration`` / ``load_calibration``) records the chosen rule and threshold::
+CAL.json (``calibration_to_bytes`` / ``calibration_from_bytes``; ``titans.transforms.io.models``
+writes and reads the file) records the chosen rule and threshold::
 
     {"rule": "max_prob", "threshold": 0.12 | "-inf", "method": "budget" | "ltt",
      "deferral_rate": 0.2, "guarantee": {...ltt_threshold result...} | null,
@@ -26,7 +27,6 @@ import numpy as np
 
 from titans.models.defaults import BOUND, BOUNDS, DELTA
 from titans.models.deferral import threshold_for_rate
-from titans.transforms.io.storage import read_bytes, write_bytes
 
 CAL_METHODS = ("budget", "ltt")
 REQUIRED_KEYS = ("rule", "threshold", "method", "deferral_rate")
@@ -184,23 +184,20 @@ def binomial_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, 
 
 # --------------------------------------------------------------------------- CAL.json
 
-def save_calibration(path: str, data: dict) -> None:
-    """Validate ``data`` and write it as CAL.json (infinities as "-inf"/"inf")."""
-    _validate(data, where=path)
-    write_bytes(path, (json.dumps(_encode(data), indent=2, allow_nan=False) + "\n").encode("utf-8"))
+def calibration_to_bytes(data: dict, where: str = "calibration") -> bytes:
+    """Validate ``data`` and encode it as CAL.json (infinities as "-inf"/"inf"); ``where``
+    (the file's path) names it in messages."""
+    _validate(data, where=where)
+    return (json.dumps(_encode(data), indent=2, allow_nan=False) + "\n").encode("utf-8")
 
 
-def load_calibration(path: str) -> dict:
-    """Read and validate a CAL.json; the threshold comes back as a float (possibly -inf)."""
-    try:
-        raw = read_bytes(path)
-    except Exception as e:  # noqa: BLE001 - any IO failure becomes one clear message
-        raise CalibrationError(f"cannot read calibration file {path!r}: {e}") from e
+def calibration_from_bytes(raw: bytes, where: str = "calibration") -> dict:
+    """Decode and validate a CAL.json; the threshold comes back as a float (possibly -inf)."""
     try:
         data = _decode(json.loads(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"{path}: not valid JSON: {e}") from e
-    _validate(data, where=path)
+        raise CalibrationError(f"{where}: not valid JSON: {e}") from e
+    _validate(data, where=where)
     return data
 
 
@@ -282,10 +279,12 @@ def _check_arrays(scores, student_pred, teacher_pred, labels):
 
 # --------------------------------------------------------------------------- plots
 
-def plot_curves(curves: dict, path: str, operating_point: tuple | None = None,
+def plot_curves(curves: dict, fmt: str = "png", operating_point: tuple | None = None,
                 teacher_accuracy: float | None = None, student_accuracy: float | None = None,
-                title: str = "Cascade accuracy vs deferral rate") -> None:
-    """Accuracy vs deferral for each rule (PNG/SVG by extension), operating point and references marked.
+                title: str = "Cascade accuracy vs deferral rate") -> bytes:
+    """Accuracy vs deferral for each rule, operating point and references marked, as the bytes
+    of an image file in ``fmt`` ("png", "svg", ...; ``titans.transforms.io.models.save_plot``
+    picks it from the path's extension and writes the file).
 
     ``operating_point`` is (deferral_rate, accuracy, label).
     """
@@ -314,6 +313,5 @@ def plot_curves(curves: dict, path: str, operating_point: tuple | None = None,
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
-    fmt = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else "png"
     fig.savefig(buf, format=fmt, dpi=120)
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()

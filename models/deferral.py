@@ -14,11 +14,16 @@ All built-in scores lie in [0, 1]:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 # the base every rule shares, kept where learned_deferral can import it too (one way)
 from titans.models.deferral_base import DeferralRule, normalised_entropy, softmax
+
+if TYPE_CHECKING:
+    from titans.models.learned_deferral import LearnedDeferral
 
 
 class MaxProb(DeferralRule):
@@ -64,14 +69,21 @@ RULES: dict[str, type[DeferralRule]] = {
 CONFIDENCE_RULES = ("max_prob", "margin", "entropy")
 
 
-def make_rule(name: str, learned_model: str | None = None) -> DeferralRule:
-    """The rule called ``name``; ``learned`` needs the path of its trained artifact."""
+def make_rule(name: str, learned_model: "LearnedDeferral | bytes | None" = None) -> DeferralRule:
+    """The rule called ``name``; ``learned`` needs its trained model: the LearnedDeferral or
+    its bytes (``titans.transforms.io.models.load_learned_deferral`` reads the file)."""
     if name == "learned":
         from titans.models.learned_deferral import LearnedDeferral  # only when asked for
 
-        if not learned_model:
+        if learned_model is None or learned_model == b"":
             raise ValueError("rule 'learned' needs a trained deferral model (--deferral-model PATH)")
-        return LearnedDeferral.load(learned_model)
+        if isinstance(learned_model, (bytes, bytearray)):
+            return LearnedDeferral.from_bytes(bytes(learned_model))
+        if not isinstance(learned_model, LearnedDeferral):
+            raise TypeError(f"rule 'learned' takes the trained LearnedDeferral or its bytes, not "
+                            f"{type(learned_model).__name__} (read a path with "
+                            "titans.transforms.io.models.load_learned_deferral)")
+        return learned_model
     if name not in RULES:
         raise ValueError(f"unknown deferral rule {name!r}; choose one of {sorted(RULES) + ['learned']}")
     return RULES[name]()

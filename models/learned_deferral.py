@@ -9,8 +9,8 @@ regression (``hidden=()``) or a tiny MLP on standardised features of the probabi
 
 where "wrong" is 1[student != teacher] on a calibration set (or 1[student != label] when labels
 exist). scikit-learn fits it (StandardScaler, then LogisticRegression or MLPClassifier with
-solver="lbfgs"); only the fitted numbers are kept. The artifact is plain JSON (``save`` /
-``load``), never a pickle, and scoring is plain torch on those numbers, so `titans run` needs
+solver="lbfgs"); only the fitted numbers are kept. The artifact is plain JSON (``to_bytes`` /
+``from_bytes``; ``titans.transforms.io.models`` writes and reads the file), never a pickle, and scoring is plain torch on those numbers, so `titans run` needs
 no scikit-learn objects and Beam can pickle the rule into a DoFn.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from titans.models.deferral_base import DeferralRule, normalised_entropy
-from titans.transforms.io.storage import read_bytes, write_bytes
 
 FORMAT = "titans.learned_deferral/2"
 # /1: fitted with torch's L-BFGS, standardised with the sample std (key "std"); scored the same
@@ -103,7 +102,7 @@ class LearnedDeferral(DeferralRule):
     # ------------------------------------------------------------------ scoring
     def score(self, probs: torch.Tensor) -> torch.Tensor:
         if not self.layers:
-            raise RuntimeError("LearnedDeferral is not fitted: call fit(...) or LearnedDeferral.load(path)")
+            raise RuntimeError("LearnedDeferral is not fitted: call fit(...) or LearnedDeferral.from_bytes(data)")
         if probs.shape[-1] != self.num_classes:
             raise ValueError(f"learned deferral model was fitted for {self.num_classes} classes, "
                              f"got probabilities with {probs.shape[-1]}")
@@ -125,9 +124,9 @@ class LearnedDeferral(DeferralRule):
                 "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in self.layers],
                 "train": self.train_info}
 
-    def save(self, path: str) -> None:
-        """Write the fitted model as JSON (float32 weights survive the round trip exactly)."""
-        write_bytes(path, json.dumps(self.to_dict(), indent=1).encode("utf-8"))
+    def to_bytes(self) -> bytes:
+        """The fitted model as JSON (float32 weights survive the round trip exactly)."""
+        return json.dumps(self.to_dict(), indent=1).encode("utf-8")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "learned deferral model") -> "LearnedDeferral":
@@ -153,12 +152,13 @@ class LearnedDeferral(DeferralRule):
         return model
 
     @classmethod
-    def load(cls, path: str) -> "LearnedDeferral":
+    def from_bytes(cls, data: bytes, where: str = "learned deferral model") -> "LearnedDeferral":
+        """The model ``to_bytes`` wrote; ``where`` (its path) names it in messages."""
         try:
-            d = json.loads(read_bytes(path))
-        except Exception as e:  # noqa: BLE001 - IO or JSON failure becomes one message
-            raise ValueError(f"cannot read learned deferral model {path!r}: {e}") from e
-        return cls.from_dict(d, where=path)
+            d = json.loads(data)
+        except ValueError as e:  # JSON (or UTF-8) failure becomes one message
+            raise ValueError(f"cannot read learned deferral model {where!r}: {e}") from e
+        return cls.from_dict(d, where=where)
 
 
 def _forward(z: torch.Tensor, layers) -> torch.Tensor:

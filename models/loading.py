@@ -1,6 +1,7 @@
-"""Load and save the models a cascade runs.
+"""Turn a model's bytes into a runnable module, and a module into TorchScript bytes.
 
-A model is a file path or URL (anything Beam's FileSystems or fsspec can open):
+No file is read or written here: ``titans.transforms.io.models`` reads a model file
+(``load_model_file``) and writes one (``save_torchscript``). A model's bytes are:
   * a TorchScript file (``torch.jit.save``),
   * a ``torch.export`` program (``.pt2``, ``torch.export.save``),
   * a state_dict, together with ``model_class="package.module:Class"``.
@@ -31,7 +32,6 @@ import torch
 
 from titans.models import model_safety
 from titans.models.model_safety import Unsafe
-from titans.transforms.io.storage import read_bytes
 
 
 class ModelLoadError(ValueError):
@@ -42,6 +42,7 @@ class ModelLoadError(ValueError):
 class ModelRef:
     """Where a model lives, how to build it, and where it should run ('cpu', 'cuda' or 'auto').
 
+    A plain description: ``titans.transforms.io.models.load_model_file(ref)`` loads it.
     ``trust_code``: the user allows model files that can run code when loaded (pickled
     members of a torch.export archive); off by default.
     """
@@ -51,10 +52,9 @@ class ModelRef:
     device: str = "cpu"
     trust_code: bool = False
 
-    def load(self, device: str) -> torch.nn.Module:
-        kwargs = json.loads(self.model_kwargs) if self.model_kwargs else None
-        return load_model(self.path, self.model_class, kwargs, device=device,
-                          trust_code=self.trust_code)
+    def kwargs(self) -> dict | None:
+        """The constructor arguments, parsed from ``model_kwargs``."""
+        return json.loads(self.model_kwargs) if self.model_kwargs else None
 
 
 def import_class(spec: str):
@@ -71,16 +71,18 @@ def import_class(spec: str):
     return obj
 
 
-def load_model(path: str, model_class: str | None = None, model_kwargs: dict | None = None,
-               device: str = "cpu", trust_code: bool = False) -> torch.nn.Module:
-    """Load a model for inference (eval mode, on ``device``). Raises ModelLoadError with the reason.
+def load_model(data: bytes, model_class: str | None = None, model_kwargs: dict | None = None,
+               device: str = "cpu", trust_code: bool = False, *,
+               name: str = "<bytes>") -> torch.nn.Module:
+    """A model file's bytes -> a module for inference (eval mode, on ``device``).
 
-    Without ``trust_code`` a file that could run code when loaded or called is refused (see
-    the module docstring)."""
-    try:
-        data = read_bytes(path)
-    except Exception as e:  # noqa: BLE001 - any IO failure becomes one clear message
-        raise ModelLoadError(f"cannot read model file {path!r}: {e}") from e
+    ``name`` (the file's path) is what the messages call the model. Raises ModelLoadError with
+    the reason. Without ``trust_code`` a file that could run code when loaded or called is
+    refused (see the module docstring)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"load_model takes the model file's bytes, not {type(data).__name__}: "
+                        "titans.transforms.io.models.load_model_file reads a path")
+    data = bytes(data)
     buf = io.BytesIO(data)
     try:
         if not trust_code:
@@ -103,7 +105,7 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: dict | N
         elif trust_code:
             model = torch.load(buf, map_location=device, weights_only=False)
             if not isinstance(model, torch.nn.Module):
-                raise ModelLoadError(f"cannot load model {path!r}: it holds a "
+                raise ModelLoadError(f"cannot load model {name!r}: it holds a "
                                      f"{type(model).__name__}, not a module. If it is a "
                                      "state_dict, also pass its class as module:Class.")
         elif data[:1] == b"\x80" or model_safety.mentions(data, b"data.pkl"):  # a pickle
@@ -111,17 +113,17 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: dict | N
                          "also pass its class as module:Class. A pickled model "
                          "(torch.save(model)) loads only by full unpickling")
         else:
-            raise ModelLoadError(f"cannot load model {path!r}: not a TorchScript, torch.export "
+            raise ModelLoadError(f"cannot load model {name!r}: not a TorchScript, torch.export "
                                  "or torch.save file. If it is a state_dict, also pass its class "
                                  "as module:Class.")
     except Unsafe as e:
-        raise ModelLoadError(f"cannot load model {path!r}: {e}. {e.advice}") from None
+        raise ModelLoadError(f"cannot load model {name!r}: {e}. {e.advice}") from None
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001
         hint = ("" if model_class else
                 " If it is a state_dict, also pass its class as module:Class.")
-        raise ModelLoadError(f"cannot load model {path!r}: {type(e).__name__}: {e}.{hint}") from e
+        raise ModelLoadError(f"cannot load model {name!r}: {type(e).__name__}: {e}.{hint}") from e
     model = model.to(device)
     if hasattr(model, "eval"):
         try:
@@ -160,12 +162,15 @@ def _is_torchscript(data: bytes) -> bool:
     return any(n.split("/")[-1] == "constants.pkl" for n in _zip_names(data))
 
 
-def save_torchscript(model: torch.nn.Module, path: str, metadata: dict | None = None) -> None:
-    """Save a module as TorchScript (what the pipeline reads), with optional JSON metadata."""
+def torchscript_bytes(model: torch.nn.Module, metadata: dict | None = None) -> bytes:
+    """A module as a TorchScript file's bytes (what the pipeline reads), with optional JSON
+    metadata (``titans.json``)."""
     model = model.eval()
     scripted = torch.jit.script(model)
     extra = {"titans.json": json.dumps(metadata or {})}
-    torch.jit.save(scripted, path, _extra_files=extra)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf, _extra_files=extra)
+    return buf.getvalue()
 
 
 def resolve_device(device: str) -> str:

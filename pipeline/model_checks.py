@@ -16,6 +16,7 @@ import torch
 
 from titans.models.forward import forward_in_chunks, isolate_failures, short_error
 from titans.models.loading import ModelLoadError, ModelRef
+from titans.transforms.io.models import load_model_file
 
 _LOG = logging.getLogger("titans")
 
@@ -34,7 +35,7 @@ def load_checked(role: str, ref: ModelRef, features, tally: Tally | None = None)
     from titans.transforms.features) describes; ValueError saying what to fix. ``tally``
     counts the rows of that try."""
     try:
-        model = ref.load("cpu")
+        model = load_model_file(ref, "cpu")
     except (ModelLoadError, json.JSONDecodeError) as e:
         raise ValueError(f"--{role}: {e}") from e
     try:

@@ -21,9 +21,9 @@ import pyarrow as pa
 import torch
 
 from titans.transforms.io import storage
-from titans.models.calibration import load_calibration
 from titans.models.deferral import DeferralRule, make_rule, threshold_for_rate
 from titans.models.loading import ModelRef, count_parameters
+from titans.transforms.io.models import load_calibration, load_learned_deferral
 from titans.pipeline import defaults
 from titans.pipeline.model_checks import Tally, check_on_sample, load_checked
 from titans.pipeline.output_lock import is_lock
@@ -172,7 +172,10 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
     rule_name, threshold, deferral_model = config.rule, config.threshold, config.deferral_model
     if config.calibration:
         rule_name, threshold, deferral_model = _calibration(config)
-    rule = make_rule(rule_name or defaults.RULE, deferral_model)
+    learned = None
+    if rule_name == "learned" and deferral_model:  # make_rule takes the model, not its path
+        learned = load_learned_deferral(deferral_model)
+    rule = make_rule(rule_name or defaults.RULE, learned)
     source, sample, features = _plan_source(config, phases)
     x = usable_rows(sample, features)
     checks = Tally()  # the teacher's rows at launch, which report.json counts too

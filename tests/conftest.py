@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from titans.models.architectures import MLP
-from titans.models.loading import save_torchscript
+from titans.transforms.io.models import save_torchscript
 
 DIM, CLASSES = 8, 4
 # The in-process runner, named explicitly: the DirectRunner would first try to download Prism.

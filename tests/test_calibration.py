@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from titans.models.calibration import (CalibrationError, binomial_interval, cascade_curve,
-                                       load_calibration, ltt_threshold, plot_curves,
-                                       save_calibration)
+from titans.models.calibration import (CalibrationError, binomial_interval, calibration_from_bytes,
+                                       calibration_to_bytes, cascade_curve, ltt_threshold,
+                                       plot_curves)
+from titans.transforms.io.models import load_calibration, save_calibration, save_plot
 
 
 def binom_cdf(k, n, p):
@@ -239,6 +240,20 @@ def test_load_calibration_rejects_non_json(tmp_path):
         load_calibration(str(path))
 
 
+def test_cal_json_as_bytes_names_its_source():
+    data = cal_data()
+    assert calibration_from_bytes(calibration_to_bytes(data)) == data
+    with pytest.raises(CalibrationError, match="^upload: not valid JSON"):
+        calibration_from_bytes(b"{not json", where="upload")
+    with pytest.raises(CalibrationError, match="^record: missing key 'rule'"):
+        calibration_to_bytes({"threshold": 0.1}, where="record")
+
+
+def test_load_calibration_says_when_the_file_cannot_be_read(tmp_path):
+    with pytest.raises(CalibrationError, match="cannot read calibration file"):
+        load_calibration(str(tmp_path / "missing.json"))
+
+
 def test_learned_rule_calibration_keeps_its_model_path(tmp_path):
     data = dict(cal_data(), rule="learned", deferral_model="gs://bucket/learned.json")
     save_calibration(str(tmp_path / "CAL.json"), data)
@@ -249,6 +264,10 @@ def test_plot_curves_writes_png(tmp_path):
     curves = {"max_prob": cascade_curve(**TOY, labels=[0, 1, 1, 1]),
               "margin": cascade_curve(**TOY, labels=[0, 1, 1, 0])}
     path = tmp_path / "curves.png"
-    plot_curves(curves, str(path), operating_point=(0.25, 0.5, "LTT"), teacher_accuracy=0.75,
-                student_accuracy=0.75)
+    save_plot(str(path), curves, operating_point=(0.25, 0.5, "LTT"), teacher_accuracy=0.75,
+              student_accuracy=0.75)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = plot_curves(curves, "svg")  # bytes, in the format asked for; no file
+    assert b"<svg" in svg[:1000]
+    save_plot(str(tmp_path / "curves.svg"), curves)
+    assert b"<svg" in (tmp_path / "curves.svg").read_bytes()[:1000]

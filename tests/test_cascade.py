@@ -10,7 +10,7 @@ import torch
 
 from conftest import DIM, RUNNER, features_table, logits_of, read_labels, write_dataset
 from titans.models.deferral import make_rule
-from titans.models.loading import save_torchscript
+from titans.transforms.io.models import save_torchscript
 from titans.pipeline.job import run_cascade
 from titans.pipeline.plan import RunConfig, plan_run
 from titans.models.loading import ModelRef

@@ -14,7 +14,7 @@ import torch
 
 from conftest import DIM, RUNNER, write_dataset
 from titans.models.architectures import MLP
-from titans.models.loading import save_torchscript
+from titans.transforms.io.models import save_torchscript
 from titans.models import defaults as train_defaults
 from titans.pipeline import defaults
 from titans.pipeline.cli.main import build_parser, fast_exit_is_safe, job_config, main, parse

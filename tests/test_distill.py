@@ -7,7 +7,7 @@ from sklearn.datasets import load_digits
 from titans.models.architectures import MLP
 from titans.models.deferral import DeferHead, make_rule
 from titans.models.distill import distill, make_student, train_supervised
-from titans.models.loading import load_model, save_torchscript
+from titans.transforms.io.models import load_model_file, save_torchscript
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -127,7 +127,7 @@ def test_scripted_student_saves_and_loads(tmp_path, digits):
     distill(s, d["X"][:200], d["P"][:200], method="defer", epochs=1, seed=0, progress=False)
     path = str(tmp_path / "student.pt")
     save_torchscript(s, path, {"method": "defer"})
-    loaded = load_model(path)
+    loaded = load_model_file(path)
     x = torch.from_numpy(d["X"][:50])
     with torch.no_grad():
         assert torch.equal(loaded(x), s(x))

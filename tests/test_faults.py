@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import DIM, RUNNER, features_table, read_labels, write_dataset
-from titans.models.loading import ModelRef, save_torchscript
+from titans.models.loading import ModelRef
+from titans.transforms.io.models import save_torchscript
 from titans.pipeline.cli.main import main
 from titans.pipeline.job import run_cascade, run_teacher_label
 from titans.pipeline.plan import (RunConfig, TeacherLabelConfig, plan_run, plan_teacher_label)

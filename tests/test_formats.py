@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import CLASSES, DIM, RUNNER, read_labels, write_dataset
 from example_wire import example, write_tfrecord
-from titans.models.loading import ModelRef, save_torchscript
+from titans.models.loading import ModelRef
+from titans.transforms.io.models import save_torchscript
 from titans.pipeline.job import run_cascade, run_teacher_label
 from titans.pipeline.plan import RunConfig, TeacherLabelConfig, plan_run, plan_teacher_label
 from titans.transforms.io.example_codec import parse_examples

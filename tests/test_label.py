@@ -15,7 +15,7 @@ import torch
 
 from conftest import RUNNER, features_table
 from titans.models.architectures import MLP
-from titans.models.calibration import load_calibration
+from titans.transforms.io.models import load_calibration
 from titans.pipeline import plan
 from titans.pipeline.label import command as label_command
 from titans.pipeline.cli.main import main

@@ -14,7 +14,7 @@ import torch
 
 from conftest import CLASSES, DIM, RUNNER, features_table, write_dataset
 from titans.models.architectures import MLP
-from titans.models.loading import save_torchscript
+from titans.transforms.io.models import save_torchscript
 from titans.pipeline.cli.main import main
 
 TEACHER_CLASS = "test_launch_checks:CountingTeacher"

@@ -10,6 +10,7 @@ import torch
 
 from titans.models.deferral import make_rule
 from titans.models.learned_deferral import LearnedDeferral, deferral_features
+from titans.transforms.io.models import load_learned_deferral, save_learned_deferral
 
 
 def auc(score, positive):
@@ -60,9 +61,9 @@ def test_learned_rule_ranks_wrong_rows_first_on_fresh_data(fitted):
 
 def test_save_load_round_trip_gives_identical_scores(tmp_path, fitted):
     path = str(tmp_path / "learned.json")
-    fitted.save(path)
+    save_learned_deferral(fitted, path)
     assert json.loads(open(path).read())["format"].startswith("titans.learned_deferral")
-    loaded = make_rule("learned", path)
+    loaded = make_rule("learned", load_learned_deferral(path))
     assert isinstance(loaded, LearnedDeferral) and loaded.name == "learned"
     logits, _ = synthetic(300, seed=2)
     assert torch.equal(loaded(logits)[1], fitted(logits)[1])
@@ -79,15 +80,17 @@ def test_reads_the_first_format(tmp_path, fitted):
     path = tmp_path / "v1.json"
     path.write_text(json.dumps(old))
     logits, _ = synthetic(50, seed=6)
-    assert torch.equal(LearnedDeferral.load(str(path))(logits)[1], fitted(logits)[1])
+    assert torch.equal(load_learned_deferral(str(path))(logits)[1], fitted(logits)[1])
+    assert torch.equal(make_rule("learned", path.read_bytes())(logits)[1], fitted(logits)[1])
 
 
 def test_scoring_a_saved_model_needs_no_scikit_learn(tmp_path, fitted):
     path = str(tmp_path / "learned.json")
-    fitted.save(path)
+    save_learned_deferral(fitted, path)
     code = ("import sys, torch\n"
             "from titans.models.deferral import make_rule\n"
-            f"rule = make_rule('learned', {path!r})\n"
+            "from titans.transforms.io.models import load_learned_deferral\n"
+            f"rule = make_rule('learned', load_learned_deferral({path!r}))\n"
             "print(rule(torch.randn(4, 10))[1].shape, 'sklearn' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -134,6 +137,10 @@ def test_clear_errors(tmp_path, fitted):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="not a learned deferral model"):
-        LearnedDeferral.load(str(bad))
+        load_learned_deferral(str(bad))
     with pytest.raises(ValueError, match="cannot read"):
-        LearnedDeferral.load(str(tmp_path / "missing.json"))
+        load_learned_deferral(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="cannot read learned deferral model 'upload'"):
+        LearnedDeferral.from_bytes(b"{not json", where="upload")
+    with pytest.raises(TypeError, match="not str"):  # titans.models reads no path
+        make_rule("learned", str(bad))

@@ -17,9 +17,17 @@ import pytest
 import torch
 
 from titans.models.architectures import MLP
-from titans.models.loading import ModelLoadError, ModelRef, load_model, save_torchscript
+from titans.models.loading import ModelLoadError, ModelRef, load_model
+from titans.transforms.io.models import load_model_file, save_torchscript
 
 X = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+
+
+def load_file(path, model_class=None, model_kwargs=None, trust_code=False):
+    """The file's bytes through titans.models.loading.load_model, named by their path."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return load_model(data, model_class, model_kwargs, trust_code=trust_code, name=str(path))
 
 
 class Trap:
@@ -80,7 +88,7 @@ def edit_json(member: str, change):
 
 def assert_refused(path, marker=None, **kw):
     with pytest.raises(ModelLoadError) as refused:
-        load_model(str(path), **kw)
+        load_file(path, **kw)
     message = str(refused.value)
     assert "--trust-model-code" in message and "arbitrary code" in message, message
     assert marker is None or not marker.exists()
@@ -91,7 +99,7 @@ def load_trusted_and_call(path, **kw):
     """What the trap does with trust_code=True: load, then call the model once. Either may
     fail after the payload ran (the traps do not all make a working model)."""
     try:
-        load_model(str(path), trust_code=True, **kw)(X)
+        load_file(path, trust_code=True, **kw)(X)
     except Exception:  # noqa: BLE001
         pass
 
@@ -181,7 +189,7 @@ def test_booby_trapped_export_archive_is_refused_whatever_its_name(tmp_path, tra
     path.write_bytes(trap(export_bytes(), marker))
     assert_refused(path, marker)
     with pytest.raises(ModelLoadError, match="--trust-model-code"):
-        ModelRef(str(path)).load("cpu")
+        load_model_file(ModelRef(str(path)), "cpu")
     assert not marker.exists()
 
 
@@ -198,7 +206,7 @@ def test_trusted_archive_with_a_pickled_weight_loads_and_runs(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "model.pt"
     path.write_bytes(pickled_weight(export_bytes(), marker))
-    model = ModelRef(str(path), trust_code=True).load("cpu")
+    model = load_model_file(ModelRef(str(path), trust_code=True), "cpu")
     assert marker.exists() and model(X).shape == (7, 3)
 
 
@@ -235,7 +243,7 @@ def test_export_graph_that_reads_a_file_is_refused(tmp_path):
     path = tmp_path / "model.pt2"
     path.write_bytes(rezip(export_bytes(), edit_json(PROGRAM, read_secret)))
     assert "aten.from_file" in assert_refused(path)
-    _, leaked = load_model(str(path), trust_code=True)(X)  # the trap is real
+    _, leaked = load_file(path, trust_code=True)(X)  # the trap is real
     assert bytes(leaked.tolist()) == b"key!"
 
 
@@ -252,14 +260,14 @@ def test_plain_exports_load_without_the_flag(tmp_path):
     assert not any(entry["use_pickle"] for entry in config["config"].values())
     for name in ("m.pt2", "m.pt"):
         (tmp_path / name).write_bytes(data)
-        assert load_model(str(tmp_path / name))(X).shape == (7, 3)
+        assert load_file(tmp_path / name)(X).shape == (7, 3)
 
     branchy = tmp_path / "branchy.pt2"
     branchy.write_bytes(export_bytes(Branchy(), torch.export.Dim.AUTO))
     with zipfile.ZipFile(branchy) as z:
         program = json.loads(z.read(next(n for n in z.namelist() if n.endswith(PROGRAM))))
     assert program["guards_code"]  # e.g. "L['x'].size()[0] > 4"
-    torch.testing.assert_close(load_model(str(branchy))(X), X * 2)
+    torch.testing.assert_close(load_file(branchy)(X), X * 2)
 
 
 def test_input_structure_that_imports_a_module_is_refused(tmp_path, monkeypatch):
@@ -342,16 +350,16 @@ def test_torchscript_that_runs_code_on_load_or_call_is_refused(tmp_path):
     assert b"__setstate__" not in deflated.read_bytes()
     assert "__setstate__" in assert_refused(deflated, marker)
     with pytest.raises(ModelLoadError, match="TorchScript"):  # torch.load refuses it too
-        load_model(on_load, "titans.models.architectures:MLP")
+        load_file(on_load, "titans.models.architectures:MLP")
     assert not marker.exists()
     assert "aten::save" in assert_refused(on_call, marker)
     assert "aten::from_file" in assert_refused(reads)
 
     for trap in (on_load, deflated):  # the traps are real
-        load_model(str(trap), trust_code=True)
+        load_file(trap, trust_code=True)
         assert marker.exists()
         marker.unlink()
-    load_model(on_call, trust_code=True)(X)
+    load_file(on_call, trust_code=True)(X)
     assert marker.exists()
 
 
@@ -370,7 +378,7 @@ def test_torchscript_unpickler_does_not_reach_python(tmp_path):
         System(), protocol=2) if name == "data.pkl" else content))
     for trust_code in (False, True):
         with pytest.raises(ModelLoadError):
-            load_model(str(path), trust_code=trust_code)
+            load_file(path, trust_code=trust_code)
     assert not marker.exists()
 
 
@@ -410,7 +418,7 @@ def test_torchscript_forward_pre_hook_that_writes_a_file_is_refused(tmp_path):
     path = scripted_file(tmp_path, model)
     message = assert_refused(path, marker)
     assert "forward pre-hook (write_before_each_call)" in message and "\n" not in message
-    trusted = load_model(str(path), trust_code=True)  # the trap is real
+    trusted = load_file(path, trust_code=True)  # the trap is real
     assert not marker.exists()
     trusted(X)
     assert marker.exists()
@@ -423,7 +431,7 @@ def test_torchscript_forward_hook_that_reads_a_file_is_refused(tmp_path):
     model.register_forward_hook(leak_after_each_call)
     path = scripted_file(tmp_path, model)
     assert "forward hook (leak_after_each_call)" in assert_refused(path)
-    leaked = load_model(str(path), trust_code=True)(X)  # the trap is real
+    leaked = load_file(path, trust_code=True)(X)  # the trap is real
     assert bytes(leaked[0].int().tolist()) == b"key"
 
 
@@ -455,7 +463,7 @@ def test_exported_method_of_a_submodule_that_writes_a_file_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = scripted_file(tmp_path, CallsHelper(str(marker)))
     assert "aten::save" in assert_refused(path, marker)
-    load_model(str(path), trust_code=True)(X)  # the trap is real
+    load_file(path, trust_code=True)(X)  # the trap is real
     assert marker.exists()
 
 
@@ -483,7 +491,7 @@ def test_operator_outside_the_allowlist_in_a_submodule_is_refused(tmp_path):
     assert "Reseeds.forward calls aten::manual_seed" in message, message
     with torch.random.fork_rng():
         torch.manual_seed(7)
-        assert load_model(str(path), trust_code=True)(X).shape == (7, 3)
+        assert load_file(path, trust_code=True)(X).shape == (7, 3)
         assert torch.initial_seed() == 1234  # the trap is real
 
 
@@ -508,7 +516,7 @@ def test_export_graph_with_an_operator_outside_the_allowlist_is_refused(tmp_path
     path.write_bytes(export_bytes(Prints()))
     assert "aten._print" in assert_refused(path)
     assert "printed by the model file" not in capfd.readouterr().out
-    torch.testing.assert_close(load_model(str(path), trust_code=True)(X), X[:, :3] * 2)
+    torch.testing.assert_close(load_file(path, trust_code=True)(X), X[:, :3] * 2)
     assert "printed by the model file" in capfd.readouterr().out  # the trap is real
 
 
@@ -544,10 +552,11 @@ def with_deflated_zeros(data: bytes, name: str, mib: int) -> bytes:
 
 PEAK_MEMORY = """
 import resource, sys
-from titans.models.loading import ModelLoadError, load_model
+from titans.models.loading import ModelLoadError
+from titans.transforms.io.models import load_model_file
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    load_model(sys.argv[1])
+    load_model_file(sys.argv[1])
     print("loaded")
 except ModelLoadError as e:
     print(e)
@@ -574,7 +583,7 @@ def test_zip_member_declaring_a_huge_size_is_refused_without_unpacking_it(tmp_pa
     assert "'model/extra/blob': 1024.0 MiB" in message and "--trust-model-code" in message, \
         run.stdout + run.stderr
     # trusted, the file is what it looks like: a model torch loads (it never reads extra/)
-    assert load_model(str(path), trust_code=True)(X).shape == (7, 3)
+    assert load_file(path, trust_code=True)(X).shape == (7, 3)
 
 
 # --- pickles --------------------------------------------------------------------------
@@ -588,7 +597,7 @@ def test_pickled_module_is_refused_unless_trusted(tmp_path):
                        ("model.pt2", saved(model))]:
         (tmp_path / name).write_bytes(data)
         assert "module:Class" in assert_refused(tmp_path / name, marker)
-    trusted = load_model(str(tmp_path / "zip.pt"), trust_code=True)
+    trusted = load_file(tmp_path / "zip.pt", trust_code=True)
     assert marker.exists()
     torch.testing.assert_close(trusted(X), model(X))
 
@@ -601,6 +610,6 @@ def test_state_dict_whose_pickle_holds_a_payload_is_refused(tmp_path):
     spec = ("titans.models.architectures:MLP", {"in_features": 5, "out_features": 3, "hidden": [4]})
     assert "builds eval" in assert_refused(path, marker, model_class=spec[0],
                                              model_kwargs=spec[1])
-    trusted = load_model(str(path), *spec, trust_code=True)
+    trusted = load_file(path, *spec, trust_code=True)
     assert marker.exists()
     torch.testing.assert_close(trusted(X), model(X))

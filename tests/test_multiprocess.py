@@ -24,6 +24,7 @@ from test_cascade import _bad_rows_file
 from titans.models.deferral import make_rule
 from titans.models.learned_deferral import LearnedDeferral
 from titans.models.loading import ModelRef
+from titans.transforms.io.models import save_learned_deferral
 from titans.transforms.features import resolve_feature_spec
 from titans.transforms.labels import LabelColumns, StudentLabels
 
@@ -84,7 +85,7 @@ def assert_same_labels(a: pa.Table, b: pa.Table) -> None:
 def _learned_rule(student: str, x: np.ndarray, path: str) -> str:
     probs = torch.softmax(logits_of(student, x[:1000]), -1).numpy()
     wrong = np.random.default_rng(0).random(1000) < 0.3
-    LearnedDeferral().fit(probs, wrong).save(path)
+    save_learned_deferral(LearnedDeferral().fit(probs, wrong), path)
     return path
 
 

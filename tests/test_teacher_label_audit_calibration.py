@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import beta
 
 from conftest import CLASSES, RUNNER, logits_of, read_labels, write_dataset
-from titans.models.calibration import save_calibration
+from titans.transforms.io.models import save_calibration
 from titans.models.deferral import make_rule
 from titans.pipeline.job import run_cascade, run_teacher_label
 from titans.pipeline.plan import RunConfig, TeacherLabelConfig, plan_run, plan_teacher_label

@@ -11,12 +11,11 @@ import torch
 
 from conftest import CLASSES, DIM, features_table, save_models
 from titans.models.architectures import MLP
-from titans.models.calibration import load_calibration
 from titans.models.deferral import make_rule
-from titans.models.learned_deferral import LearnedDeferral
-from titans.models.loading import load_model, save_torchscript
 from titans.pipeline.cli.main import main
 from titans.pipeline.commands.datasets import split_rows
+from titans.transforms.io.models import (load_calibration, load_learned_deferral, load_model_file,
+                                         save_torchscript)
 
 N = 1200
 
@@ -74,7 +73,7 @@ def test_distill_from_teacher_and_from_its_probabilities_column(world, tmp_path,
     wa, wb, wc = weights(a), weights(b), weights(c)
     assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]) for k in wa)
 
-    model = load_model(str(a))
+    model = load_model_file(str(a))
     assert model(torch.from_numpy(world["x"][:5])).shape == (5, CLASSES)
     extra = {"titans.json": ""}
     torch.jit.load(str(a), _extra_files=extra)
@@ -90,7 +89,7 @@ def test_distill_defer_with_labels_has_k_plus_1_outputs(world, tmp_path, capsys)
                *DISTILL) == 0
     printed = capsys.readouterr().out
     assert "--rule defer_head" in printed and "accuracy" in printed
-    assert load_model(str(out))(torch.zeros(2, DIM)).shape == (2, CLASSES + 1)
+    assert load_model_file(str(out))(torch.zeros(2, DIM)).shape == (2, CLASSES + 1)
 
 
 def test_calibrate_budget_writes_curves_learned_model_and_plot(world, tmp_path, capsys):
@@ -107,7 +106,7 @@ def test_calibrate_budget_writes_curves_learned_model_and_plot(world, tmp_path, 
     assert data["n_fit_rows"] == data["n_calibration_rows"] == N // 2
     assert data["accuracy_reference"] == "teacher" and "teacher_accuracy" not in data
     assert os.path.isabs(data["deferral_model"]) and data["deferral_model"].endswith("CAL.learned.json")
-    LearnedDeferral.load(data["deferral_model"])
+    load_learned_deferral(data["deferral_model"])
     assert plot.stat().st_size > 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
     # the threshold realises the rate on the held-out half, recomputed here from scratch

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from conftest import RUNNER, logits_of, write_dataset
-from titans.models.calibration import load_calibration
 from titans.models.deferral import make_rule
 from titans.pipeline.cli.main import main
+from titans.transforms.io.models import load_calibration, load_learned_deferral
 
 
 def test_unlabeled_data_to_calibrated_cascade(tmp_path, models):
@@ -35,7 +35,7 @@ def test_unlabeled_data_to_calibrated_cascade(tmp_path, models):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["rule"] == "learned" and report["conservation_ok"] and report["rows_in"] == 1000
     # the run applied exactly the calibrated rule and threshold
-    rule = make_rule("learned", cal["deferral_model"])
+    rule = make_rule("learned", load_learned_deferral(cal["deferral_model"]))
     _, score = rule(logits_of(f"{d}/student.pt", x_test))
     assert report["rows_hard"] == int((score.numpy() > float(cal["threshold"])).sum())
     labels = pq.read_table(tmp_path / "run" / "labels")

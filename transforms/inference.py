@@ -29,6 +29,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from titans.models.forward import forward_in_chunks, isolate_failures
 from titans.models.loading import ModelRef, resolve_device
 from titans.transforms.dead_letter import VALIDATE
+from titans.transforms.io.models import load_model_file
 from titans.transforms.labels import ERROR, ERROR_STAGE, RowErrors
 
 _LOG = logging.getLogger("titans")
@@ -67,7 +68,7 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
         device = resolve_device(self._model.device)  # raises rather than silently using the CPU
         if self.one_copy_per_worker(device):
             return self.load_worker_copy(device)
-        module = self._model.load(device)
+        module = load_model_file(self._model, device)
         where = device
         if device.startswith("cuda"):
             where = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
@@ -158,7 +159,7 @@ class DeviceModel:
     processes share (``ArrowModelHandler.load_worker_copy``)."""
 
     def __init__(self, ref: ModelRef, device: str):
-        self._module = ref.load(device)
+        self._module = load_model_file(ref, device)
         self._device = device
         where = device
         if device.startswith("cuda"):

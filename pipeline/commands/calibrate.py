@@ -2,8 +2,9 @@
 deferral rule, choose the operating rule and threshold, write CAL.json for `titans run`.
 
 The flags are in ``titans.pipeline.cli.flags``; curves, Learn then Test and CAL.json in
-``titans.models.calibration``. Anything wrong with the inputs is a ValueError that says what
-to fix, printed as ``titans calibrate: error: ...`` with exit code 2.
+``titans.models.calibration``, its files written by ``titans.transforms.io.models``. Anything
+wrong with the inputs is a ValueError that says what to fix, printed as
+``titans calibrate: error: ...`` with exit code 2.
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 
 from titans.models import defaults as train_defaults
-from titans.models.calibration import (cascade_curve, ltt_threshold, plot_curves,
-                                       save_calibration)
+from titans.models.calibration import cascade_curve, ltt_threshold
 from titans.models.deferral import (CONFIDENCE_RULES, DeferHead, make_rule,
                                     threshold_for_rate)
 from titans.models.forward import forward_in_chunks
 from titans.models.learned_deferral import LearnedDeferral
+from titans.transforms.io.models import save_calibration, save_learned_deferral, save_plot
 from titans.transforms.io.storage import absolute
 from titans.pipeline import defaults
 from titans.pipeline.cli.console import print_calibration, run_reporting_errors
@@ -95,11 +96,11 @@ def _calibrate(args) -> None:
                       len(fit), os.path.splitext(args.out)[0] + ".learned.json" if learned else None)
     data = _calibration_record(args, ds, cal)
     if learned:
-        learned.save(cal.learned_path)
+        save_learned_deferral(learned, cal.learned_path)
     save_calibration(args.out, data)
     print_calibration(args, data, skipped)
     if args.plot:
-        plot_curves(curves, args.plot,
+        save_plot(args.plot, curves,
                     operating_point=(data["deferral_rate"], data["cascade_accuracy"],
                                      f"{rule}, {method}"),
                     teacher_accuracy=data.get("teacher_accuracy"),

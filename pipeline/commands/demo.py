@@ -18,13 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from titans.models.calibration import cascade_curve, plot_curves
+from titans.models.calibration import cascade_curve
 from titans.models.deferral import make_rule
 from titans.models.distill import distill, make_student, train_supervised
 from titans.models.forward import forward_in_chunks
-from titans.models.loading import count_parameters, save_torchscript
+from titans.models.loading import count_parameters
 from titans.pipeline import defaults
 from titans.transforms.features import FeatureSpec, feature_matrix
+from titans.transforms.io.models import save_plot, save_torchscript
 
 _LOG = logging.getLogger("titans")
 
@@ -134,11 +135,11 @@ def run_demo(output: str, deferral_rate: float, seed: int, beam_args: list[str],
     _, s_score = make_rule(RULE)(s_logits)
     curve = cascade_curve(s_score.numpy(), s_pred, t_pred, labels=y)
     plot_path = os.path.join(output, "accuracy_vs_deferral.png")
-    plot_curves({RULE: curve}, plot_path,
-                operating_point=(summary["deferral_rate"], summary["cascade_accuracy"], "this run"),
-                teacher_accuracy=summary["teacher_accuracy"],
-                student_accuracy=summary["student_accuracy"],
-                title="titans demo: digits test split")
+    save_plot(plot_path, {RULE: curve},
+              operating_point=(summary["deferral_rate"], summary["cascade_accuracy"], "this run"),
+              teacher_accuracy=summary["teacher_accuracy"],
+              student_accuracy=summary["student_accuracy"],
+              title="titans demo: digits test split")
 
     print()
     print(f"teacher accuracy : {summary['teacher_accuracy']:.2%}  (teacher on every row)")

@@ -8,7 +8,6 @@ Anything wrong with the inputs is a ValueError that says what to fix, printed as
 from __future__ import annotations
 
 import argparse
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +16,8 @@ import torch
 from titans.models.architectures import parse_hidden
 from titans.models.distill import distill, make_student
 from titans.models.forward import forward_in_chunks
-from titans.models.loading import save_torchscript
-from titans.transforms.io.storage import absolute, write_bytes
+from titans.transforms.io.models import save_torchscript
+from titans.transforms.io.storage import absolute
 from titans.pipeline import defaults
 from titans.pipeline.cli.console import print_distill_summary, run_reporting_errors
 from titans.pipeline.commands.datasets import (data_features, check_labels, check_output_path, read_dataset,
@@ -132,6 +131,4 @@ def probs_from_column(column: pa.ChunkedArray, name: str) -> np.ndarray:
 
 def save_student(student: torch.nn.Module, path: str, metadata: dict) -> None:
     """TorchScript with metadata, written to a local path or any URL Beam/fsspec can write."""
-    buf = io.BytesIO()
-    save_torchscript(student, buf, metadata)
-    write_bytes(path, buf.getvalue())
+    save_torchscript(student, path, metadata)

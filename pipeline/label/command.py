@@ -54,10 +54,11 @@ import torch
 
 from titans.models import defaults as train_defaults
 from titans.transforms.io import storage
-from titans.models.calibration import cascade_curve, ltt_threshold, save_calibration
+from titans.models.calibration import cascade_curve, ltt_threshold
 from titans.models.deferral import CONFIDENCE_RULES, make_rule, threshold_for_rate
 from titans.models.forward import forward_in_chunks
-from titans.models.loading import ModelRef, count_parameters, load_model
+from titans.models.loading import ModelRef, count_parameters
+from titans.transforms.io.models import load_model_file, save_calibration
 from titans.models.student_search import (Target, candidate_architectures,
                                           flops_per_row, ltt_bar, search_student)
 from titans.pipeline.label import defaults as ld
@@ -756,7 +757,7 @@ def guarantee_text(c: LabelConfig, ltt: dict | None, n_sample: int) -> str:
 
 def _calibrate_phase(c: LabelConfig, s: LabeledSample, split: Split, student: dict) -> dict:
     path = storage.join(c.output, STUDENT)
-    model = load_model(path)
+    model = load_model_file(path)
     logits = forward_in_chunks(model, s.x[split.cal], 65536)
     probs = torch.softmax(logits, dim=-1)
     s_pred, t_pred = probs.argmax(dim=-1).numpy(), s.teacher_pred[split.cal]
