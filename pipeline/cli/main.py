@@ -53,7 +53,17 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     elif beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)} (titans {args.command} "
                      f"starts no Beam pipeline; see titans {args.command} --help)")
+    _refuse_ignored_flags(parser, args)
     return args, beam_args
+
+
+def _refuse_ignored_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A flag this combination would parse and then ignore is an error (exit code 2)."""
+    if args.command == "run" and args.deferral_model and args.rule != "learned" \
+            and not args.calibration:  # with --calibration, planning names every flag to drop
+        parser.error(f"--deferral-model is the trained model of --rule learned; with --rule "
+                     f"{args.rule or defaults.RULE} it would be ignored: add --rule learned or "
+                     f"drop --deferral-model")
 
 
 def _minus_inf_as_value(argv: list[str]) -> list[str]:
