@@ -295,7 +295,7 @@ def test_entry_point_runs_exit_handlers_unless_the_runner_was_in_process(runner,
     is stopped by an atexit handler, which must run; after an in-process run there is none
     to wait for and teardown is skipped."""
     code = ("import atexit, sys\n"
-            "from titans.pipeline import cli\n"
+            "from titans.pipeline.cli import main as cli\n"
             "atexit.register(lambda: print('exit handler ran', flush=True))\n"
             "cli.main = lambda argv: print('done', flush=True) or 3\n"
             "sys.argv = ['titans', 'run', '--input', 'i', '--output', 'o', '--student', 's',\n"
