@@ -184,6 +184,35 @@ def binomial_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, 
 
 # --------------------------------------------------------------------------- CAL.json
 
+def calibration_record(rule: str, threshold: float, method: str, scores, student_pred,
+                       teacher_pred, labels=None, *, guarantee: dict | None, curves: dict,
+                       requested: dict, num_classes: int, student_outputs: int, n_rows: int,
+                       n_fit_rows: int = 0, **about) -> dict:
+    """The CAL.json record of an operating point chosen on calibration rows, the one way
+    `titans calibrate` and `titans label` build it: the rule and threshold, how they were
+    chosen (``method``, ``requested``, the Learn then Test ``guarantee``), the ``curves``,
+    what the threshold does on those rows (their ``scores``, both models' predictions and the
+    ``labels`` if any: deferral rate, cascade accuracy), and ``about``: where it comes from
+    (student, teacher, input, feature_columns, label_column, seed, ...), kept as given."""
+    scores, student_pred, teacher_pred, labels = _check_arrays(scores, student_pred,
+                                                               teacher_pred, labels)
+    hard = scores > threshold
+    cascade = np.where(hard, teacher_pred, student_pred)
+    truth = teacher_pred if labels is None else labels
+    data = {"rule": rule, "threshold": float(threshold), "method": method,
+            "deferral_rate": float(hard.mean()), "guarantee": guarantee, "curves": curves,
+            "requested": requested, **about, "num_classes": int(num_classes),
+            "student_outputs": int(student_outputs), "n_rows": int(n_rows),
+            "n_fit_rows": int(n_fit_rows), "n_calibration_rows": int(len(scores)),
+            "accuracy_reference": "labels" if labels is not None else "teacher",
+            "cascade_accuracy": float((cascade == truth).mean()),
+            "cascade_agreement_with_teacher": float((cascade == teacher_pred).mean())}
+    if labels is not None:
+        data["teacher_accuracy"] = float((teacher_pred == labels).mean())
+        data["student_accuracy"] = float((student_pred == labels).mean())
+    return data
+
+
 def calibration_to_bytes(data: dict, where: str = "calibration") -> bytes:
     """Validate ``data`` and encode it as CAL.json (infinities as "-inf"/"inf"); ``where``
     (the file's path) names it in messages."""

@@ -161,12 +161,27 @@ class TeacherLabelPlan:
                 **self.input.facts(c)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Parts of a plan a caller resolved before it (`titans label`'s launch plan): with them,
+    ``plan_run`` and ``plan_teacher_label`` neither list the input, read its footers, sample
+    it, resolve its features nor load and check the teacher again; everything else (the
+    config's checks, rows to skip, the student, the threshold) goes the same way."""
+    source: object          # a ParquetInput or TFRecordInput, as listed and read at launch
+    sample: pa.Table        # rows sampled at launch
+    features: object        # FeatureSpec, ImageSpec or TokenSpec, resolved on them
+    x: np.ndarray           # the models' input for the sampled rows with usable features
+    teacher_classes: int    # the teacher's outputs, checked on those rows
+    teacher_parameters: int
+
+
 def json_float(x: float):
     """JSON has no infinities: -inf (defer everything) is written as the string '-inf'."""
     return x if math.isfinite(x) else str(x)
 
 
-def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
+def plan_run(config: RunConfig, phases: Phases | None = None,
+             resolved: Resolved | None = None) -> CascadePlan:
     _check_job(config)
     _check_cascade(config)
     rule_name, threshold, deferral_model = config.rule, config.threshold, config.deferral_model
@@ -176,11 +191,13 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
     if rule_name == "learned" and deferral_model:  # make_rule takes the model, not its path
         learned = load_learned_deferral(deferral_model)
     rule = make_rule(rule_name or defaults.RULE, learned)
-    source, sample, features = _plan_source(config, phases)
-    x = usable_rows(sample, features)
+    source, sample, features = plan_source(config, phases, resolved)
+    x = usable_rows(sample, features) if resolved is None else resolved.x
     checks = Tally()  # the teacher's rows at launch, which report.json counts too
-    teacher = load_checked("teacher", config.teacher, features, checks)
-    teacher_classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS], checks).shape[-1]
+    if resolved is None:
+        teacher_classes, teacher_parameters = check_teacher(config.teacher, features, x, checks)
+    else:
+        teacher_classes, teacher_parameters = resolved.teacher_classes, resolved.teacher_parameters
     student = load_checked("student", config.student, features)
     student_logits = check_on_sample("student", student, x)
     mark(phases, "model_loading_and_checks")
@@ -214,23 +231,37 @@ def plan_run(config: RunConfig, phases: Phases | None = None) -> CascadePlan:
     columns = LabelColumns(config.column_prefix)
     plan_input = InputPlan(source, features, columns,
                            columns.output_schema(source.schema, columns.cascade_fields()))
-    return CascadePlan(config, plan_input, num_classes, count_parameters(teacher),
+    return CascadePlan(config, plan_input, num_classes, teacher_parameters,
                        count_parameters(student), rule, float(threshold), source_kind, detail, rate,
                        checks.rows)
 
 
-def plan_teacher_label(config: TeacherLabelConfig, phases: Phases | None = None) -> TeacherLabelPlan:
+def plan_teacher_label(config: TeacherLabelConfig, phases: Phases | None = None,
+                       resolved: Resolved | None = None) -> TeacherLabelPlan:
     _check_job(config)
-    source, sample, features = _plan_source(config, phases)
-    x = usable_rows(sample, features)
+    source, sample, features = plan_source(config, phases, resolved)
     checks = Tally()
-    teacher = load_checked("teacher", config.teacher, features, checks)
-    classes = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS], checks).shape[-1]
+    if resolved is None:
+        classes, parameters = check_teacher(config.teacher, features,
+                                            usable_rows(sample, features), checks)
+    else:
+        classes, parameters = resolved.teacher_classes, resolved.teacher_parameters
     mark(phases, "model_loading_and_checks")
     columns = LabelColumns(config.column_prefix)
     plan_input = InputPlan(source, features, columns,
                            columns.output_schema(source.schema, columns.teacher_fields(classes)))
-    return TeacherLabelPlan(config, plan_input, classes, count_parameters(teacher), checks.rows)
+    return TeacherLabelPlan(config, plan_input, classes, parameters, checks.rows)
+
+
+def check_teacher(ref: ModelRef, features, x: np.ndarray, checks: Tally,
+                  keep: bool = False):
+    """The teacher loaded and run on the sampled rows ``x`` (at most TEACHER_CHECK_ROWS of
+    them; ``checks`` counts the rows): (its number of classes, its parameter count), and with
+    ``keep`` the loaded model and its outputs too."""
+    teacher = load_checked("teacher", ref, features, checks)
+    logits = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS], checks)
+    found = (logits.shape[-1], count_parameters(teacher))
+    return (*found, teacher, logits) if keep else found
 
 
 def _check_job(c: JobConfig) -> None:
@@ -278,19 +309,23 @@ def _calibration(config: RunConfig) -> tuple[str, float, str | None]:
     return cal["rule"], float(cal["threshold"]), cal.get("deferral_model")
 
 
-def _plan_source(config: JobConfig, phases: Phases | None = None):
-    fmt, files = list_input(config.input, config.input_format, exclude_under=config.output)
-    if config.skip_labeled:  # raises manifest.NothingToLabel when every file is labeled
-        from titans.pipeline import manifest
+def plan_source(config: JobConfig, phases: Phases | None = None,
+                resolved: Resolved | None = None):
+    """(the input, the rows sampled from it, the features resolved on them): listed, read and
+    sampled here, or taken from ``resolved``; checked the same way either way."""
+    if resolved is None:
+        fmt, files = list_input(config.input, config.input_format, exclude_under=config.output)
+        if config.skip_labeled:  # raises manifest.NothingToLabel when every file is labeled
+            from titans.pipeline import manifest
 
-        files = manifest.unlabeled(config.skip_labeled, files, config.output, config.overwrite)
-    source = load_input(fmt, files, config.max_record_bytes)
-    if config.skip_rows:
+            files = manifest.unlabeled(config.skip_labeled, files, config.output, config.overwrite)
+        source = load_input(fmt, files, config.max_record_bytes)
+    else:
+        source, files = resolved.source, list(resolved.source.files)
+    if config.skip_rows:  # positions: Parquet row numbers, TFRecord records' byte offsets
         unknown = set(config.skip_rows) - set(files)
         if unknown:
             raise ValueError(f"rows to skip in files that are not in the input: {sorted(unknown)}")
-        if source.format != "parquet":
-            raise ValueError("rows can only be left out of Parquet input (skip_rows)")
         source = dataclasses.replace(source, skip=dict(config.skip_rows))
     if source.num_rows == 0:
         raise ValueError(f"the input {config.input!r} has no rows ({len(files)} file(s), all empty)")
@@ -303,6 +338,8 @@ def _plan_source(config: JobConfig, phases: Phases | None = None):
         raise ValueError(f"--id-column {config.id_column!r} is not in the input; its columns are "
                          f"{source.schema.names}")
     mark(phases, "input_listing_and_footers")
+    if resolved is not None:
+        return source, resolved.sample, resolved.features
     sample = source.sample(config.sample_rows, config.seed)
     if sample.num_rows == 0:
         raise ValueError(f"no row could be sampled from the input {config.input!r}")

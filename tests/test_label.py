@@ -17,7 +17,10 @@ from conftest import RUNNER, features_table
 from titans.models.architectures import MLP
 from titans.transforms.io.models import load_calibration
 from titans.pipeline import plan
+from titans.pipeline.label import cascade as cascade_phase
 from titans.pipeline.label import command as label_command
+from titans.pipeline.label import distil as distil_phase
+from titans.pipeline.label import launch as label_launch
 from titans.pipeline.cli.main import main
 
 DIM, CLASSES = 8, 4
@@ -57,17 +60,17 @@ def recording(monkeypatch):
 
     def quiet(fn):
         def wrapped(*args, **kwargs):
-            RecordingTeacher.recording = False
+            was, RecordingTeacher.recording = RecordingTeacher.recording, False
             try:
                 return fn(*args, **kwargs)
-            finally:
-                RecordingTeacher.recording = True
+            finally:  # as it was: the launch plan's checks nest
+                RecordingTeacher.recording = was
         return wrapped
 
     for name in ("_check_on_sample", "check_on_sample", "load_checked"):  # the launch checks
         if hasattr(plan, name):
             monkeypatch.setattr(plan, name, quiet(getattr(plan, name)))
-    monkeypatch.setattr(label_command, "_launch_checks", quiet(label_command._launch_checks))
+    monkeypatch.setattr(label_launch, "plan_launch", quiet(label_launch.plan_launch))
     yield
     RecordingTeacher.seen = []
 
@@ -202,7 +205,7 @@ def test_resume_reuses_phases_and_never_relabels_a_sample_row(tmp_path, recordin
         raise RuntimeError("the cascade phase died")
 
     with monkeypatch.context() as m:
-        m.setattr(label_command, "_cascade_phase", cascade_fails)
+        m.setattr(cascade_phase, "run", cascade_fails)
         with pytest.raises(RuntimeError, match="died"):
             main(args)
     first = seen_ids()
@@ -307,7 +310,7 @@ def _killed_after_the_teacher_phase(monkeypatch, args) -> None:
         raise RuntimeError("killed after the teacher phase")
 
     with monkeypatch.context() as m:
-        m.setattr(label_command, "_distil_phase", killed)
+        m.setattr(distil_phase, "run", killed)
         with pytest.raises(RuntimeError, match="killed"):
             main(args)
 

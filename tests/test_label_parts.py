@@ -13,8 +13,11 @@ from titans.models.architectures import MLP
 from titans.models.student_search import (Candidate, Target, candidate_architectures,
                                           deferral_needed, flops_per_row, ltt_bar, mlp_flops,
                                           score_candidate, search_student)
-from titans.pipeline.label.command import (calibrate, default_sample_rows, draw_sample,
-                                           read_rows, row_ranges, split_sample)
+from titans.pipeline.label.calibrate import calibrate
+from titans.pipeline.label.distil import split_sample
+from titans.pipeline.label.launch import default_sample_rows
+from titans.pipeline.label.sample import draw_sample, read_rows
+from titans.pipeline.label.teacher import row_ranges
 
 # ------------------------------------------------------------------ the sample
 

@@ -109,9 +109,9 @@ def test_label_counts_every_teacher_row_of_the_job(tmp_path, counting_teacher, m
                  *counting_teacher, "--id-column", "id", "--sample-rows", "800",
                  "--deferral-rate", "0.2", *RUNNER]) == 0
     report = json.loads((out / "report.json").read_text())
-    # launch: model check 2 + sample check 256 + FLOPs count 64; the teacher-label phase's
-    # plan: 2 + 256; the cascade's plan: 2 + 256
-    assert report["rows_teacher_checks"] == (2 + 256 + 64) + (2 + 256) + (2 + 256)
+    # the one launch plan: model check 2 + sample check 256 + FLOPs count 64; the teacher-label
+    # and cascade phases plan from it and run no teacher check of their own
+    assert report["rows_teacher_checks"] == 2 + 256 + 64
     assert report["rows_to_teacher"] == (report["rows_prelabeled"] + report["rows_teacher_scored"]
                                          + report["rows_teacher_checks"])
     assert CountingTeacher.rows == report["rows_to_teacher"]  # every row the teacher ran on

@@ -444,6 +444,7 @@ def add_label_parser(sub) -> argparse.ArgumentParser:
                     "and report.png covering the whole job, and _label/ with each phase's "
                     "artifacts for --resume. Flags not listed below are Beam pipeline options.")
     _add_input_flags(p)
+    _tfrecord_flags(p)
     add_model_flags(p, "teacher")
     add_trust_flag(p)
     how = p.add_mutually_exclusive_group()

@@ -18,7 +18,8 @@ import time
 
 from titans.pipeline import defaults
 from titans.pipeline.cli import startup
-from titans.pipeline.cli.flags import BEAM_COMMANDS, build_parser, feature_columns, model_ref
+from titans.pipeline.cli.configs import job_fields
+from titans.pipeline.cli.flags import BEAM_COMMANDS, build_parser, model_ref
 
 _LOG = logging.getLogger("titans")
 
@@ -79,38 +80,11 @@ def _minus_inf_as_value(argv: list[str]) -> list[str]:
     return out
 
 
-def input_kind(a: argparse.Namespace) -> dict:
-    """The format and feature flags as JobConfig fields: input_format, output_format,
-    max_record_bytes, and image or tokens specs (titans.transforms.features) when their
-    column is given."""
-    from titans.transforms.features import ImageSpec, TokenSpec
-
-    kind = {"input_format": a.format, "output_format": a.output_format,
-            "max_record_bytes": a.max_record_bytes}
-    if a.image_column:
-        kind["image"] = ImageSpec(a.image_column, a.image_mode, a.image_size, a.image_mean,
-                                  a.image_std)
-    if a.token_column:
-        kind["tokens"] = TokenSpec(a.token_column, a.pad_id, a.max_length, a.overflow)
-    return kind
-
-
 def job_config(a: argparse.Namespace):
     """The RunConfig (`titans run`) or TeacherLabelConfig (`titans teacher-label`) of the flags."""
     from titans.pipeline.plan import RunConfig, TeacherLabelConfig
 
-    hints = {}
-    if a.teacher_accelerator:
-        hints["accelerator"] = a.teacher_accelerator
-    if a.teacher_min_ram:
-        hints["min_ram"] = a.teacher_min_ram
-    common = dict(
-        input=a.input, output=a.output, teacher=model_ref(a, "teacher"),
-        feature_columns=feature_columns(a.feature_columns), id_column=a.id_column,
-        batch_size=a.batch_size, teacher_batch_size=a.teacher_batch_size,
-        column_prefix=a.column_prefix, overwrite=a.overwrite, sample_rows=a.sample_rows,
-        seed=a.seed, teacher_resource_hints=hints, max_dead_letter_rate=a.max_dead_letter_rate,
-        skip_labeled=getattr(a, "skip_labeled", None), **input_kind(a))
+    common = dict(job_fields(a), sample_rows=a.sample_rows)
     if a.command == "teacher-label":
         return TeacherLabelConfig(**common)
     return RunConfig(student=model_ref(a, "student"), rule=a.rule, threshold=a.threshold,

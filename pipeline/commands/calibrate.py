@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from titans.models import defaults as train_defaults
-from titans.models.calibration import cascade_curve, ltt_threshold
+from titans.models.calibration import calibration_record, cascade_curve, ltt_threshold
 from titans.models.deferral import (CONFIDENCE_RULES, DeferHead, make_rule,
                                     threshold_for_rate)
 from titans.models.forward import forward_in_chunks
@@ -208,28 +208,18 @@ def _threshold(args, method: str, h: HeldOut) -> tuple[float, dict | None]:
 
 
 def _calibration_record(args, ds: Dataset, cal: Calibration) -> dict:
-    """The CAL.json record (``titans.models.calibration`` documents its keys)."""
+    """The CAL.json record (``titans.models.calibration.calibration_record`` builds it)."""
     h = cal.held
-    hard = h.scores > cal.threshold
-    cascade = np.where(hard, h.teacher_pred, h.student_pred)
-    data = {
-        "rule": cal.rule, "threshold": float(cal.threshold), "method": cal.method,
-        "deferral_rate": float(hard.mean()), "guarantee": cal.guarantee, "curves": cal.curves,
-        "requested": {"deferral_rate": args.deferral_rate} if cal.method == "budget" else
+    data = calibration_record(
+        cal.rule, cal.threshold, cal.method, h.scores, h.student_pred, h.teacher_pred, h.labels,
+        guarantee=cal.guarantee, curves=cal.curves,
+        requested={"deferral_rate": args.deferral_rate} if cal.method == "budget" else
         {"max_accuracy_loss": args.max_accuracy_loss, "target_accuracy": args.target_accuracy,
          "delta": cal.guarantee["delta"], "bound": cal.guarantee["bound"]},
-        "student": absolute(args.student), "teacher": absolute(args.teacher),
-        "input": args.input, "feature_columns": list(ds.features.columns),
-        "label_column": args.label_column, "num_classes": cal.num_classes,
-        "student_outputs": cal.student_outputs, "seed": args.seed, "n_rows": len(ds.x),
-        "n_fit_rows": cal.n_fit_rows, "n_calibration_rows": len(h.scores),
-        "accuracy_reference": "labels" if h.labels is not None else "teacher",
-        "cascade_accuracy": float((cascade == h.truth).mean()),
-        "cascade_agreement_with_teacher": float((cascade == h.teacher_pred).mean()),
-    }
-    if h.labels is not None:
-        data["teacher_accuracy"] = float((h.teacher_pred == h.labels).mean())
-        data["student_accuracy"] = float((h.student_pred == h.labels).mean())
+        num_classes=cal.num_classes, student_outputs=cal.student_outputs, n_rows=len(ds.x),
+        n_fit_rows=cal.n_fit_rows, student=absolute(args.student), teacher=absolute(args.teacher),
+        input=args.input, feature_columns=list(ds.features.columns),
+        label_column=args.label_column, seed=args.seed)
     if cal.learned_path:
         data["deferral_model"] = absolute(cal.learned_path)
     if cal.student_outputs > cal.num_classes:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 from titans.models.architectures import parse_hidden
@@ -24,7 +22,7 @@ from titans.pipeline.commands.datasets import (data_features, check_labels, chec
                                       split_rows)
 from titans.pipeline.cli.flags import model_ref
 from titans.pipeline.model_checks import load_checked
-from titans.transforms.features import FeatureSpec, feature_matrix, is_list_type
+from titans.transforms.probs import probs_from_column
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -72,7 +70,7 @@ def _distill(args) -> None:
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
         "temperature": args.temperature, "alpha": args.alpha, "final": final,
     }
-    save_student(student, args.out, metadata)
+    save_torchscript(student, args.out, metadata)
     print_distill_summary(args, len(train), len(val), k, final)
 
 
@@ -98,37 +96,3 @@ def _check_distill_args(a) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-
-
-def probs_from_column(column: pa.ChunkedArray, name: str) -> np.ndarray:
-    """A list column of K probabilities per row -> float32 [rows, K]; ValueError if it is not one."""
-    flag = f"--teacher-probs {name!r}"
-    t = column.type
-    if not is_list_type(t) \
-            or not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
-        raise ValueError(f"{flag} must be a list of K probabilities per row (as `titans "
-                         f"teacher-label` writes it), but it is {t}")
-    first = column.drop_null().slice(0, 1).to_pylist()
-    k = len(first[0]) if first else 0
-    if k < 2:
-        raise ValueError(f"{flag} must hold at least 2 probabilities per row; its first row "
-                         f"has {k}")
-    probs, reasons = feature_matrix(pa.table({name: column}), FeatureSpec((name,), k, vector=True))
-    if reasons is not None:
-        bad = [r for r in reasons if r is not None]
-        raise ValueError(f"{flag}: {len(bad):,} row(s) do not hold {k} finite numbers like the "
-                         f"first row (first problem: {bad[0]}); every row needs the teacher's "
-                         f"K probabilities")
-    sums = probs.sum(axis=1, dtype=np.float64)
-    wrong = np.flatnonzero((probs < 0).any(axis=1) | (np.abs(sums - 1.0) > 1e-3))
-    if wrong.size:
-        i = int(wrong[0])
-        raise ValueError(f"{flag} must hold probabilities (non-negative, summing to 1 per row), "
-                         f"but {wrong.size:,} row(s) do not (e.g. a row summing to {sums[i]:.4g}); "
-                         f"if it holds logits, store their softmax")
-    return probs
-
-
-def save_student(student: torch.nn.Module, path: str, metadata: dict) -> None:
-    """TorchScript with metadata, written to a local path or any URL Beam/fsspec can write."""
-    save_torchscript(student, path, metadata)

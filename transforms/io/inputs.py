@@ -90,6 +90,8 @@ class TFRecordInput:
     compression: str = "auto"
     conflicts: dict = dataclasses.field(default_factory=dict)
     num_rows: int | None = None  # unknown until every record is read
+    # records to leave out, {path: ((first, end), ...)} of their byte offsets (where each
+    # record's header starts; in the decompressed stream for GZIP)
     skip: dict = dataclasses.field(default_factory=dict)
     format: str = TFRECORD
     max_record_bytes: int | None = None  # larger records are dead-lettered (None: the default)
@@ -125,10 +127,8 @@ class TFRecordInput:
     def reader(self, batch_size: int):
         from titans.transforms.io.tfrecord import ReadTFRecordBatches
 
-        if self.skip:
-            raise ValueError("leaving rows out (skip_rows) is only supported for Parquet input")
         return ReadTFRecordBatches(list(self.files), batch_size, self.schema, self.compression,
-                                   max_record_bytes=self.max_record_bytes)
+                                   max_record_bytes=self.max_record_bytes, skip=self.skip)
 
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
         """Every parseable record (``columns`` of it, default all), in memory; records that do

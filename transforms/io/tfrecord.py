@@ -185,21 +185,43 @@ class _ReadUnit(beam.DoFn):
     Damage and records that do not fit ``schema`` go to ``dead_letter``."""
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, batch_size: int, schema: pa.Schema | None, max_record_bytes: int):
+    def __init__(self, batch_size: int, schema: pa.Schema | None, max_record_bytes: int,
+                 skip: dict | None = None):
         self._batch_size = batch_size
         self._schema = schema
         self._max_record_bytes = max_record_bytes
+        self._skip = dict(skip or {})
 
     def process(self, unit: Unit):
         stamp(FIRST_READ)
+        skip = self._skip.get(unit.path)
         for item in iter_unit(unit, self._batch_size, max_record_bytes=self._max_record_bytes):
             if isinstance(item, DeadLetter):
                 yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, item)
-            elif self._schema is None:
+                continue
+            if skip:
+                item = without_records(item, skip)
+                if not item.records:
+                    continue
+            if self._schema is None:
                 yield records_table(item)
             else:
                 yield from _parsed(item.records, item.offsets,
                                    pa.array([item.path] * len(item.records)), self._schema)
+
+
+def without_records(batch: RecordBatch, ranges) -> RecordBatch:
+    """``batch`` without the records whose byte offset is in one of ``ranges`` (sorted
+    ((first, end), ...) of offsets: `titans label` leaves out the records it sampled)."""
+    offsets = np.asarray(batch.offsets, np.int64)
+    starts = np.fromiter((a for a, _ in ranges), np.int64, len(ranges))
+    ends = np.fromiter((b for _, b in ranges), np.int64, len(ranges))
+    i = np.searchsorted(starts, offsets, side="right") - 1
+    inside = (i >= 0) & (offsets < ends[np.maximum(i, 0)])
+    if not inside.any():
+        return batch
+    keep = np.flatnonzero(~inside)
+    return RecordBatch([batch.records[k] for k in keep], offsets[keep], batch.path)
 
 
 def records_table(batch: RecordBatch) -> pa.Table:
@@ -256,8 +278,9 @@ class ReadTFRecordBatches(beam.PTransform):
 
     def __init__(self, pattern, batch_size: int, schema: pa.Schema, compression: str = AUTO,
                  split_bytes: int = SPLIT_BYTES, spread_records: bool = False,
-                 max_record_bytes: int | None = MAX_RECORD_BYTES):
+                 max_record_bytes: int | None = MAX_RECORD_BYTES, skip: dict | None = None):
         super().__init__()
+        self._skip = dict(skip or {})  # {path: ((first, end), ...)} of records' byte offsets
         for field in schema:
             kind_of(field.type)
         # a pattern is matched when the pipeline runs; a list of paths is taken as listed
@@ -281,12 +304,12 @@ class ReadTFRecordBatches(beam.PTransform):
             | "Spread" >> beam.Reshuffle())
         if not self._spread:
             read = units | "ReadUnits" >> beam.ParDo(_ReadUnit(self._batch_size, self._schema,
-                                                           self._max_record_bytes)) \
+                                                           self._max_record_bytes, self._skip)) \
                 .with_output_types(pa.Table, dead_letter=DeadLetter) \
                 .with_outputs(_ReadUnit.DEAD_LETTER, main="tables")
             return ReadResult(read.tables, read.dead_letter)
         raw = units | "FrameUnits" >> beam.ParDo(_ReadUnit(self._batch_size, None,
-                                                               self._max_record_bytes)) \
+                                                               self._max_record_bytes, self._skip)) \
             .with_output_types(pa.Table, dead_letter=DeadLetter) \
             .with_outputs(_ReadUnit.DEAD_LETTER, main="records")
         parsed = (raw.records
