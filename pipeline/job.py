@@ -9,16 +9,22 @@
    ``labels/`` and ``dead_letter/`` (temp files of a killed run included) and the report
    files, on any filesystem (object stores are listed by prefix).
 3. The pipeline writes its files through temp-file-and-rename, then report.json, then
-   ``_SUCCESS`` last (see ``stages.finish``). Without ``_SUCCESS`` an output is incomplete
+   ``_SUCCESS`` last (see ``stages.finish``), each once: the job's last step knows everything
+   the report says -- the launcher hands it the runner's name and its own phases up to
+   ``p.run()`` (``stages.JobRecord``), and the counts, the models' rows and forward calls and
+   the first read reach it as count pairs -- so nothing rewrites the report after the job, on
+   any runner, whether the launcher waits or not. Without ``_SUCCESS`` an output is incomplete
    (a killed run) or failed (over the dead-letter budget).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -28,12 +34,15 @@ from titans.pipeline import output_lock
 from titans.pipeline.cli import startup
 from titans.pipeline.options import pipeline_options  # shared with describe
 from titans.pipeline.phases import Phases
-from titans.pipeline.graphs.stages import OUTPUTS, REPORT, mark_complete
-from titans.transforms.timing import FIRST_READ
+from titans.pipeline.graphs.stages import OUTPUTS, REPORT, JobRecord, Launch
 
 _LOG = logging.getLogger("titans")
 
-Build = Callable[[beam.Pipeline, object, float], None]
+# build(pipeline, plan, Launch or the command's start): see stages.finish
+Build = Callable[[beam.Pipeline, object, "Launch | float"], None]
+
+# figures of a larger job that the next job run_job starts is the last part of (whole_job)
+_WHOLE_JOB: contextvars.ContextVar = contextvars.ContextVar("titans_whole_job", default=None)
 
 # runners whose workers run on this machine (Beam's in-process runners and Prism), by their
 # name without a "Runner" suffix: the models' devices are checked here only for these
@@ -132,22 +141,36 @@ def prepare_output(output: str, overwrite: bool) -> None:
               f"; left {len(others)} other file(s) alone" if others else "")
 
 
+@contextlib.contextmanager
+def whole_job(extend: Callable[[dict, float], None]) -> Iterator[None]:
+    """The job run_job starts in this block is the last part of a larger one (`titans label`'s
+    cascade): its final step calls ``extend(report, now)`` before it writes report.json, so
+    the larger job's figures are in the report the job writes, once. ``extend`` travels with
+    the job (it is pickled for a remote runner)."""
+    token = _WHOLE_JOB.set(extend)
+    try:
+        yield
+    finally:
+        _WHOLE_JOB.reset(token)
+
+
 def run_job(plan, build: Build, beam_args: list[str], start: float | None = None,
             wait: bool = True, phases: Phases | None = None,
             lock: output_lock.Lock | None = None) -> dict:
     """Run a planned job to the end and return its report; ``start``: when the command began.
 
-    ``wait=False``: return as soon as the runner has the job (a Dataflow job submitted, or
-    its graph written for a Flex Template launch) with ``{"status": "submitted", ...}``; the
-    job writes report.json and ``_SUCCESS`` itself when it is done (see ``stages.finish``),
-    without the fields this function adds after waiting (wall time from launch, runner,
-    counters). A Flex Template's launcher must not wait for its job.
+    The job writes report.json and ``_SUCCESS`` itself, once, when it is done (see
+    ``stages.finish``): this launcher hands its last step what it knows before the job runs
+    (the runner's name, the phases marked up to ``p.run()``), so the report is the same on
+    every runner. ``wait=False``: return as soon as the runner has the job (a Dataflow job
+    submitted, or its graph written for a Flex Template launch) with ``{"status":
+    "submitted", ...}``. A Flex Template's launcher must not wait for its job.
 
     ``lock``: the output lock the caller holds (``launch`` and `titans label` take it before
     their checks; label's covers its phases' jobs too); without one, run_job takes the lock of
     the output and releases it when the job ends, however it ends. Every check comes before
-    anything in the output is deleted: runner and options, devices, the lock, the write probe.
-    With ``wait=False`` the lock is handed to the job, whose last step releases it."""
+    anything in the output is deleted: runner and options, devices, the lock, the graph, the
+    write probe. With ``wait=False`` the lock is handed to the job, whose last step releases it."""
     start = time.time() if start is None else start
     phases = Phases(start) if phases is None else phases
     options = pipeline_options(beam_args)
@@ -163,45 +186,36 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     try:
         if not wait:
             output_lock.hand_to_job(p, lock)  # before the build: the Finish step takes it along
-        build(p, plan, start)
+        launch = Launch(phases.start)
+        build(p, plan, launch)  # every step but Finish, which is applied below
         prepare_output(output, plan.config.overwrite)
         phases.mark("pipeline_construction")
+        launch.finish(JobRecord(start=phases.start, runner=runner_name(options),
+                                phase_seconds=tuple(phases.seconds.items()),
+                                launched_at=phases.last, whole_job=_WHOLE_JOB.get()))
         startup.resume_gc()  # if the command line paused it for start-up
         result = p.run()
         if not wait:
             lock.handed_over()  # the job's last step releases it; this process must not
             return submitted(result, options, output)
         result.wait_until_finish()
-        return _final_report(result, options, phases, output)
+        report = storage.read_json(storage.join(output, REPORT))  # as the job wrote it
+        if report.get("phase_seconds"):
+            _LOG.info("where the time went: %s", Phases.resume(
+                phases.start, report["phase_seconds"], phases.start).line())
+        return report
     finally:
         if own:
             lock.release()
 
 
+def runner_name(options: PipelineOptions) -> str:
+    """The runner as the report names it (--runner's value, or the runner object's)."""
+    return str(options.view_as(StandardOptions).runner)
+
+
 def _command(plan) -> str:
     return "run" if hasattr(plan.config, "student") else "teacher-label"
-
-
-def _final_report(result, options: PipelineOptions, phases: Phases, output: str) -> dict:
-    # the in-pipeline report timed the pipeline only: restate wall time as launch-to-finish
-    report = storage.read_json(storage.join(output, REPORT))
-    report["runner"] = str(options.view_as(StandardOptions).runner)
-    report["metrics"] = titans_counters(result)
-    for name, at in (("runner_start", _first(result, FIRST_READ)),
-                     ("processing", report.pop("finalize_started_at", None)),
-                     ("finalisation", report.pop("finish_started_at", None))):
-        if at is not None:
-            phases.mark(name, at)
-    phases.mark("report_and_plot")
-    report["phase_seconds"] = phases.seconds
-    wall = time.time() - phases.start
-    report["wall_seconds"] = round(wall, 3)
-    report["rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
-    storage.write_json(storage.join(output, REPORT), report)
-    _LOG.info("where the time went: %s", phases.line())
-    if report["status"] == "complete":
-        mark_complete(output, report)  # again, so that _SUCCESS stays the last file written
-    return report
 
 
 def submitted(result, options: PipelineOptions, output: str) -> dict:
@@ -210,7 +224,7 @@ def submitted(result, options: PipelineOptions, output: str) -> dict:
     if getattr(result, "has_job", False):  # DataflowPipelineResult; None for a template launch
         job_id = result.job_id()
     return {"status": "submitted", "job_id": job_id,
-            "runner": str(options.view_as(StandardOptions).runner),
+            "runner": runner_name(options),
             "output": output, "report": storage.join(output, REPORT)}
 
 
@@ -225,32 +239,6 @@ def submit_nothing(beam_args: list[str], message: str) -> None:
 
 def _log_info(message: str) -> None:
     _LOG.info("%s", message)
-
-
-def _first(result, name: str) -> float | None:
-    """The earliest time (epoch seconds) a ``transforms.timing`` stamp was left, if any."""
-    from apache_beam.metrics.metric import MetricsFilter
-
-    try:
-        found = result.metrics().query(MetricsFilter().with_namespace("titans").with_name(name))
-        values = [d.committed or d.attempted for d in found["distributions"]]
-        return min(v.min for v in values if v is not None and v.count) / 1000.0
-    except (NotImplementedError, KeyError, AttributeError, ValueError):  # no metrics, no stamp
-        return None
-
-
-def titans_counters(result) -> dict:
-    """The pipeline's own counters (rows and forward calls per model), summed over workers."""
-    from apache_beam.metrics.metric import MetricsFilter
-
-    try:
-        counters = result.metrics().query(MetricsFilter().with_namespace("titans"))["counters"]
-    except (NotImplementedError, KeyError, AttributeError):  # runners without metrics
-        return {}
-    totals: dict[str, int] = {}
-    for c in counters:
-        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
-    return dict(sorted(totals.items()))
 
 
 def run_cascade(plan, beam_args: list[str], start: float | None = None,

@@ -1,9 +1,9 @@
 """Where a run's wall time goes, phase by phase: report.json's ``phase_seconds``.
 
 Phases are consecutive: ``mark(name)`` ends the phase that began at the previous mark, so
-they add up to the wall time from the process's start. Inside the pipeline, readers and
-writers leave timestamps as Beam metrics (``transforms.timing``), which split the runner's
-part into start-up, processing and finalisation.
+they add up to the wall time from the process's start. The launcher marks its phases up to
+``p.run()`` and hands them to the job (``stages.JobRecord``), whose last step goes on marking
+from there with the times it sees: the first read, the writers' files in place, its own clock.
 """
 from __future__ import annotations
 
@@ -32,6 +32,19 @@ class Phases:
         self.start = process_start() if start is None else start
         self._last = self.start
         self.seconds: dict[str, float] = {}
+
+    @classmethod
+    def resume(cls, start: float, seconds: dict[str, float], last: float) -> "Phases":
+        """Phases marked elsewhere (``seconds``, the last of them ending at ``last``), to go on
+        marking from."""
+        phases = cls(start)
+        phases.seconds, phases._last = dict(seconds), max(start, last)
+        return phases
+
+    @property
+    def last(self) -> float:
+        """When the last phase ended (the start, before any)."""
+        return self._last
 
     def mark(self, name: str, at: float | None = None) -> None:
         """The phase ``name`` ended ``at`` (now by default)."""

@@ -14,7 +14,9 @@ from titans.pipeline.graphs.counts import Count
 from titans.pipeline.plan import CascadePlan
 from titans.pipeline.report import CascadeReport
 from titans.pipeline.report_plot import plot_scores
-from titans.pipeline.graphs.stages import failures, finish, read_input, tables_typed, write_labels
+from titans.pipeline.graphs.model_counts import CountingHandler, counted
+from titans.pipeline.graphs.stages import (Launch, failures, finish, read_input, tables_typed,
+                                           write_labels)
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels
@@ -25,14 +27,14 @@ from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateT
 
 def student_handler(plan: CascadePlan) -> ArrowModelHandler:
     c = plan.config
-    return ArrowModelHandler(c.student, plan.input.features,
+    return CountingHandler(c.student, plan.input.features,
                              StudentLabels(plan.rule, plan.input.columns),
                              batch_size=c.batch_size, name=STUDENT)
 
 
 def teacher_handler(plan: CascadePlan) -> ArrowModelHandler:
     c = plan.config
-    return ArrowModelHandler(c.teacher, plan.input.features, TeacherLabels(plan.input.columns),
+    return CountingHandler(c.teacher, plan.input.features, TeacherLabels(plan.input.columns),
                              batch_size=c.teacher_batch_size, name=TEACHER,
                              resource_hints=c.teacher_resource_hints)
 
@@ -52,8 +54,9 @@ def fusion_break_before_teacher(config) -> bool:
     return bool(config.teacher_resource_hints)
 
 
-def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> None:
-    """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report."""
+def build_pipeline(p: beam.Pipeline, plan: CascadePlan, job: float | Launch) -> None:
+    """read -> student -> split -> (easy | teacher(hard)) -> write, plus dead letter and report.
+    ``job``: the launcher's ``Launch``, or when the command began (see ``stages.finish``)."""
     c, columns = plan.config, plan.input.columns
     names = plan.input.input_names
     tables, read_dead, count_parts = read_input(p, plan.input, c.batch_size)
@@ -62,6 +65,7 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
     # forward still only dead-letters its batch (and keeps the DirectRunner in-process).
     scored, student_failed = tables | "ScoreStudent" >> RunInference(
         student_handler(plan)).with_exception_handling()
+    scored, student_counts = counted(scored, STUDENT, "CountStudentCalls")
     split = tables_typed(scored) | "SplitByDeferral" >> beam.ParDo(
         SplitByDeferral(plan.threshold, columns, names, c.audit_rate, c.seed)
     ).with_output_types(pa.Table, easy=pa.Table, hard=pa.Table,
@@ -72,6 +76,7 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
     teacher_scored, teacher_failed = to_teacher | "ScoreTeacher" >> RunInference(
         teacher_handler(plan)).with_exception_handling().with_resource_hints(
         **c.teacher_resource_hints)
+    teacher_scored, teacher_counts = counted(teacher_scored, TEACHER, "CountTeacherCalls")
     teacher = tables_typed(teacher_scored) | "SeparateTeacherRows" >> beam.ParDo(
         SeparateTeacherRows(columns, names)).with_output_types(
         pa.Table, audited=tuple, dead_letter=DeadLetter).with_outputs(AUDITED, DEAD_LETTER,
@@ -92,12 +97,12 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, start_time: float) -> No
         counts.scores(split[EASY], "easy", columns.deferral_score, "EasyScores"),
         counts.scores(teacher.hard, "hard", columns.deferral_score, "HardScores"),
         counts.rows(tables_typed(teacher_scored), Count.TEACHER_SCORED, "CountTeacherScored"),
-        counts.audits(teacher[AUDITED], "CountAudits")]
+        counts.audits(teacher[AUDITED], "CountAudits"), student_counts, teacher_counts]
     dead_parts = [read_dead, split[DEAD_LETTER], teacher[DEAD_LETTER],
                   failures(student_failed, STUDENT, names), failures(teacher_failed, TEACHER, names)]
     if c.prelabeled:  # `titans label`: its sample rows, labeled by the teacher already
         written.append(_prelabeled(p, plan, count_parts, dead_parts))
-    finish(c.output, dead_parts, count_parts, written, CascadeReport(plan.facts()), start_time,
+    finish(c.output, dead_parts, count_parts, written, CascadeReport(plan.facts()), job,
            plot=plot_scores, on_complete=manifest.record_for(plan, "run"))
 
 

@@ -2,6 +2,7 @@
 finish with the report and the completion marker once every output file is in place."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -23,12 +24,22 @@ from titans.transforms.labels import AUDIT
 from titans.transforms.io.parquet import WriteParquetBatches
 
 
+FIRST = "first:"  # count keys of time stamps (epoch seconds), kept as their minimum
+FIRST_READ = FIRST + "read"
+
+
+def stamp_first_read(tables):
+    """(FIRST_READ, now) per table read: when the runner began reading."""
+    return tables | "StampFirstRead" >> beam.Map(lambda _: (FIRST_READ, time.time()))
+
+
 def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int):
     """(tables, dead-letter PCollection, [counts of rows in])."""
     read = p | "ReadBatches" >> plan.source.reader(batch_size)
     rejected = read.dead_letter | "RejectedAtRead" >> beam.Map(lambda d: d.rows)
     return read.tables, read.dead_letter, [counts.rows(read.tables, Count.IN, "CountIn"),
-                                           counts.rows(rejected, Count.IN, "CountInRejected")]
+                                           counts.rows(rejected, Count.IN, "CountInRejected"),
+                                           stamp_first_read(read.tables)]
 
 
 def write_labels(tables, label: str, output: str, schema, output_format: str, prefix: str):
@@ -66,14 +77,49 @@ def failures(dlq, stage: str, input_names: list[str]):
         to_dead_letter).with_output_types(DeadLetter)
 
 
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    """What the launcher knows before its job runs, handed to the job's last step, which
+    writes the report once: when the command began (wall time runs from it), the runner's
+    name, the launcher's phases up to ``p.run()`` and when the last of them ended, and
+    ``whole_job(report, now)``: figures of a job this one is the last part of (`titans label`'s
+    phases and wall time), added to the report before it is written."""
+    start: float
+    runner: str | None = None
+    phase_seconds: tuple = ()  # ((name, seconds), ...) in order
+    launched_at: float | None = None
+    whole_job: Callable[[dict, float], None] | None = None
+
+
+class Launch:
+    """A job being built by a launcher: ``finish`` leaves the Finish step with it, to be applied
+    by ``run_job`` once its own phases are marked (after the build, the output checks and
+    --overwrite, right before ``p.run()``), with the ``JobRecord`` known then. Everything else
+    in the graph is built before anything in the output is deleted."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self._finish: Callable[[JobRecord], None] | None = None
+
+    def defer(self, apply: Callable[[JobRecord], None]) -> None:
+        self._finish = apply
+
+    def finish(self, record: JobRecord) -> None:
+        if self._finish is None:
+            raise RuntimeError("the pipeline was built without a Finish step")
+        apply, self._finish = self._finish, None
+        apply(record)
+
+
 def finish(output: str, dead_parts: list, count_parts: list, written: list,
-           build_report: Callable[[Counts, float], dict], start_time: float,
+           build_report: Callable[[Counts, float], dict], job: float | Launch,
            plot: Callable[[dict, str], None] | None = None,
            on_complete: Callable[[dict], None] | None = None) -> None:
     """Write the dead letter; then, once every writer's bundles are committed (``written``:
     (destination, temporary paths) pairs), put every file in place, write the report and,
     if the job kept its promises, ``_SUCCESS``, then ``on_complete(report)`` (the
-    --skip-labeled manifest update)."""
+    --skip-labeled manifest update). ``job``: a ``Launch`` (the Finish step is applied when
+    the launcher says), or when the command began (applied now, with nothing else known)."""
     dead = (dead_parts | "MergeDeadLetter" >> beam.Flatten()
             | "FormatDeadLetter" >> ToDeadLetter())
     writer = WriteParquetBatches(storage.join(output, DEAD_LETTER), DEAD_LETTER_SCHEMA)
@@ -82,21 +128,36 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
                                  counts.reasons(dead, "CountReasons")]
     # every batch emits (key, rows) pairs (~100 of them with the histogram bins): summed per
     # key on the way (combiner lifting sums each bundle's pairs before the shuffle), so the
-    # side input Finish waits for holds one pair per key, however many batches the job had
-    pairs = (count_parts | "MergeCounts" >> beam.Flatten()
-             | "SumCounts" >> beam.CombinePerKey(sum))
+    # side input Finish waits for holds one pair per key, however many batches the job had;
+    # a time stamp (FIRST) is kept as its earliest
+    merged = count_parts | "MergeCounts" >> beam.Flatten()
+    sums = (merged | "NotStamps" >> beam.Filter(lambda kv: not kv[0].startswith(FIRST))
+            | "SumCounts" >> beam.CombinePerKey(sum))
+    firsts = (merged | "Stamps" >> beam.Filter(lambda kv: kv[0].startswith(FIRST))
+              | "FirstStamps" >> beam.CombinePerKey(min))
+    pairs = (sums, firsts) | "CountsAndStamps" >> beam.Flatten()
     destinations = [d for d, _ in written]
-    _ = (dead.pipeline | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(
-        _Finish(output, destinations, build_report, start_time, plot, on_complete,
-                release_by_job(dead.pipeline)),
-        AsList(pairs), *[AsList(paths) for _, paths in written]))
+    pipeline = dead.pipeline
+
+    def apply(record: JobRecord) -> None:
+        _ = (pipeline | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(
+            _Finish(output, destinations, build_report, record, plot, on_complete,
+                    release_by_job(pipeline)),
+            AsList(pairs), *[AsList(paths) for _, paths in written]))
+
+    if isinstance(job, Launch):
+        job.defer(apply)
+    else:
+        apply(JobRecord(start=job))
 
 
 class _Finish:
-    """Put every file in place, write report.json (and the plot), then _SUCCESS last. It
-    runs once every writer's bundles are committed: it takes their paths as side inputs."""
+    """Put every file in place, build the report (and the plot), write report.json once, then
+    _SUCCESS last. It runs once every writer's bundles are committed: it takes their paths as
+    side inputs. Everything the report says is known here: the counts and stamps of the job,
+    the launcher's record (``JobRecord``) and this step's own clock."""
 
-    def __init__(self, output: str, destinations: list, build_report, start_time: float, plot,
+    def __init__(self, output: str, destinations: list, build_report, job: JobRecord, plot,
                  on_complete=None, release=None):
         self._output = output
         # the output lock, when the launcher does not wait for the job (output_lock): released
@@ -104,7 +165,7 @@ class _Finish:
         self._release = release
         self._destinations = destinations
         self._build = build_report
-        self._start = start_time
+        self._job = job
         self._plot = plot
         self._on_complete = on_complete
 
@@ -112,13 +173,14 @@ class _Finish:
         finalize_started = time.time()
         final = [d.put_in_place(paths) for d, paths in zip(self._destinations, written)]
         started = time.time()
-        report = self._build(Counts(pairs), started - self._start)
-        # split the launcher's phase_seconds: processing | finalisation | report
-        report["finalize_started_at"], report["finish_started_at"] = finalize_started, started
+        report = self._build(Counts(pairs), started - self._job.start)
         report["output_files"] = sum(len(f) for f in final)
-        storage.write_json(storage.join(self._output, REPORT), report)
         if self._plot is not None:
             self._plot(report, storage.join(self._output, PLOT))
+        now = self._timing(report, dict(pairs), finalize_started, started)
+        if self._job.whole_job is not None:
+            self._job.whole_job(report, now)
+        storage.write_json(storage.join(self._output, REPORT), report)
         if report["status"] == "complete":
             mark_complete(self._output, report)
             if self._on_complete is not None:
@@ -126,6 +188,45 @@ class _Finish:
         if self._release is not None:
             self._release()
         return report
+
+    def _timing(self, report: dict, pairs: dict, finalize_started: float,
+                started: float) -> float:
+        """The runner, the models' rows and forward calls, and where the time went, from the
+        launch (the record's start) to now: the launcher's phases, then runner start (to the
+        first read), processing (to the writers' files being put in place), finalisation (to
+        the report) and report and plot (to now)."""
+        from titans.pipeline.phases import Phases
+
+        job = self._job
+        if job.runner is not None:
+            report["runner"] = job.runner
+        report["metrics"] = metrics(pairs.items())
+        phases = Phases.resume(job.start, dict(job.phase_seconds),
+                               job.start if job.launched_at is None else job.launched_at)
+        if FIRST_READ in pairs:
+            phases.mark("runner_start", pairs[FIRST_READ])
+        phases.mark("processing", finalize_started)
+        phases.mark("finalisation", started)
+        phases.mark("report_and_plot")
+        report["phase_seconds"] = phases.seconds
+        wall = phases.last - job.start
+        report["wall_seconds"] = round(wall, 3)
+        report["rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
+        return phases.last
+
+
+METRIC = "metric:"  # count keys of report.json's metrics: "metric:student_rows", ...
+
+
+def metrics(pairs) -> dict[str, int]:
+    """report.json's ``metrics`` from the job's count pairs: {"student_rows": n, ...} (the
+    figures of Beam's counters, which only a launcher that waits could read, after the job;
+    see ``model_counts``)."""
+    totals: dict[str, int] = {}
+    for key, n in pairs:
+        if key.startswith(METRIC):
+            totals[key[len(METRIC):]] = totals.get(key[len(METRIC):], 0) + n
+    return dict(sorted(totals.items()))
 
 
 def mark_complete(output: str, report: dict) -> None:

@@ -11,7 +11,9 @@ from titans.pipeline.graphs import counts
 from titans.pipeline.graphs.counts import Count
 from titans.pipeline.plan import TeacherLabelPlan
 from titans.pipeline.report import TeacherLabelReport
-from titans.pipeline.graphs.stages import failures, finish, read_input, tables_typed, write_labels
+from titans.pipeline.graphs.model_counts import CountingHandler, counted
+from titans.pipeline.graphs.stages import (Launch, failures, finish, read_input, tables_typed,
+                                           write_labels)
 from titans.transforms.dead_letter import TEACHER, DeadLetter
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import TeacherProbs
@@ -20,24 +22,27 @@ from titans.transforms.split import DEAD_LETTER, SplitErrors
 
 def teacher_handler(plan: TeacherLabelPlan) -> ArrowModelHandler:
     c = plan.config
-    return ArrowModelHandler(c.teacher, plan.input.features,
+    return CountingHandler(c.teacher, plan.input.features,
                              TeacherProbs(plan.input.columns, plan.num_classes),
                              batch_size=c.teacher_batch_size, name=TEACHER,
                              resource_hints=c.teacher_resource_hints)
 
 
-def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, start_time: float) -> None:
-    """read -> teacher -> write, plus dead letter and report."""
+def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, job: float | Launch) -> None:
+    """read -> teacher -> write, plus dead letter and report. ``job``: the launcher's
+    ``Launch``, or when the command began (see ``stages.finish``)."""
     c, names = plan.config, plan.input.input_names
     tables, read_dead, count_parts = read_input(p, plan.input, c.batch_size)
     scored, failed = tables | "ScoreTeacher" >> RunInference(
         teacher_handler(plan)).with_exception_handling()
+    scored, teacher_counts = counted(scored, TEACHER, "CountTeacherCalls")
     labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(SplitErrors(names)).with_output_types(
         pa.Table, dead_letter=DeadLetter).with_outputs(DEAD_LETTER, main="ok")
     written = [write_labels(labeled.ok, "WriteTeacherLabels", c.output, plan.input.output_schema,
                             c.output_format, "teacher")]
     count_parts += [counts.rows(labeled.ok, Count.LABELED, "CountLabeled"),
-                    counts.rows(tables_typed(scored), Count.TEACHER_SCORED, "CountTeacherScored")]
+                    counts.rows(tables_typed(scored), Count.TEACHER_SCORED, "CountTeacherScored"),
+                    teacher_counts]
     finish(c.output, [read_dead, labeled[DEAD_LETTER], failures(failed, TEACHER, names)],
-           count_parts, written, TeacherLabelReport(plan.facts()), start_time,
+           count_parts, written, TeacherLabelReport(plan.facts()), job,
            on_complete=manifest.record_for(plan, "teacher-label"))
