@@ -175,13 +175,13 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock)
                 f"{cal['guarantee_text']} -> {jd.calibration}"), **cal))
     cal_facts = phases["calibrate"]
     # 5. cascade
-    with _Phase(5, "cascade", False, None) as ph:
+    # the cascade's last step records it in phases.json and writes the whole job's report,
+    # then _SUCCESS (_finish_report): nothing is written after it
+    with _Phase(5, "cascade", False, None) as ph, _finish_report(jd, keys["cascade"], reused,
+                                                                 start):
         report = cascade.run(c, plan, labeled, student_facts, cal_facts, phases, jd, beam_args,
                              lock)
-        done("cascade", ph.finish(report["rows_cascade_in"], (
-            f"{report['rows_easy']:,} rows labeled by the student, {report['rows_hard']:,} by "
-            f"the teacher, {report['rows_dead_letter']:,} dead-lettered")))
-    _finish_report(c, report, phases, reused, start)
+        ph.finish(report["rows_cascade_in"], _cascade_summary(report))
     print(job_summary(report))
     return 0 if report["status"] == "complete" else 1
 
@@ -249,19 +249,41 @@ class _Phase:
         return False
 
 
-def _finish_report(c: LabelConfig, report: dict, phases: dict, reused: list[str],
-                   start: float) -> None:
-    """The whole job's wall time and phases into report.json; _SUCCESS stays the last file."""
-    wall = time.time() - start
-    report["job_wall_seconds"] = round(wall, 3)
-    report["job_rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
-    report["phases"] = {name: {**{k: v for k, v in p.items() if k not in ("key", "candidates")},
-                               "reused": name in reused}
-                        for name, p in phases.items()}
-    report["student_search"] = phases["distil"].get("candidates")
-    storage.write_json(storage.join(c.output, REPORT), report)
-    if report["status"] == "complete":
-        mark_complete(c.output, report)
+def _finish_report(jd: JobDir, key: dict, reused: list[str], start: float):
+    """The whole job's figures -- every phase, reused or not, the student search, the job's
+    wall time -- handed to the cascade's last step (``job.whole_job``), which records the
+    cascade phase in phases.json and adds them to the report before it writes report.json and
+    then _SUCCESS, once each. Taken as the cascade phase begins: its start is the phase's."""
+    import copy
+
+    from titans.pipeline.job import whole_job
+
+    begun = time.time()
+    earlier = {name: {**{k: v for k, v in p.items() if k not in ("key", "candidates")},
+                      "reused": name in reused}
+               for name, p in jd.phases.items() if name != "cascade"}
+    search = jd.phases["distil"].get("candidates")
+    manifest, manifest_path = copy.deepcopy(jd.manifest), jd.phases_json
+
+    def extend(report: dict, now: float) -> None:  # in the job's last step
+        seconds, rows = now - begun, report["rows_cascade_in"]
+        entry = {"rows": rows, "seconds": round(seconds, 3),
+                 "rows_per_second": round(rows / seconds if seconds > 0 else 0.0, 1),
+                 "summary": _cascade_summary(report)}
+        manifest["phases"]["cascade"] = {"key": key, **entry}  # as JobDir.record does
+        storage.write_json(manifest_path, manifest)
+        wall = now - start
+        report["job_wall_seconds"] = round(wall, 3)
+        report["job_rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
+        report["phases"] = {**earlier, "cascade": {**entry, "reused": False}}
+        report["student_search"] = search
+
+    return whole_job(extend)
+
+
+def _cascade_summary(report: dict) -> str:
+    return (f"{report['rows_easy']:,} rows labeled by the student, {report['rows_hard']:,} by "
+            f"the teacher, {report['rows_dead_letter']:,} dead-lettered")
 
 
 def job_summary(report: dict) -> str:
