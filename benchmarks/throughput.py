@@ -12,6 +12,8 @@ default 1M-row groups:
     student only (small pair), on --stock-rows rows and a quarter of them;
 (d) the compute alone: student on every row and teacher on the hard 20%, tensors already in
     memory, same threads, in a fresh process: the physical limit of (b)'s marginal rate.
+With --base-ref REV, (b) of commit REV (a git worktree under --workdir) runs interleaved with
+(b) too, and its ratio to (b) is printed: a change's "no slowdown" check, measured in one run.
 (a), (b) and (c) are whole processes (importing Beam and torch is part of the cost). Runs of
 each comparison are interleaved (a, b, a, b, ...) so drifting load hits both sides alike;
 the medians are compared and the minimum and maximum printed with them. Marginal rows/s
@@ -140,6 +142,25 @@ def compute_only(student: str, teacher: str, rows: int, batch: int = 65536) -> N
     print(json.dumps({"rows_per_second": rows / seconds}))
 
 
+def base_titans(ref: str, workdir: str) -> list[str]:
+    """The `titans run` command of commit ``ref``: its tree checked out beside the data, put
+    first on PYTHONPATH (the installed package stays as it is)."""
+    tree = os.path.abspath(os.path.join(workdir, f"base-{ref}"))
+    if not os.path.isdir(tree):
+        subprocess.run(["git", "worktree", "add", "--detach", tree, ref], check=True,
+                       capture_output=True)
+    package = os.path.join(tree, ".site", "titans")
+    os.makedirs(package, exist_ok=True)
+    open(os.path.join(package, "__init__.py"), "a").close()
+    for folder in ("pipeline", "transforms", "models"):
+        if not os.path.islink(os.path.join(package, folder)):
+            os.symlink(os.path.join(tree, folder), os.path.join(package, folder))
+    cli = ("titans.pipeline.cli.main" if os.path.isdir(os.path.join(tree, "pipeline", "cli"))
+           else "titans.pipeline.cli")  # before and after the layout of issue 17
+    return ["env", f"PYTHONPATH={os.path.dirname(package)}", sys.executable, "-m", cli,
+            "--log-level", "WARNING", "run"]
+
+
 def timed(cmd: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in MiB of the process and its children, stdout), fresh process."""
     wrapper = [sys.executable, __file__, "measure", "--"] + cmd
@@ -210,6 +231,8 @@ def main() -> None:
                     help="interleaved runs of every side and size (default: 5)")
     ap.add_argument("--pairs", default="small,large", help="model pairs to run (default: small,large)")
     ap.add_argument("--workdir", default="benchmarks/out", help="data, models and outputs")
+    ap.add_argument("--base-ref", metavar="REV",
+                    help="also time (b) of this git commit, interleaved, and print its ratio")
     ap.add_argument("--beam-args", default="",
                     help="pipeline options for (b) (default: none: titans' own defaults)")
     args = ap.parse_args()
@@ -232,6 +255,7 @@ def main() -> None:
         student, teacher = make_models(args.workdir, pair)
         a = {rows: Runs(f"(a) hand-written loop, {rows:,} rows") for rows in sizes}
         b = {rows: Runs(f"(b) titans run, {rows:,} rows") for rows in sizes}
+        b0 = {rows: Runs(f"(b0) titans run of {args.base_ref}, {rows:,} rows") for rows in sizes}
         for _ in range(r):
             for rows in sizes:
                 a[rows].add(timed([sys.executable, __file__, "handwritten", w(f"data-{rows}.parquet"),
@@ -241,6 +265,11 @@ def main() -> None:
                     "--input", w(f"data-{rows}.parquet"), "--output", out, "--student", student,
                     "--teacher", teacher, "--overwrite", "--deferral-rate", str(RATE)]
                     + args.beam_args.split()), os.path.join(out, "report.json"))
+                if args.base_ref:
+                    b0[rows].add(timed(base_titans(args.base_ref, args.workdir) + [
+                        "--input", w(f"data-{rows}.parquet"), "--output", out + "-base",
+                        "--student", student, "--teacher", teacher, "--overwrite",
+                        "--deferral-rate", str(RATE)] + args.beam_args.split()))
         bound = statistics.median(json.loads(subprocess.run(
             [sys.executable, __file__, "compute", student, teacher, str(n)], check=True,
             capture_output=True, text=True).stdout.strip().splitlines()[-1])["rows_per_second"]
@@ -255,6 +284,10 @@ def main() -> None:
             print(b[rows].phase_line())
             print(f"b/a = {a[rows].median / b[rows].median:.2f} at {rows:,} rows   (target >= 1.0 "
                   f"at 1M)")
+            if args.base_ref:
+                print(b0[rows].line(rows))
+                print(f"b/b0 = {b0[rows].median / b[rows].median:.2f} at {rows:,} rows   (>= 1: "
+                      f"no slower than {args.base_ref})")
         print(f"(d) compute alone (student on all rows, teacher on {RATE:.0%}): {bound:,.0f} rows/s")
         if m:
             marginal = (m - n) / (b[m].median - b[n].median)
