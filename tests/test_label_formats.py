@@ -1,0 +1,163 @@
+"""`titans label` reads every input `titans run` reads: GZIP TFRecord of tf.Example, encoded
+images (PNG bytes, a small CNN teacher), labels/ written as TFRecord; token sequences are
+refused at launch with one line. Each job: every row exactly once in labels/ or dead_letter/,
+_SUCCESS, and the guarantee line. TFRecords are written by tests/example_wire.py."""
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from conftest import RUNNER
+from example_wire import example, write_tfrecord
+from test_label import (CLASSES, DIM, TEACHER_CLASS, TEACHER_KWARGS, RecordingTeacher,  # noqa: F401
+                        recording, save_teacher, seen_ids, short_training, teacher_labels)
+from titans.pipeline.cli.main import main
+from titans.pipeline.label.sample import draw_sample, read_records
+from titans.transforms.io.inputs import open_input
+from titans.transforms.io.models import save_torchscript
+
+
+def _dead_ids(out) -> np.ndarray:
+    dead = pq.read_table(os.path.join(out, "dead_letter"))
+    return np.array([json.loads(r)["id"] for r in dead.column("row").to_pylist()], int)
+
+
+def _write_vectors(directory, n: int = 1500, files: int = 3, bad: int = 30) -> np.ndarray:
+    """``files`` GZIP TFRecord files of Examples (id, features: feature 0 is id / 1000); ``bad``
+    rows have a NaN feature. Returns x."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, n + 1)
+    x = rng.normal(size=(n, DIM)).astype(np.float32)
+    x[:, 0] = ids / 1000
+    x[rng.choice(n, bad, replace=False), 3] = np.nan
+    for i, part in enumerate(np.array_split(np.arange(n), files)):
+        write_tfrecord(os.path.join(directory, f"part-{i}.tfrecord.gz"),
+                       [example({"id": ("int64", [int(ids[j])]), "features": ("float", x[j].tolist())})
+                        for j in part], compress=True)
+    return x
+
+
+def test_label_on_gzip_tfrecord(tmp_path, recording, capsys):
+    x = _write_vectors(tmp_path / "data")
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    out = tmp_path / "out"
+    assert main(["label", "--input", str(tmp_path / "data"), "--format", "tfrecord",
+                 "--output", str(out), "--teacher", teacher, "--teacher-class", TEACHER_CLASS,
+                 "--teacher-class-kwargs", TEACHER_KWARGS, "--id-column", "id",
+                 "--sample-rows", "600", "--max-disagreement", "0.05", *RUNNER]) == 0
+    printed = capsys.readouterr().out
+    assert "guarantee: with probability >= 0.9" in printed
+    assert (out / "_SUCCESS").exists()
+    labels = pq.read_table(out / "labels").sort_by("id")
+    ids, dead = labels.column("id").to_numpy(), _dead_ids(out)
+    np.testing.assert_array_equal(np.sort(np.concatenate([ids, dead])), np.arange(1, 1501))
+    assert len(dead) == 30
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["conservation_ok"]
+    assert report["input_format"] == "tfrecord" and report["rows_in"] == 1500
+    # the sample rows keep the teacher's labels and the teacher never ran on a row twice: the
+    # cascade's reader left the sampled records out by their byte offsets
+    seen = seen_ids()
+    assert len(np.unique(seen)) == len(seen)
+    assert len(seen) == report["rows_prelabeled"] + report["rows_teacher_scored"]
+    by_teacher = labels.filter(pa.compute.equal(labels.column("source"), "teacher"))
+    truth = teacher_labels(teacher, x)
+    np.testing.assert_array_equal(by_teacher.column("label").to_numpy(),
+                                  truth[by_teacher.column("id").to_numpy() - 1])
+
+
+def test_tfrecord_sample_reads_the_drawn_records_with_their_offsets(tmp_path):
+    x = _write_vectors(tmp_path / "data", n=300, files=2, bad=0)
+    source = open_input(str(tmp_path / "data"), "tfrecord")
+    from titans.pipeline.label.launch import file_row_counts
+
+    counts = file_row_counts(source)
+    assert counts == [150, 150]
+    per_file = draw_sample(counts, 40, seed=1)
+    for i, (path, rows) in enumerate(zip(source.files, per_file)):
+        table, bad = read_records(path, rows, i, source)
+        assert bad == 0 and table.num_rows == rows.size
+        np.testing.assert_array_equal(table.column("id").to_numpy(), rows + 1 + 150 * i)
+        np.testing.assert_allclose(np.stack(table.column("features").to_numpy(zero_copy_only=False)),
+                                   x[rows + 150 * i])
+        offsets = table.column("__titans_row").to_numpy()
+        assert np.all(np.diff(offsets) > 0) and set(table.column("__titans_file").to_pylist()) == {i}
+
+
+class DigitCNN(torch.nn.Module):
+    """float32 [B, 1, 8, 8] -> logits [B, 10]: a small convolutional teacher."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+            torch.nn.Linear(8 * 8 * 8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_label_on_png_digits_in_gzip_tfrecord_writing_tfrecord(tmp_path, capsys):
+    """The command of the issue: --format tfrecord --image-column image/encoded on GZIP
+    TFRecords of PNG digits (it read them as Parquet and failed before)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    n = 1200
+    pixels = (digits.images[:n] * 255 / 16).round()
+    images = [_png(p) for p in pixels]
+    images[7] = b"not a png"  # dead-lettered by the image decoder
+    os.makedirs(tmp_path / "data")
+    for i, part in enumerate(np.array_split(np.arange(n), 2)):
+        write_tfrecord(tmp_path / "data" / f"digits-{i}.tfrecord.gz",
+                       [example({"id": ("int64", [int(j)]), "image/encoded": ("bytes", [images[j]])})
+                        for j in part], compress=True)
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "cnn.pt")
+    save_torchscript(DigitCNN(), teacher)
+    out = tmp_path / "out"
+    assert main(["label", "--input", str(tmp_path / "data"), "--format", "tfrecord",
+                 "--image-column", "image/encoded", "--image-mode", "L",
+                 "--output", str(out), "--output-format", "tfrecord", "--teacher", teacher,
+                 "--id-column", "id", "--sample-rows", "500", "--deferral-rate", "0.3",
+                 *RUNNER]) == 0
+    printed = capsys.readouterr().out
+    assert "guarantee: no guarantee: --deferral-rate 0.3" in printed
+    assert (out / "_SUCCESS").exists()
+    assert all(p.name.endswith(".tfrecord") for p in (out / "labels").iterdir())
+    labels = open_input(str(out / "labels"), "tfrecord").read_all()
+    ids, dead = labels.column("id").to_numpy(), _dead_ids(out)
+    np.testing.assert_array_equal(np.sort(np.concatenate([ids, dead])), np.arange(n))
+    assert dead.tolist() == [7]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["conservation_ok"]
+    assert report["model_input"].startswith("float32 [batch, 1, 8, 8]")
+    assert report["rows_prelabeled"] == 500 - (7 in _sampled_ids(out))
+
+
+def _sampled_ids(out) -> set:
+    return set(pq.read_table(out / "_label" / "sample.parquet").column("id").to_pylist())
+
+
+def test_label_refuses_token_sequences_at_launch(tmp_path, capsys):
+    os.makedirs(tmp_path / "data")
+    pq.write_table(pa.table({"tokens": pa.array([[1, 2, 3]] * 100, pa.list_(pa.int64()))}),
+                   tmp_path / "data" / "a.parquet")
+    out = tmp_path / "out"
+    assert main(["label", "--input", str(tmp_path / "data"), "--token-column", "tokens",
+                 "--output", str(out), "--teacher", str(tmp_path / "t.pt"), *RUNNER]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--token-column" in err[0] and "cannot label token sequences" in err[0]
+    assert not out.exists()
