@@ -27,7 +27,8 @@ from throughput import make_data, make_models, timed  # noqa: E402
 HINT = "type:nvidia-l4;count:1;install-nvidia-driver"
 # `titans run` with cascade.fusion_break_before_teacher forced to BREAK (a Python literal)
 RUN = ("import sys\n"
-       "from titans.pipeline import cascade, cli\n"
+       "from titans.pipeline.cli import main as cli\n"
+       "from titans.pipeline.graphs import cascade\n"
        "force = {force}\n"
        "if force is not None: cascade.fusion_break_before_teacher = lambda config: force\n"
        "sys.exit(cli.main(sys.argv[1:]))\n")

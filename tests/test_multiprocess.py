@@ -36,7 +36,7 @@ HINT = "type:nvidia-l4;count:1;install-nvidia-driver"
 # pipelines use RunInference's exception handling, which Prism does not run) and whether
 # entry_point would skip interpreter teardown (it must not: worker processes to stop)
 TITANS = ("import sys\n"
-          "from titans.pipeline import cli\n"
+          "from titans.pipeline.cli import main as cli\n"
           "code = cli.main(sys.argv[1:])\n"
           "print('PRISM', 'apache_beam.runners.portability.prism_runner' in sys.modules)\n"
           "print('FAST_EXIT', cli.fast_exit_is_safe(sys.argv[1:]))\n"
