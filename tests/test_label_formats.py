@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -109,9 +110,11 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_label_on_png_digits_in_gzip_tfrecord_writing_tfrecord(tmp_path, capsys):
-    """The command of the issue: --format tfrecord --image-column image/encoded on GZIP
-    TFRecords of PNG digits (it read them as Parquet and failed before)."""
+@pytest.mark.parametrize("fmt", ["tfrecord", "parquet"])
+def test_label_on_png_digits(tmp_path, capsys, fmt):
+    """PNG digits, a small CNN teacher. tfrecord: the command of the issue, --format tfrecord
+    --image-column image/encoded on GZIP TFRecords (it read them as Parquet and failed
+    before), writing labels/ as TFRecord; parquet: the PNG bytes in a binary column."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -121,23 +124,29 @@ def test_label_on_png_digits_in_gzip_tfrecord_writing_tfrecord(tmp_path, capsys)
     images[7] = b"not a png"  # dead-lettered by the image decoder
     os.makedirs(tmp_path / "data")
     for i, part in enumerate(np.array_split(np.arange(n), 2)):
-        write_tfrecord(tmp_path / "data" / f"digits-{i}.tfrecord.gz",
-                       [example({"id": ("int64", [int(j)]), "image/encoded": ("bytes", [images[j]])})
-                        for j in part], compress=True)
+        if fmt == "tfrecord":
+            write_tfrecord(tmp_path / "data" / f"digits-{i}.tfrecord.gz",
+                           [example({"id": ("int64", [int(j)]),
+                                     "image/encoded": ("bytes", [images[j]])}) for j in part],
+                           compress=True)
+        else:
+            pq.write_table(pa.table({"id": pa.array(part, pa.int64()), "image/encoded": pa.array(
+                [images[j] for j in part], pa.binary())}), tmp_path / "data" / f"digits-{i}.parquet",
+                row_group_size=200)
     torch.manual_seed(0)
     teacher = str(tmp_path / "cnn.pt")
     save_torchscript(DigitCNN(), teacher)
     out = tmp_path / "out"
-    assert main(["label", "--input", str(tmp_path / "data"), "--format", "tfrecord",
+    assert main(["label", "--input", str(tmp_path / "data"), "--format", fmt,
                  "--image-column", "image/encoded", "--image-mode", "L",
-                 "--output", str(out), "--output-format", "tfrecord", "--teacher", teacher,
+                 "--output", str(out), "--output-format", fmt, "--teacher", teacher,
                  "--id-column", "id", "--sample-rows", "500", "--deferral-rate", "0.3",
                  *RUNNER]) == 0
     printed = capsys.readouterr().out
     assert "guarantee: no guarantee: --deferral-rate 0.3" in printed
     assert (out / "_SUCCESS").exists()
-    assert all(p.name.endswith(".tfrecord") for p in (out / "labels").iterdir())
-    labels = open_input(str(out / "labels"), "tfrecord").read_all()
+    assert all(p.name.endswith("." + fmt) for p in (out / "labels").iterdir())
+    labels = open_input(str(out / "labels"), fmt).read_all()
     ids, dead = labels.column("id").to_numpy(), _dead_ids(out)
     np.testing.assert_array_equal(np.sort(np.concatenate([ids, dead])), np.arange(n))
     assert dead.tolist() == [7]
