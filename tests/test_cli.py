@@ -18,7 +18,7 @@ from titans.transforms.io.models import save_torchscript
 from titans.models import defaults as train_defaults
 from titans.pipeline import defaults
 from titans.pipeline.cli.main import build_parser, fast_exit_is_safe, job_config, main, parse
-from titans.pipeline.cli.flags import model_ref
+from titans.pipeline.cli.values import model_ref
 
 
 def test_titans_run_end_to_end(tmp_path, models):
@@ -125,8 +125,8 @@ JOB_FLAGS = {"--input", "--output", "--feature-columns", "--id-column", "--overw
              "--batch-size", "--max-dead-letter-rate", "--trust-model-code",
              "--teacher-batch-size", "--teacher-device", "--teacher-accelerator",
              "--teacher-min-ram", "--column-prefix", "--sample-rows", "--seed",
-             "--output-format"} | DATA_FLAGS
-MODE_FLAGS = {"--skip-labeled", "--describe", "--max-record-bytes"}  # run and teacher-label only
+             "--output-format", "--max-record-bytes"} | DATA_FLAGS
+MODE_FLAGS = {"--skip-labeled", "--describe"}  # run and teacher-label only
 FLAGS = {
     "run": JOB_FLAGS | MODEL_FLAGS | MODE_FLAGS | {
         "--rule", "--threshold", "--deferral-rate", "--calibration", "--deferral-model",

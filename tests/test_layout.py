@@ -153,9 +153,6 @@ def long_modules() -> dict[str, int]:
     return {m: n for m, n in sorted(lengths.items()) if n > MAX_LINES}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "still over 500 lines: pipeline/label/command.py (902 lines, being split) and "
-    "pipeline/cli/flags.py (506)"))
 def test_no_library_module_is_too_long():
     too_long = long_modules()
     assert not too_long, f"modules over {MAX_LINES} lines: {too_long}"

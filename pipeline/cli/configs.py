@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from titans.pipeline.cli.flags import feature_columns, model_ref
+from titans.pipeline.cli.values import feature_columns, model_ref
 
 
 def input_kind(a: argparse.Namespace) -> dict:

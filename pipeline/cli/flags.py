@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from titans.models import defaults as train_defaults
+from titans.pipeline.cli import values
 from titans.pipeline import defaults
 from titans.pipeline.label import defaults as label_defaults
 
@@ -60,31 +61,10 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
                         "off by default")
 
 
-def model_ref(args: argparse.Namespace, role: str):
-    """The --ROLE, --ROLE-class, --ROLE-class-kwargs (and --ROLE-device, if any) flags, with
-    --trust-model-code, as a ``titans.models.loading.ModelRef``."""
-    from titans.models.loading import ModelRef  # imports torch: only once a command runs
-
-    return ModelRef(getattr(args, role), getattr(args, f"{role}_class"),
-                    getattr(args, f"{role}_class_kwargs"),
-                    getattr(args, f"{role}_device", "cpu"),
-                    trust_code=getattr(args, "trust_model_code", False))
 
 
-def feature_columns(spec: str) -> tuple[str, ...]:
-    """``"a, b,c"`` -> ("a", "b", "c")."""
-    return tuple(c.strip() for c in spec.split(",") if c.strip())
 
 
-def share(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def _feature_columns_flag(p: argparse.ArgumentParser, extra: str = "") -> None:
@@ -103,26 +83,10 @@ def _format_flags(p: argparse.ArgumentParser) -> None:
                         "Parquet) (default: %(default)s)")
 
 
-def byte_size(text: str) -> int:
-    """argparse type: a positive number of bytes, or of KiB, MiB or GiB ('64MiB')."""
-    number = text.strip()
-    scale = 1
-    for suffix, shift in (("KiB", 10), ("MiB", 20), ("GiB", 30), ("K", 10), ("M", 20), ("G", 30)):
-        if number.endswith(suffix):
-            number, scale = number[:-len(suffix)].strip(), 1 << shift
-            break
-    try:
-        value = int(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of bytes (or KiB, MiB, GiB), got "
-                                         f"{text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
-    return value
 
 
 def _tfrecord_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-record-bytes", type=byte_size, default=defaults.MAX_RECORD_BYTES,
+    p.add_argument("--max-record-bytes", type=values.byte_size, default=defaults.MAX_RECORD_BYTES,
                    metavar="SIZE",
                    help="TFRecord input: the largest record read. A header declaring more is "
                         "taken as damage, checked before any of the record is read: its bytes "
@@ -132,23 +96,8 @@ def _tfrecord_flags(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s, 64 MiB)")
 
 
-def _dims(text: str) -> tuple[int, int]:
-    """argparse type: 'H,W' -> (H, W)."""
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W (two integers), got {text!r}")
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"image size must be positive, got {text}")
-    return h, w
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    """argparse type: '0.5' or '0.485,0.456,0.406' -> a tuple of floats."""
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
 
 
 def _image_and_token_flags(p: argparse.ArgumentParser) -> None:
@@ -160,12 +109,12 @@ def _image_and_token_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-mode", default="RGB", choices=("RGB", "L"),
                    help="convert every image to RGB (C=3) or L, grayscale (C=1) "
                         "(default: %(default)s)")
-    g.add_argument("--image-size", type=_dims, metavar="H,W",
+    g.add_argument("--image-size", type=values.dims, metavar="H,W",
                    help="resize every image to H,W (bilinear); without it every image must "
                         "have the size of the sampled ones (default: no resizing)")
-    g.add_argument("--image-mean", type=_floats, metavar="M[,M,M]",
+    g.add_argument("--image-mean", type=values.floats, metavar="M[,M,M]",
                    help="per-channel mean subtracted after scaling to [0, 1] (default: 0)")
-    g.add_argument("--image-std", type=_floats, metavar="S[,S,S]",
+    g.add_argument("--image-std", type=values.floats, metavar="S[,S,S]",
                    help="per-channel standard deviation divided by after the mean (default: 1)")
     g = p.add_argument_group("token sequences (instead of --feature-columns)")
     g.add_argument("--token-column", metavar="COL",
@@ -206,7 +155,7 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, metavar="N",
                    help="rows per Arrow batch read from Parquet and per student forward pass, "
                         "whatever the files' row-group size (default: %(default)s)")
-    p.add_argument("--max-dead-letter-rate", type=share, default=defaults.MAX_DEAD_LETTER_RATE,
+    p.add_argument("--max-dead-letter-rate", type=values.share, default=defaults.MAX_DEAD_LETTER_RATE,
                    metavar="R",
                    help="the job exits non-zero (report still written) when more than this "
                         "share of input rows is dead-lettered: that usually means a wrong flag, "
@@ -470,7 +419,7 @@ def add_label_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=("max_prob", "margin", "entropy"),
                    help="deferral rule (default: the one that needs the fewest teacher rows on "
                         "the validation part of the sample)")
-    p.add_argument("--audit-rate", type=share, default=ld.AUDIT_RATE, metavar="A",
+    p.add_argument("--audit-rate", type=values.share, default=ld.AUDIT_RATE, metavar="A",
                    help="also send a seeded random share A of the easy rows to the teacher; the "
                         "report estimates the disagreement over the rows outside the sample from "
                         "them, a live check of the guarantee (default: %(default)s)")

@@ -19,7 +19,8 @@ import time
 from titans.pipeline import defaults
 from titans.pipeline.cli import startup
 from titans.pipeline.cli.configs import job_fields
-from titans.pipeline.cli.flags import BEAM_COMMANDS, build_parser, model_ref
+from titans.pipeline.cli.flags import BEAM_COMMANDS, build_parser
+from titans.pipeline.cli.values import model_ref
 
 _LOG = logging.getLogger("titans")
 

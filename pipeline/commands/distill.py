@@ -20,7 +20,7 @@ from titans.pipeline import defaults
 from titans.pipeline.cli.console import print_distill_summary, run_reporting_errors
 from titans.pipeline.commands.datasets import (data_features, check_labels, check_output_path, read_dataset,
                                       split_rows)
-from titans.pipeline.cli.flags import model_ref
+from titans.pipeline.cli.values import model_ref
 from titans.pipeline.model_checks import load_checked
 from titans.transforms.probs import probs_from_column
 
