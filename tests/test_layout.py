@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import os
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDERS = ("models", "transforms", "pipeline")  # lower folders first

@@ -37,7 +37,7 @@ import time
 from titans.models import defaults as train_defaults
 from titans.models.deferral import CONFIDENCE_RULES
 from titans.models.loading import ModelRef
-from titans.pipeline.graphs.stages import REPORT, mark_complete
+from titans.pipeline.graphs.stages import REPORT
 from titans.pipeline.outputs import SUCCESS
 from titans.pipeline.label import calibrate, cascade, distil, launch, sample, teacher
 from titans.pipeline.label import defaults as ld

@@ -29,7 +29,6 @@ from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table 
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
-from titans.transforms.timing import FIRST_READ, stamp
 from titans.transforms.io.writes import Destination, WriteTables
 
 _LOG = logging.getLogger("titans")
@@ -261,7 +260,6 @@ class _ReadRowGroup(beam.DoFn):
         self._skip = dict(skip)
 
     def process(self, unit):
-        stamp(FIRST_READ)
         path, group = unit
         conflict = self._conflicts.get(path)
         pf = open_parquet(path)

@@ -41,7 +41,6 @@ from titans.transforms.overlap import BackgroundWriter
 from titans.transforms.io.parquet import input_pattern
 from titans.transforms.io.tfrecord_framing import (
     MAX_RECORD_BYTES, RecordBatch, Unit, crc32c_rows, iter_unit, mask, masked_crc32c)
-from titans.transforms.timing import FIRST_READ, stamp
 from titans.transforms.io.writes import Destination, WriteTables
 
 _LOG = logging.getLogger("titans")
@@ -193,7 +192,6 @@ class _ReadUnit(beam.DoFn):
         self._skip = dict(skip or {})
 
     def process(self, unit: Unit):
-        stamp(FIRST_READ)
         skip = self._skip.get(unit.path)
         for item in iter_unit(unit, self._batch_size, max_record_bytes=self._max_record_bytes):
             if isinstance(item, DeadLetter):
