@@ -152,7 +152,7 @@ def test_cpu_route_stages_a_package_with_titans(tmp_path):
     sdist = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
     with tarfile.open(sdist) as tar:
         names = tar.getnames()
-    for module in ("pipeline/cli.py", "transforms/inference.py", "models/loading.py"):
+    for module in ("pipeline/cli/main.py", "transforms/inference.py", "models/loading.py"):
         assert any(n.endswith(module) for n in names), module
     requirements = (ROOT / "deploy" / "requirements-cpu-worker.txt").read_text()
     version = re.search(r"TORCH_VERSION=([\d.]+)", DOCKERFILE.read_text()).group(1)

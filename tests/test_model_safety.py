@@ -550,17 +550,21 @@ def with_deflated_zeros(data: bytes, name: str, mib: int) -> bytes:
     return bytes(raw)
 
 
+# this process's own high-water mark, in KiB: VmHWM starts afresh at exec, while ru_maxrss
+# keeps the forking parent's (a pytest process of ~1 GB late in the suite)
 PEAK_MEMORY = """
-import resource, sys
+import sys
 from titans.models.loading import ModelLoadError
 from titans.transforms.io.models import load_model_file
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+before = peak()
 try:
     load_model_file(sys.argv[1])
     print("loaded")
 except ModelLoadError as e:
     print(e)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(peak() - before)
 """
 
 
