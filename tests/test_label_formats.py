@@ -2,7 +2,6 @@
 images (PNG bytes, a small CNN teacher), labels/ written as TFRecord; token sequences are
 refused at launch with one line. Each job: every row exactly once in labels/ or dead_letter/,
 _SUCCESS, and the guarantee line. TFRecords are written by tests/example_wire.py."""
-import io
 import json
 import os
 
@@ -11,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from conftest import RUNNER
 from example_wire import example, write_tfrecord
+from test_formats import _png
 from test_label import (CLASSES, DIM, TEACHER_CLASS, TEACHER_KWARGS, RecordingTeacher,  # noqa: F401
                         recording, save_teacher, seen_ids, short_training, teacher_labels)
 from titans.pipeline.cli.main import main
@@ -102,12 +101,6 @@ class DigitCNN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("fmt", ["tfrecord", "parquet"])
