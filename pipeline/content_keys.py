@@ -126,12 +126,9 @@ def _gcs_keys(paths: list[str]) -> dict[str, dict]:
     """One listing per directory (a day's partition is one request), then one lookup per
     file the listings missed; names are literal (no glob)."""
     try:
-        from apache_beam.io.gcp import gcsio
+        client = storage.gcs_client()
     except ImportError:  # apache-beam without [gcp]: sizes and times only
         return _beam_keys(paths)
-    fs = storage._beam_fs().get_filesystem(paths[0])  # pylint: disable=protected-access
-    make = getattr(fs, "_gcsIO", None)  # Beam's GCS filesystem's client, with its options
-    client = (make() if make is not None else gcsio.GcsIO()).client
     by_dir: dict[tuple[str, str], set] = {}
     for path in paths:
         bucket, _, name = path[len("gs://"):].partition("/")

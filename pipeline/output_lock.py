@@ -269,22 +269,8 @@ def _gcs(path: str):
     """(the google-cloud-storage blob of a gs:// path, PreconditionFailed, NotFound)."""
     from google.api_core.exceptions import NotFound, PreconditionFailed
 
-    return _gcs_client().bucket(path[5:].split("/", 1)[0]).blob(path[5:].split("/", 1)[1]), \
+    return storage.gcs_client().bucket(path[5:].split("/", 1)[0]).blob(path[5:].split("/", 1)[1]), \
         PreconditionFailed, NotFound
-
-
-_CLIENT = None
-
-
-def _gcs_client():
-    """Beam's own GCS client (the credentials Beam uses; anonymous on a local GCS API)."""
-    global _CLIENT
-    if _CLIENT is None:
-        storage._beam_fs()  # pylint: disable=protected-access - a local GCS API: anonymous
-        from apache_beam.io.gcp.gcsio import GcsIO
-
-        _CLIENT = GcsIO().client
-    return _CLIENT
 
 
 def _create(path: str, data: bytes):

@@ -157,7 +157,7 @@ class _Requests:
 
 def test_gcs_lock_second_acquire_refused(gcs_bucket, monkeypatch):
     out = f"{gcs_bucket}/lock/out"
-    client = output_lock._gcs_client()
+    client = storage.gcs_client()
     seen = _Requests(client._http)
     try:
         first = output_lock.acquire(out, "run")

@@ -17,6 +17,7 @@ model loading, which must stay cheap to import.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -264,14 +265,23 @@ def _is_gcs(fs) -> bool:
     return type(fs).__name__ == "GCSFileSystem"
 
 
-def _gcsio(fs):
-    """The GCS client of Beam's GCS filesystem ``fs`` (with the options Beam was given)."""
+def _gcsio(fs=None):
+    """The GcsIO of Beam's GCS filesystem ``fs`` (with the options Beam was given)."""
+    fs = _beam_fs().get_filesystem("gs://b/o") if fs is None else fs
     make = getattr(fs, "_gcsIO", None)
     if make is not None:
         return make()
     from apache_beam.io.gcp.gcsio import GcsIO
 
     return GcsIO()
+
+
+@functools.lru_cache(maxsize=1)
+def gcs_client():
+    """The google-cloud-storage client Beam uses for gs:// (its credentials; anonymous on a
+    local GCS API), one per process: for what FileSystems does not offer, object generations
+    and create-if-absent preconditions (content keys, the output lock)."""
+    return _gcsio().client
 
 
 def _walk(top: str, recursive: bool):
