@@ -54,7 +54,6 @@ import subprocess
 import tempfile
 import time
 
-import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import note as _hypothesis_note
 from hypothesis.errors import InvalidArgument
@@ -372,12 +371,10 @@ class AcrossRuns(RuleBasedStateMachine):
         if not resume:
             assert sig != (old.sig if old else None), \
                 f"exit 0 but {out}/{SUCCESS} is the previous job's"
-        elif old is not None and old.kind == "run" and not self._changes(out, before):
-            # KNOWN BUG (test_label_resume_after_run_overwrite_is_not_complete_already):
-            # `titans label --resume` calls the `titans run --overwrite` that replaced the label
-            # job "complete already". What is there must still be the current input's rows.
-            note("# known bug: label --resume took a `titans run` output for its own")
-            command = "run"
+        elif old is not None and old.kind == "run":
+            # a `titans run` replaced the label job: --resume must redo it, never call the
+            # run's output its own (test_label_resume_after_run_overwrite_is_not_complete_already)
+            assert sig != old.sig, f"label --resume took the run's {out}/{SUCCESS} for its own"
         self._completed(command, out, skip=skip)
 
     def _after_kill(self, command, out, before, skip, resume):
@@ -474,12 +471,6 @@ TestAcrossRuns = AcrossRuns.TestCase
 
 # ------------------------------------------------------------------ bugs the machine found
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `titans label --resume` says 'complete already' (exit 0, nothing done) for an output "
-    "whose label job was replaced by `titans run --overwrite`: phases.json in _label/ is "
-    "trusted, nothing checks that labels/, report.json and _SUCCESS are still that job's; "
-    "the output then holds the run's labels next to the label job's student.pt and "
-    "calibration.json"))
 def test_label_resume_after_run_overwrite_is_not_complete_already(tmp_path, monkeypatch):
     from titans.models import student_search
 

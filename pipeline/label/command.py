@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import uuid
 
 from titans.models import defaults as train_defaults
 from titans.models.deferral import CONFIDENCE_RULES
@@ -265,11 +266,14 @@ def _finish_report(jd: JobDir, key: dict, reused: list[str], start: float):
     search = jd.phases["distil"].get("candidates")
     manifest, manifest_path = copy.deepcopy(jd.manifest), jd.phases_json
 
+    run_id = uuid.uuid4().hex  # ties phases.json's cascade to this report (JobDir.complete)
+
     def extend(report: dict, now: float) -> None:  # in the job's last step
         seconds, rows = now - begun, report["rows_cascade_in"]
         entry = {"rows": rows, "seconds": round(seconds, 3),
                  "rows_per_second": round(rows / seconds if seconds > 0 else 0.0, 1),
-                 "summary": _cascade_summary(report)}
+                 "summary": _cascade_summary(report), "run_id": run_id}
+        report["label_run_id"] = run_id
         manifest["phases"]["cascade"] = {"key": key, **entry}  # as JobDir.record does
         storage.write_json(manifest_path, manifest)
         wall = now - start

@@ -22,7 +22,7 @@ import json
 import logging
 
 from titans.pipeline import content_keys, output_lock
-from titans.pipeline.outputs import OUTPUTS, SUCCESS
+from titans.pipeline.outputs import OUTPUTS, REPORT, SUCCESS
 from titans.transforms.io import storage
 
 _LOG = logging.getLogger("titans")
@@ -196,10 +196,18 @@ class JobDir:
         return reused
 
     def complete(self, keys: dict, reused: list[str], resume: bool) -> bool:
-        """Whether --resume finds the job done already: every phase reused and the cascade
-        finished (_SUCCESS) with the same key."""
-        return (resume and len(reused) == 4 and (self.phases.get("cascade") or {}).get("key")
-                == keys["cascade"] and storage.exists(self.artifact("cascade")))
+        """Whether --resume finds the job done already: every phase reused, the cascade
+        finished (_SUCCESS) with the same key, and report.json still this job's (another
+        command's --overwrite may have replaced labels/, the report and _SUCCESS since)."""
+        cascade = self.phases.get("cascade") or {}
+        if not (resume and len(reused) == 4 and cascade.get("key") == keys["cascade"]
+                and storage.exists(self.artifact("cascade"))):
+            return False
+        try:
+            report = storage.read_json(self.path(REPORT))
+        except Exception:  # noqa: BLE001 - missing or unreadable: not this job's
+            return False
+        return cascade.get("run_id") is not None and report.get("label_run_id") == cascade["run_id"]
 
 
 def change_text(name: str, before, now) -> str:
