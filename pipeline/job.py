@@ -22,7 +22,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import sys
 import time
 from typing import Callable, Iterator
 
@@ -261,8 +260,8 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
            describe: bool = False, wait: bool = True) -> int:
     """Plan, run and summarise a `titans run` (RunConfig) or `titans teacher-label`
     (TeacherLabelConfig) job; the command's exit code: 0 done (or nothing to label under
-    --skip-labeled), 1 the job failed its dead-letter budget (report written, no _SUCCESS),
-    2 a launch check failed. ``describe``: plan and build, print the pipeline as JSON, run
+    --skip-labeled), 1 the job failed its dead-letter budget (report written, no _SUCCESS); a
+    launch check that fails raises ValueError (the caller prints it, exit 2). ``describe``: plan and build, print the pipeline as JSON, run
     nothing; ``wait=False``: return once the runner has the job (see run_job)."""
     phases = Phases()
     if start is not None:
@@ -296,9 +295,6 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
         if not wait:
             submit_nothing(beam_args, f"titans {command}: {e}")
         return 0
-    except ValueError as e:  # launch-time checks: say what to fix, no traceback
-        print(f"titans {command}: error: {e}", file=sys.stderr)
-        return 2
     if report["status"] == "submitted":
         runner = report["runner"].rsplit(".", 1)[-1].removesuffix("Runner") or report["runner"]
         print(f"titans {command}: {runner} job {report['job_id']} submitted; not waiting for it"

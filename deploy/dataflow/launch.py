@@ -114,13 +114,15 @@ def run_and_return(cli_args: list[str]) -> int:
     schema, models, threshold) and output preparation, then Pipeline.run(), and return
     instead of waiting for the job and reading its report (titans' run_job(wait=False))."""
     from titans.pipeline.cli import main as cli
+    from titans.pipeline.cli.console import run_reporting_errors
     from titans.pipeline.job import launch
 
     args, beam_args = cli.parse(cli_args)
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("titans").setLevel(args.log_level)
-    return launch(cli.job_config(args), beam_args, describe=args.describe, wait=False)
+    return run_reporting_errors("run", lambda: launch(cli.job_config(args), beam_args,
+                                                      describe=args.describe, wait=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,15 +10,15 @@ import numpy as np
 REPORT_RATES = (0.05, 0.10, 0.20, 0.30)
 
 
-def run_reporting_errors(command: str, body: Callable[[], object]) -> int:
-    """0 after ``body()``; 2 when it raises ValueError (an edge check: what to fix, no
-    traceback), the message printed as ``titans COMMAND: error: ...``."""
+def run_reporting_errors(command: str, body: Callable[[], int]) -> int:
+    """``body()``'s exit code; 2 when it raises ValueError (a check at the edge: what to fix,
+    one line, no traceback), printed as ``titans COMMAND: error: ...``. The one place every
+    command's bad input becomes its exit code."""
     try:
-        body()
+        return body()
     except ValueError as e:
         print(f"titans {command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 def pct(x: float | None) -> str:

@@ -102,28 +102,47 @@ def main(argv: list[str] | None = None) -> int:
     args, beam_args = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("titans").setLevel(args.log_level)
-    if args.command == "distill":
-        from titans.pipeline.commands.distill import run_distill
+    from titans.pipeline.cli.console import run_reporting_errors
 
-        return run_distill(args)
-    if args.command == "calibrate":
-        from titans.pipeline.commands.calibrate import run_calibrate
+    command = COMMANDS[args.command]
+    return run_reporting_errors(args.command, lambda: command(args, beam_args, start))
 
-        return run_calibrate(args)
-    if args.command == "demo":
-        from titans.pipeline.cli.console import run_reporting_errors
-        from titans.pipeline.commands.demo import run_demo
 
-        return run_reporting_errors(
-            "demo", lambda: run_demo(args.output, args.deferral_rate, args.seed, beam_args,
-                                     args.format))
-    if args.command == "label":
-        from titans.pipeline.label.command import run_label
-
-        return run_label(args, beam_args, start)
+# every command: (flags, Beam's flags, when the command began) -> exit code; each imports what
+# it needs only when it runs (`titans --help` stays light)
+def _launch(args: argparse.Namespace, beam_args: list[str], start: float) -> int:
     from titans.pipeline.job import launch  # run, teacher-label: plan, run, summarise
 
     return launch(job_config(args), beam_args, start, describe=args.describe)
+
+
+def _label(args: argparse.Namespace, beam_args: list[str], start: float) -> int:
+    from titans.pipeline.label.command import run_label
+
+    return run_label(args, beam_args, start)
+
+
+def _distill(args: argparse.Namespace, beam_args: list[str], start: float) -> int:
+    from titans.pipeline.commands.distill import run_distill
+
+    return run_distill(args)
+
+
+def _calibrate(args: argparse.Namespace, beam_args: list[str], start: float) -> int:
+    from titans.pipeline.commands.calibrate import run_calibrate
+
+    return run_calibrate(args)
+
+
+def _demo(args: argparse.Namespace, beam_args: list[str], start: float) -> int:
+    from titans.pipeline.commands.demo import run_demo
+
+    run_demo(args.output, args.deferral_rate, args.seed, beam_args, args.format)
+    return 0
+
+
+COMMANDS = {"run": _launch, "teacher-label": _launch, "label": _label, "distill": _distill,
+            "calibrate": _calibrate, "demo": _demo}
 
 
 # Beam runners that execute the pipeline in this process (DirectRunner's in-memory and

@@ -24,7 +24,7 @@ from titans.models.learned_deferral import LearnedDeferral
 from titans.transforms.io.models import save_calibration, save_learned_deferral, save_plot
 from titans.transforms.io.storage import absolute
 from titans.pipeline import defaults
-from titans.pipeline.cli.console import print_calibration, run_reporting_errors
+from titans.pipeline.cli.console import print_calibration
 from titans.pipeline.commands.datasets import (data_features, Dataset, check_labels, check_output_path, read_dataset,
                                       split_rows)
 from titans.pipeline.cli.values import model_ref
@@ -62,7 +62,8 @@ class Calibration:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    return run_reporting_errors("calibrate", lambda: _calibrate(args))
+    _calibrate(args)
+    return 0
 
 
 def _calibrate(args) -> None:

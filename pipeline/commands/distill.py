@@ -17,7 +17,7 @@ from titans.models.forward import forward_in_chunks
 from titans.transforms.io.models import save_torchscript
 from titans.transforms.io.storage import absolute
 from titans.pipeline import defaults
-from titans.pipeline.cli.console import print_distill_summary, run_reporting_errors
+from titans.pipeline.cli.console import print_distill_summary
 from titans.pipeline.commands.datasets import (data_features, check_labels, check_output_path, read_dataset,
                                       split_rows)
 from titans.pipeline.cli.values import model_ref
@@ -26,7 +26,8 @@ from titans.transforms.probs import probs_from_column
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    return run_reporting_errors("distill", lambda: _distill(args))
+    _distill(args)
+    return 0
 
 
 def _distill(args) -> None:

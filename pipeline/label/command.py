@@ -90,11 +90,7 @@ def config_from_args(a) -> LabelConfig:
 
 def run_label(args, beam_args: list[str], start: float | None = None) -> int:
     """The command: 0 done, 1 a pipeline failed its dead-letter budget, 2 a launch check failed."""
-    try:
-        return label(config_from_args(args), beam_args, start)
-    except ValueError as e:
-        print(f"titans label: error: {e}", file=sys.stderr)
-        return 2
+    return label(config_from_args(args), beam_args, start)
 
 
 def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> int:

@@ -1,8 +1,13 @@
 """Files on any filesystem: bytes, JSON, listing and deletion, local or object store.
 
-Everything goes through Beam's ``FileSystems`` (local paths, ``gs://``, ``s3://``, ...),
-which is what the pipeline's readers and writers use; fsspec is used only for a scheme Beam
-does not know (``memory://``, say), so a URL works the same in every command.
+Which library, and why (the one place that says so): everything goes through Beam's
+``FileSystems`` (local paths, ``gs://``, ``s3://``, ...), which is what the pipeline's
+readers and writers use on the workers, so a path means the same thing at launch and in the
+job, with the same credentials. fsspec is used only for a scheme Beam does not know
+(``memory://``, say). gcsfs is not used: footers are already read concurrently through
+FileSystems (``parquet.read_footers``, a thread pool), and what FileSystems lacks on GCS
+(object generations, create-if-absent) comes from the google-cloud-storage client Beam
+itself holds (``gcs_client``).
 
 Object stores have no directories: ``gs://b/out/labels`` does not "exist" even when
 ``gs://b/out/labels/part-0.parquet`` does. So a directory here is always a *prefix*:
