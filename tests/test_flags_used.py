@@ -88,6 +88,22 @@ TOKENS = {"--token-column": "tok"}
 LTT = {"--deferral-rate": None, "--max-accuracy-loss": "0.2"}
 
 
+def _image_and_token_cases(max_length: str) -> dict:
+    """The image and token flags of every command that reads data; ``max_length`` fits the
+    command's data."""
+    return {
+        "--image-column": ({}, IMAGE),
+        "--image-mode": (IMAGE, {"--image-mode": "L"}),
+        "--image-size": (IMAGE, {"--image-size": "3,3"}),
+        "--image-mean": (IMAGE, {"--image-mean": "0.5"}),
+        "--image-std": (IMAGE, {"--image-std": "0.5"}),
+        "--token-column": ({}, TOKENS),
+        "--pad-id": (TOKENS, {"--pad-id": "1"}),
+        "--max-length": (TOKENS, {"--max-length": max_length}),
+        "--overflow": ({**TOKENS, "--max-length": max_length}, {"--overflow": "truncate"}),
+    }
+
+
 def _job_cases(p: dict, out: str) -> dict:
     """Flags of the Beam job commands (run, teacher-label, label), built but not run."""
     return {
@@ -97,15 +113,7 @@ def _job_cases(p: dict, out: str) -> dict:
         "--output-format": ({}, {"--output-format": "tfrecord"}),
         "--max-record-bytes": ({}, {"--max-record-bytes": "1MiB"}),
         "--feature-columns": ({}, {"--feature-columns": "a,b,c,d"}),
-        "--image-column": ({}, IMAGE),
-        "--image-mode": (IMAGE, {"--image-mode": "L"}),
-        "--image-size": (IMAGE, {"--image-size": "3,3"}),
-        "--image-mean": (IMAGE, {"--image-mean": "0.5"}),
-        "--image-std": (IMAGE, {"--image-std": "0.5"}),
-        "--token-column": ({}, TOKENS),
-        "--pad-id": (TOKENS, {"--pad-id": "1"}),
-        "--max-length": (TOKENS, {"--max-length": "4"}),
-        "--overflow": ({**TOKENS, "--max-length": "4"}, {"--overflow": "truncate"}),
+        **_image_and_token_cases("4"),
         "--id-column": ({}, {"--id-column": "id"}),
         "--overwrite": ({}, {"--overwrite": True}),
         "--batch-size": ({}, {"--batch-size": "7"}),
@@ -167,15 +175,7 @@ def _data_cases(p: dict, data_flag: str) -> dict:
         data_flag: ({}, {data_flag: p["data2"]}),
         "--format": ({}, {"--format": "parquet"}),
         "--feature-columns": ({}, {"--feature-columns": "a,b,c,d"}),
-        "--image-column": ({}, IMAGE),
-        "--image-mode": (IMAGE, {"--image-mode": "L"}),
-        "--image-size": (IMAGE, {"--image-size": "3,3"}),
-        "--image-mean": (IMAGE, {"--image-mean": "0.5"}),
-        "--image-std": (IMAGE, {"--image-std": "0.5"}),
-        "--token-column": ({}, TOKENS),
-        "--pad-id": (TOKENS, {"--pad-id": "1"}),
-        "--max-length": (TOKENS, {"--max-length": "5"}),
-        "--overflow": ({**TOKENS, "--max-length": "5"}, {"--overflow": "truncate"}),
+        **_image_and_token_cases("5"),
         "--label-column": ({}, {"--label-column": "y"}),
         "--teacher": ({}, {"--teacher": p["teacher2"]}),
         # a state_dict with its class: another spelling of the same class, other kwargs
