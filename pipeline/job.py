@@ -94,17 +94,23 @@ def check_devices(options: PipelineOptions, models: dict) -> None:
                              f"accelerator)")
 
 
-def job_checks(beam_args: list[str], models: dict) -> PipelineOptions:
-    """The launch checks of a job that need no data: the pipeline options and runner (a
-    pipeline object is built, then dropped: an unknown runner fails here) and the models'
-    devices. Nothing is written."""
+def checked_pipeline(beam_args: list[str], models: dict) -> tuple[beam.Pipeline, PipelineOptions]:
+    """A pipeline for ``beam_args``, after the launch checks that need no data: the options
+    and runner (an unknown runner fails when the pipeline is built) and the devices of
+    ``models``. Nothing is written."""
     options = pipeline_options(beam_args)
     try:
-        beam.Pipeline(options=options)
+        p = beam.Pipeline(options=options)
     except ValueError as e:
         raise ValueError(f"pipeline options: {e}") from e
     check_devices(options, models)
-    return options
+    return p, options
+
+
+def job_checks(beam_args: list[str], models: dict) -> PipelineOptions:
+    """``checked_pipeline``'s checks alone, for a command that builds its pipelines later
+    (`titans label`, `titans demo`): the pipeline is dropped."""
+    return checked_pipeline(beam_args, models)[1]
 
 
 def models_of(config) -> dict:
@@ -172,12 +178,7 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     write probe. With ``wait=False`` the lock is handed to the job, whose last step releases it."""
     start = time.time() if start is None else start
     phases = Phases(start) if phases is None else phases
-    options = pipeline_options(beam_args)
-    try:
-        p = beam.Pipeline(options=options)  # an unknown runner fails here, before any deletion
-    except ValueError as e:
-        raise ValueError(f"pipeline options: {e}") from e
-    check_devices(options, models_of(plan.config))
+    p, options = checked_pipeline(beam_args, models_of(plan.config))  # before any deletion
     output = plan.config.output
     own = lock is None
     if own:
