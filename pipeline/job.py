@@ -33,7 +33,8 @@ from titans.pipeline import output_lock
 from titans.pipeline.cli import startup
 from titans.pipeline.options import pipeline_options  # shared with describe
 from titans.pipeline.phases import Phases
-from titans.pipeline.graphs.stages import OUTPUTS, REPORT, JobRecord, Launch
+from titans.pipeline.graphs.stages import JobRecord, Launch
+from titans.pipeline.outputs import OUTPUTS, REPORT
 
 _LOG = logging.getLogger("titans")
 

@@ -38,8 +38,7 @@ import uuid
 from titans.models import defaults as train_defaults
 from titans.models.deferral import CONFIDENCE_RULES
 from titans.models.loading import ModelRef
-from titans.pipeline.graphs.stages import REPORT
-from titans.pipeline.outputs import SUCCESS
+from titans.pipeline.outputs import REPORT, SUCCESS
 from titans.pipeline.label import calibrate, cascade, distil, launch, sample, teacher
 from titans.pipeline.label import defaults as ld
 from titans.pipeline.label.job_dir import CALIBRATION, PHASES, STUDENT, JobDir
