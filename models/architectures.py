@@ -1,4 +1,5 @@
-"""Built-in architectures: the MLP students and teachers the demo and benchmarks train."""
+"""Built-in architectures: the MLP students and teachers the demo and benchmarks train, and
+the bag-of-embeddings student `titans label` distils for token-id inputs."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,35 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))  # images [B, C, H, W] as vectors of C*H*W
+
+
+class TokenMLP(nn.Module):
+    """int64 token ids [B, L] -> logits: ``Embedding(vocab + 1, embed_dim)``, the mean over
+    the positions that are not ``pad_id``, then the ``MLP`` head the vector students use.
+
+    ``vocab`` is fixed when the student is built; an id outside ``[0, vocab)`` (one the sample
+    never showed, or a negative one) is looked up in one out-of-vocabulary row, ``vocab``,
+    which starts at zero, so no row can index out of range. A row of only padding gets the
+    zero vector. TorchScript-scriptable, and made only of ops on the model-safety allowlist.
+    """
+
+    def __init__(self, vocab: int, out_features: int, embed_dim: int = 16,
+                 hidden: tuple[int, ...] = (), pad_id: int = 0):
+        super().__init__()
+        if vocab < 1 or embed_dim < 1:
+            raise ValueError(f"need vocab >= 1 and embed_dim >= 1, got {vocab}, {embed_dim}")
+        self.vocab = int(vocab)
+        self.pad_id = int(pad_id)
+        self.embed = nn.Embedding(self.vocab + 1, embed_dim)
+        with torch.no_grad():
+            self.embed.weight[self.vocab].zero_()  # the out-of-vocabulary bucket
+        self.head = MLP(embed_dim, out_features, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x != self.pad_id).unsqueeze(-1).to(torch.float32)      # [B, L, 1]
+        ids = x.masked_fill((x < 0) | (x >= self.vocab), self.vocab)    # out of range -> OOV
+        summed = (self.embed(ids) * mask).sum(dim=1)                    # [B, D]
+        return self.head(summed / mask.sum(dim=1).clamp_min(1.0))
 
 
 def parse_hidden(spec: str) -> tuple[int, ...]:

@@ -12,7 +12,9 @@ Methods (losses in ``titans.models.losses``):
 Determinism: the same seed gives the same weights: a seeded torch.Generator of its own shuffles
 the rows, and anything that draws from torch's global generator (dropout) runs in a forked
 one seeded with the seed, so the caller's global random state is neither used nor changed.
-The returned module is an ``MLP`` in eval mode, so ``titans.models.loading.save_torchscript``
+Token students (``make_token_student``, a ``TokenMLP``) train on int64 token ids [N, L], never
+cast to float; every other student on float32 features.
+The returned module is an ``MLP`` (or ``TokenMLP``) in eval mode, so ``titans.models.loading.save_torchscript``
 can script it.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from titans.models import defaults, losses
-from titans.models.architectures import MLP, parse_hidden
+from titans.models.architectures import MLP, TokenMLP, parse_hidden
 from titans.models.defaults import METHODS
 from titans.models.forward import forward_in_chunks
 
@@ -45,12 +47,24 @@ def make_student(arch: str | tuple[int, ...], in_features: int, num_classes: int
         return MLP(in_features, num_classes + (method == "defer"), hidden)
 
 
+def make_token_student(embed_dim: int, hidden: tuple[int, ...], vocab: int, num_classes: int,
+                       pad_id: int = 0, seed: int | None = None) -> nn.Module:
+    """A ``TokenMLP`` (kd outputs: ``num_classes``) over token ids below ``vocab``."""
+    if num_classes < 2:
+        raise ValueError(f"need num_classes >= 2, got {num_classes}")
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return TokenMLP(vocab, num_classes, embed_dim, tuple(int(h) for h in hidden), pad_id)
+
+
 def train_supervised(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int = 30,
                      lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0,
                      val: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True) -> list[dict]:
     """Cross-entropy on labels (the demo's teacher and the plain student). Returns per-epoch history."""
-    Xt, yt = _features(X), _labels(y, len(X))
-    val_t = None if val is None else (_features(val[0]), _labels(val[1], len(val[0])))
+    ids = isinstance(model, TokenMLP)
+    Xt, yt = _features(X, ids), _labels(y, len(X))
+    val_t = None if val is None else (_features(val[0], ids), _labels(val[1], len(val[0])))
 
     def step(idx):
         return nn.functional.cross_entropy(model(Xt[idx]), yt[idx])  # -log softmax(f(x))_y
@@ -86,7 +100,8 @@ def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
     the defer output wins the argmax, 'defer').
     """
     _check_method(method)
-    Xt = _features(X)
+    ids = isinstance(student, TokenMLP)  # token ids stay int64
+    Xt = _features(X, ids)
     n = len(Xt)
     P = _probs(teacher_probs, n, "teacher_probs")
     yt = None if labels is None else _labels(labels, n)
@@ -101,7 +116,7 @@ def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
     target = teacher_pred if yt is None else yt  # defer's y: the label, or the teacher's answer
     val_t = None
     if val is not None:
-        Xv = _features(val[0])
+        Xv = _features(val[0], ids)
         val_t = (Xv, _probs(val[1], len(Xv), "val teacher_probs").argmax(dim=-1),
                  None if val[2] is None else _labels(val[2], len(Xv)))
     weights = torch.ones(n)
@@ -193,12 +208,16 @@ def _logits(model: nn.Module, X: torch.Tensor, chunk: int = 4096) -> torch.Tenso
         model.train(was_training)
 
 
-def _features(X) -> torch.Tensor:
+def _features(X, ids: bool = False) -> torch.Tensor:
+    """float32 features, or with ``ids`` int64 token ids (a token student's input)."""
     X = np.asarray(X)
-    if X.ndim < 2 or len(X) == 0:  # [N, D] features or [N, C, H, W] images
-        raise ValueError(f"X must be a non-empty float array [N, ...], got shape {X.shape}")
+    if X.ndim < 2 or len(X) == 0:  # [N, D] features, [N, C, H, W] images or [N, L] token ids
+        raise ValueError(f"X must be a non-empty array [N, ...], got shape {X.shape}")
+    if ids and not np.issubdtype(X.dtype, np.integer):
+        raise ValueError(f"a token student takes integer token ids, got {X.dtype}")
     # a copy: training must not alias (possibly read-only) Arrow buffers
-    return torch.from_numpy(np.array(X, dtype=np.float32, order="C", copy=True))
+    return torch.from_numpy(np.array(X, dtype=np.int64 if ids else np.float32, order="C",
+                                     copy=True))
 
 
 def _labels(y, n: int) -> torch.Tensor:

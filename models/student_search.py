@@ -1,5 +1,5 @@
-"""Choosing the student `titans label` distils: the MLP, within a compute budget, that makes
-the cascade cheapest.
+"""Choosing the student `titans label` distils: the MLP (or, on token ids, the bag-of-embeddings
+``TokenMLP``), within a compute budget, that makes the cascade cheapest.
 
 Compute proxy: FLOPs per row of one forward pass, counted by torch's own
 ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add of every matrix product and
@@ -22,6 +22,11 @@ The search, for a student budget F (share of the teacher's FLOPs per row):
      would have to send to the teacher to stay within the guarantee (``deferral_needed`` at
      ``ltt_bar``, the largest disagreement Learn then Test can still certify on the
      calibration rows); with a fixed deferral rate, by its disagreement at that rate;
+  Token inputs (int64 [N, L]): ``token_candidates``, an embedding of a few widths, a mean
+     over the non-pad positions and a linear head, plus one hidden layer at the widest of
+     them; the counter sees the same FLOPs in them (the head's matrix products; a lookup and
+     a mean are no multiply-adds), on int64 rows. Their vocabulary is fixed at distil time
+     (``teacher_vocab``, else ``sample_vocab``); other ids share one out-of-vocabulary row;
   4. the cheapest wins. Validation rows are neither training nor calibration rows, so the
      choice does not touch the guarantee.
 """
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 
 from titans.models.deferral import CONFIDENCE_RULES, make_rule
-from titans.models.distill import distill, make_student
+from titans.models.distill import distill, make_student, make_token_student
 from titans.models.forward import forward_in_chunks
 
 _LOG = logging.getLogger("titans")
@@ -53,7 +58,9 @@ def flops_per_row(model, x: np.ndarray) -> tuple[float, str]:
     """(compute per row of ``model`` on the rows ``x``, which proxy measured it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    xt = torch.from_numpy(np.array(x, dtype=np.float32, order="C", copy=True))
+    x = np.asarray(x)
+    dtype = np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32  # token ids stay ids
+    xt = torch.from_numpy(np.array(x, dtype=dtype, order="C", copy=True))
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(xt)
     flops = counter.get_total_flops() / max(1, len(xt))
@@ -103,8 +110,54 @@ def candidate_architectures(dim: int, classes: int, budget_flops: float) -> list
     return sorted(out, key=lambda h: mlp_flops(dim, h, classes))
 
 
-def describe(hidden: tuple[int, ...]) -> str:
-    return "linear" if not hidden else ",".join(str(h) for h in hidden)
+TOKEN_WIDTHS = (8, 16, 32, 64)  # embedding widths of the token students
+TOKEN_MAX_HIDDEN = 256
+VOCAB_MARGIN = 0.125            # share added to the sample's largest id + 1 (at least 1 id)
+
+
+def token_candidates(classes: int, budget_flops: float) -> list[tuple[int, tuple[int, ...]]]:
+    """(embedding width, hidden widths) of the token students to try, cheapest first, all
+    within ``budget_flops`` (the head's FLOPs: ``mlp_flops(width, hidden, classes)``).
+    ValueError when not even the narrowest linear one fits."""
+    smallest = mlp_flops(TOKEN_WIDTHS[0], (), classes)
+    if smallest > budget_flops:
+        raise ValueError(f"--student-budget is too small: the smallest token student (a "
+                         f"{TOKEN_WIDTHS[0]}-wide embedding and a linear head) needs {smallest:,} "
+                         f"FLOPs per row but the budget allows {budget_flops:,.0f}; raise "
+                         f"--student-budget")
+    out = [(d, ()) for d in TOKEN_WIDTHS if mlp_flops(d, (), classes) <= budget_flops]
+    widest = out[-1][0]
+    hidden = min(TOKEN_MAX_HIDDEN, _max_width(widest, classes, 1, budget_flops))
+    if hidden >= 2:
+        out.append((widest, (hidden,)))
+    return sorted(out, key=lambda c: mlp_flops(c[0], c[1], classes))
+
+
+def teacher_vocab(teacher) -> int | None:
+    """The rows of the teacher's largest embedding table (its vocabulary), or None when it
+    shows none (the token student's vocabulary then comes from the sample: ``sample_vocab``)."""
+    sizes = []
+    try:
+        for m in teacher.modules():
+            kind = getattr(m, "original_name", type(m).__name__)
+            if kind in ("Embedding", "EmbeddingBag") and hasattr(m, "weight"):
+                sizes.append(int(m.weight.shape[0]))
+    except Exception:  # noqa: BLE001 - an exported module without modules(): use the sample
+        return None
+    return max(sizes) if sizes else None
+
+
+def sample_vocab(x: np.ndarray, pad_id: int = 0) -> int:
+    """The token student's vocabulary from the sample: its largest id + 1, plus a margin."""
+    x = np.asarray(x)
+    ids = x[(x != pad_id) & (x >= 0)]
+    top = int(ids.max()) + 1 if ids.size else 1
+    return top + max(1, int(VOCAB_MARGIN * top))
+
+
+def describe(hidden: tuple[int, ...], embed: int | None = None) -> str:
+    head = "linear" if not hidden else ",".join(str(h) for h in hidden)
+    return head if embed is None else f"emb{embed}:{head}"
 
 
 # --------------------------------------------------------------------------- what a student costs
@@ -163,10 +216,11 @@ class Candidate:
     objective: float = math.inf
     seconds: float = 0.0
     by_rule: dict = dataclasses.field(default_factory=dict)
+    embed: int | None = None  # a token student's embedding width
 
     @property
     def arch(self) -> str:
-        return describe(self.hidden)
+        return describe(self.hidden, self.embed)
 
     def record(self) -> dict:
         return {"arch": self.arch, "flops_per_row": self.flops, "flops_share": self.flops_share,
@@ -239,22 +293,27 @@ def search_student(x_train: np.ndarray, p_train: np.ndarray, x_val: np.ndarray,
                    teacher_val_pred: np.ndarray, *, teacher_flops: float, budget: float,
                    target: Target, rules=CONFIDENCE_RULES, seed: int = 0,
                    audit_rate: float = 0.0, proxy: str = FLOPS,
-                   report: Callable[[Candidate], None] | None = None) -> SearchResult:
+                   report: Callable[[Candidate], None] | None = None,
+                   vocab: int | None = None, pad_id: int = 0) -> SearchResult:
     """Distil every candidate within ``budget`` x ``teacher_flops`` with kd on the training rows
-    and return the one with the lowest objective on the validation rows (see the module doc)."""
+    and return the one with the lowest objective on the validation rows (see the module doc).
+    With ``vocab``, the rows are int64 token ids (padded with ``pad_id``) and the candidates
+    token students over ids below ``vocab``."""
     dim, classes = x_train.shape[1], p_train.shape[1]
     budget_flops = budget * teacher_flops
-    archs = candidate_architectures(dim, classes, budget_flops)
+    archs = ([(None, h) for h in candidate_architectures(dim, classes, budget_flops)]
+             if vocab is None else token_candidates(classes, budget_flops))
     settings = training_settings(len(x_train))
     best_model, best, done = None, None, []
-    for hidden in archs:
+    for embed, hidden in archs:
         t0 = time.time()
-        student = make_student(hidden, dim, classes, "kd", seed=seed)
+        student = (make_student(hidden, dim, classes, "kd", seed=seed) if embed is None else
+                   make_token_student(embed, hidden, vocab, classes, pad_id, seed=seed))
         distill(student, x_train, p_train, method="kd", seed=seed, progress=False,
                 weight_decay=1e-4, **settings)
         flops, _ = flops_per_row(student, x_val[:8])
         c = Candidate(hidden, flops, flops / teacher_flops,
-                      int(sum(p.numel() for p in student.parameters())), 0.0)
+                      int(sum(p.numel() for p in student.parameters())), 0.0, embed=embed)
         logits = forward_in_chunks(student, x_val, 65536)
         score_candidate(c, logits, teacher_val_pred, target, rules, audit_rate)
         c.seconds = time.time() - t0

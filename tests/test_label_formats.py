@@ -1,6 +1,6 @@
 """`titans label` reads every input `titans run` reads: GZIP TFRecord of tf.Example, encoded
-images (PNG bytes, a small CNN teacher), labels/ written as TFRecord; token sequences are
-refused at launch with one line. Each job: every row exactly once in labels/ or dead_letter/,
+images (PNG bytes, a small CNN teacher), labels/ written as TFRecord, and token-id sequences
+(a list<int64> column, a small token teacher, a bag-of-embeddings student). Each job: every row exactly once in labels/ or dead_letter/,
 _SUCCESS, and the guarantee line. TFRecords are written by tests/example_wire.py."""
 import json
 import os
@@ -153,13 +153,67 @@ def _sampled_ids(out) -> set:
     return set(pq.read_table(out / "_label" / "sample.parquet").column("id").to_pylist())
 
 
-def test_label_refuses_token_sequences_at_launch(tmp_path, capsys):
+class TokenTeacher(torch.nn.Module):
+    """int64 [B, L] -> logits [B, 3]: a lookup in a table of 1,000 rows (a Parameter, not an
+    nn.Embedding, so the student's vocabulary comes from the sample), the mean over the
+    non-pad positions, two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(1000, 32))
+        self.hidden = torch.nn.Linear(32, 64)
+        self.out = torch.nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x != 0).unsqueeze(-1).to(torch.float32)
+        e = torch.nn.functional.embedding(x.clamp(0, 999), self.table) * mask
+        return self.out(torch.relu(self.hidden(e.sum(1) / mask.sum(1).clamp_min(1.0))))
+
+
+def test_label_on_token_sequences(tmp_path, capsys):
+    """--token-column: the sample padded like `titans run` pads a batch, token students
+    distilled, calibrated and run; a row with an id above any in the sample is labeled (the
+    student's out-of-vocabulary bucket), a null sequence dead-lettered."""
+    n = 400
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 60, rng.integers(1, 13)).tolist() for _ in range(n)]
+    drawn = draw_sample([n // 2, n // 2], 200, seed=0)  # the rows --seed 0 samples
+    sampled = set(np.concatenate([rows + i * (n // 2) for i, rows in enumerate(drawn)]).tolist())
+    big = [i for i in range(12, n) if i not in sampled][:3]  # an id far above the sample's
+    for i in big:
+        seqs[i] = seqs[i] + [900]
+    seqs[11] = None
     os.makedirs(tmp_path / "data")
-    pq.write_table(pa.table({"tokens": pa.array([[1, 2, 3]] * 100, pa.list_(pa.int64()))}),
-                   tmp_path / "data" / "a.parquet")
+    for i, part in enumerate(np.array_split(np.arange(n), 2)):
+        pq.write_table(pa.table({"id": pa.array(part, pa.int64()), "tokens": pa.array(
+            [seqs[j] for j in part], pa.list_(pa.int64()))}), tmp_path / "data" / f"t-{i}.parquet")
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "tokens.pt")
+    save_torchscript(TokenTeacher(), teacher)
     out = tmp_path / "out"
     assert main(["label", "--input", str(tmp_path / "data"), "--token-column", "tokens",
-                 "--output", str(out), "--teacher", str(tmp_path / "t.pt"), *RUNNER]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--token-column" in err[0] and "cannot label token sequences" in err[0]
-    assert not out.exists()
+                 "--output", str(out), "--teacher", teacher, "--id-column", "id",
+                 "--sample-rows", "200", "--seed", "0", "--deferral-rate", "0.3", *RUNNER]) == 0
+    printed = capsys.readouterr().out
+    assert "guarantee: no guarantee: --deferral-rate 0.3" in printed
+    assert "student token model emb" in printed and "student: token model emb" in printed
+    assert (out / "_SUCCESS").exists()
+    labels = pq.read_table(out / "labels")
+    ids, dead = labels.column("id").to_numpy(), _dead_ids(out)
+    np.testing.assert_array_equal(np.sort(np.concatenate([ids, dead])), np.arange(n))
+    assert dead.tolist() == [11]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["conservation_ok"]
+    assert report["model_input"].startswith("int64 [batch, length]")
+    assert _sampled_ids(out) == sampled - {11}
+    sample_top = max(max(seqs[i]) for i in sampled if seqs[i] is not None)
+    assert sample_top < 900 and set(big) <= set(ids.tolist())  # labeled (student or teacher)
+    vocab = json.loads((out / "_label" / "phases.json").read_text())["phases"]["distil"][
+        "token_vocab"]
+    assert sample_top < vocab < 900
+    from titans.transforms.io.models import load_model_file
+
+    student = load_model_file(str(out / "student.pt"), "cpu")
+    with torch.inference_mode():
+        logits = student(torch.tensor([seqs[big[0]]]))
+    assert logits.shape == (1, 3) and torch.isfinite(logits).all()

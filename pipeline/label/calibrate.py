@@ -78,8 +78,10 @@ def run(c, s, split, student: dict, jd) -> dict:
 
 
 def model_columns(job) -> tuple[str, ...]:
-    """The columns the models read: the image column, or --feature-columns."""
-    return (job.image.column,) if job.image is not None else tuple(job.feature_columns)
+    """The columns the models read: the image column, the token column, or --feature-columns."""
+    if job.image is not None:
+        return (job.image.column,)
+    return (job.tokens.column,) if job.tokens is not None else tuple(job.feature_columns)
 
 
 __all__ = ["calibrate", "guarantee_text", "run"]

@@ -25,8 +25,8 @@ teacher everything from the teacher labels on). Other sampling flags (--seed, --
 are refused: they would relabel other rows.
 
 Every input `titans run` reads, this command reads (Parquet, TFRecord, GZIP; vectors or
---image-* images), through the same planning code. Token sequences (--token-column) are
-refused at launch: the students it distils are MLPs over fixed-width features.
+--image-* images, --token-column token ids), through the same planning code; on token ids
+the students it distils are bag-of-embeddings models (``models.architectures.TokenMLP``).
 """
 from __future__ import annotations
 
@@ -156,8 +156,9 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock)
     with _Phase(3, "distil", "distil" in reused, phases.get("distil")) as ph:
         if not ph.reused:
             search = distil.run(c, plan, labeled, split, jd)
+            kind = "token model" if search.get("token_vocab") else "MLP"
             done("distil", ph.finish(len(split.train), (
-                f"student MLP {search['arch']} ({search['flops_share']:.2%} of the teacher's "
+                f"student {kind} {search['arch']} ({search['flops_share']:.2%} of the teacher's "
                 f"FLOPs, {search['parameters']:,} parameters), rule {search['rule']}, "
                 f"validation agreement {search['val_agreement']:.2%} -> {jd.student}"), **search))
     student_facts = phases["distil"]
@@ -190,11 +191,6 @@ def check_config(c: LabelConfig) -> None:
     if c.deferral_rate is not None and (c.max_disagreement is not None or c.delta is not None):
         raise ValueError("--deferral-rate sets a budget without a guarantee; drop "
                          "--max-disagreement/--delta, or drop --deferral-rate")
-    if job.tokens is not None:  # said at launch, never ignored
-        raise ValueError("--token-column: titans label distils MLP students, which need "
-                         "fixed-width features (vectors or images), so it cannot label token "
-                         "sequences yet; use `titans teacher-label`, or distil a student of your "
-                         "own and use `titans calibrate` and `titans run`")
     checks = [
         (c.eps is None or 0.0 < c.eps < 1.0, f"--max-disagreement must be in (0, 1), got {c.eps}"),
         (0.0 < c.level < 1.0, f"--delta must be in (0, 1), got {c.level}"),
@@ -297,7 +293,8 @@ def job_summary(report: dict) -> str:
         + (f", teacher compute saved against labeling every row with the teacher: "
            f"{report['teacher_compute_saved_share_job']:.1%}"
            if report.get("teacher_compute_saved_share_job") is not None else ""),
-        f"student: MLP {report['student_arch']}, {report['student_size_vs_teacher']['flops']:.2%} "
+        f"student: {'token model' if report['student_arch'].startswith('emb') else 'MLP'} "
+        f"{report['student_arch']}, {report['student_size_vs_teacher']['flops']:.2%} "
         f"of the teacher's FLOPs per row ({report['student_parameters']:,} vs "
         f"{report['teacher_parameters']:,} parameters)",
         f"guarantee: {report['guarantee']}",

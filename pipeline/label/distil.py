@@ -1,6 +1,8 @@
 """Phase 3, distil: the labeled sample is split (seeded) into training, validation and
 calibration rows; students within the budget are distilled with kd on the training rows and
-the cheapest cascade on the validation rows wins (``titans.models.student_search``)
+the cheapest cascade on the validation rows wins (``titans.models.student_search``; on token
+ids, int64 [N, L] padded to the sample's longest row, token students whose vocabulary is the
+teacher's embedding table or the sample's largest id plus a margin)
 -> DIR/student.pt (TorchScript, with its provenance as metadata)."""
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 import numpy as np
 
 from titans.models.deferral import CONFIDENCE_RULES
-from titans.models.student_search import Target, ltt_bar, search_student
+from titans.models.student_search import Target, ltt_bar, sample_vocab, search_student
 from titans.pipeline.label.job_dir import CAL_SHARE, VAL_SHARE
 from titans.transforms.io import storage
 from titans.transforms.io.models import save_torchscript
@@ -51,6 +53,10 @@ def run(c, launch, s, split: Split, jd) -> dict:
               + f" (rule {cand.rule}), {cand.seconds:.1f} s", flush=True)
 
     x = s.x.reshape(len(s.x), -1)  # images [N, C, H, W] as vectors: the MLP students' input
+    vocab = pad_id = None
+    if launch.tokens:  # int64 token ids [N, L]: token students, never cast to float
+        pad_id = launch.features.pad_id
+        vocab = launch.teacher_vocab or sample_vocab(s.x, pad_id)
     epochs_log = logging.getLogger("titans.models.distill")  # a line per epoch: too many here
     level = epochs_log.level
     epochs_log.setLevel(logging.WARNING)
@@ -59,7 +65,8 @@ def run(c, launch, s, split: Split, jd) -> dict:
             x[split.train], s.probs[split.train], x[split.val], s.teacher_pred[split.val],
             teacher_flops=launch.teacher_flops, budget=c.student_budget, target=target,
             rules=(c.rule,) if c.rule else CONFIDENCE_RULES, seed=c.job.seed,
-            audit_rate=c.audit_rate, proxy=launch.proxy, report=report)
+            audit_rate=c.audit_rate, proxy=launch.proxy, report=report, vocab=vocab,
+            pad_id=pad_id or 0)
     finally:
         epochs_log.setLevel(level)
     best = result.best
@@ -68,6 +75,7 @@ def run(c, launch, s, split: Split, jd) -> dict:
              "val_agreement": best.val_agreement, "val_deferral": best.deferral,
              "teacher_flops_per_row": launch.teacher_flops,
              "teacher_parameters": launch.teacher_parameters, "compute_proxy": launch.proxy,
+             "token_vocab": vocab,
              "budget_flops_per_row": result.budget_flops, "ltt_bar": target.bar,
              "split_rows": {"train": len(split.train), "validation": len(split.val),
                             "calibration": len(split.cal)},

@@ -169,6 +169,9 @@ class JobDir:
                    "feature_columns": list(job.feature_columns), "column_prefix": job.column_prefix}
         if job.image is not None:  # images: how they are decoded changes the teacher's labels
             teacher["image"] = launch.features.describe()
+        if job.tokens is not None:  # token ids: the column, padding and overflow the models read
+            t = job.tokens
+            teacher["tokens"] = [t.column, t.pad_id, t.max_length, t.overflow]
         distil = {**teacher, "student_budget": c.student_budget, "eps": c.eps, "delta": c.level,
                   "deferral_rate": c.deferral_rate, "rule": c.rule, "audit_rate": c.audit_rate,
                   "split": [VAL_SHARE, CAL_SHARE]}

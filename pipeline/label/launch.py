@@ -5,7 +5,9 @@ The input is listed, its footers read (Parquet) or its records sampled for a sch
 (TFRecord), rows sampled and the features resolved by the very code `titans run` plans with
 (``pipeline.plan.plan_source``: the same formats, --image-*, the same checks); the teacher is
 loaded and run on those rows once (``plan.check_teacher``), its FLOPs per row counted, and the
-student budget checked. The sample is drawn by row number over the files, so it needs each
+student budget checked. On token ids (--token-column) the token student's vocabulary is fixed
+here when the teacher has an embedding table (``teacher_vocab``), else at distil time from the
+sample. The sample is drawn by row number over the files, so it needs each
 file's row count: a Parquet footer has it; a TFRecord file's records are counted here, one
 framing pass over each file (no parsing), so that every record of every file is equally
 likely to be drawn.
@@ -21,11 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from titans.models.student_search import candidate_architectures, flops_per_row
+from titans.models.student_search import (candidate_architectures, flops_per_row,
+                                          teacher_vocab, token_candidates)
 from titans.pipeline import plan
 from titans.pipeline.label import defaults as ld
 from titans.pipeline.label.sample import FILE_COL, ROW_COL, count_records
 from titans.pipeline.model_checks import Tally
+from titans.transforms.features import TokenSpec
 from titans.transforms.io.parquet import ParquetInput
 from titans.transforms.labels import LabelColumns
 
@@ -49,6 +53,11 @@ class Launch:
     sample_rows: int
     columns: LabelColumns
     teacher_check_rows: int = 0      # rows these checks ran the teacher on (report.json counts them)
+    teacher_vocab: int | None = None  # token ids: the teacher's embedding rows, when it has one
+
+    @property
+    def tokens(self) -> bool:
+        return isinstance(self.features, TokenSpec)
 
     @property
     def files(self) -> list[str]:
@@ -100,11 +109,16 @@ def plan_launch(c) -> Launch:
         raise ValueError(f"--teacher has {k} output; a classifier needs at least 2 classes")
     teacher_flops, proxy = flops_per_row(teacher, x[:FLOPS_ROWS])
     checks.add(len(x[:FLOPS_ROWS]))
-    candidate_architectures(features.dim, k, c.student_budget * teacher_flops)  # budget too small?
+    vocab = None
+    if isinstance(features, TokenSpec):
+        token_candidates(k, c.student_budget * teacher_flops)  # budget too small?
+        vocab = teacher_vocab(teacher)
+    else:
+        candidate_architectures(features.dim, k, c.student_budget * teacher_flops)
     columns = LabelColumns(job.column_prefix)
     columns.output_schema(source.schema, columns.cascade_fields())  # a clash with an added column?
     return Launch(source, row_counts, check, x, features, k, teacher_flops, parameters, proxy, n,
-                  columns, teacher_check_rows=checks.rows)
+                  columns, teacher_check_rows=checks.rows, teacher_vocab=vocab)
 
 
 def job_config(cls, job, **changes):
