@@ -1,0 +1,199 @@
+"""A student that keeps learning from the teacher across runs (`titans label --state`):
+how big today's fresh sample must be, the bounded warm-start fine-tune, champion against
+challenger, and the drift statistics. Torch, numpy and scipy only: no Beam, no files.
+
+Why each piece is shaped as it is:
+  * ``fresh_sample_sizes``: a warm run still calibrates on today's rows only (the guarantee is
+    about today's rows, so yesterday's are not exchangeable with them), but it needs no large
+    training share: the student already exists. The calibration part is the fewest rows at
+    which Learn then Test can certify a disagreement bar of ``CAL_BAR`` x EPS (below that the
+    cascade must defer most rows however good the student is); validation and fine-tune
+    shares are fractions of it.
+  * ``fine_tune``: kd from the teacher's probabilities, starting from yesterday's weights, with
+    a fixed step budget and a wall-clock cap, so a warm run never trains longer than a cold
+    search (one model, ``FINE_TUNE_STEPS`` steps, against ~10,000 steps per candidate). Today's
+    rows are drawn at least ``TODAY_SHARE`` of the time, so a shift is learnt even when the
+    pool is much larger than today's share.
+  * ``champion_challenger``: both students scored on today's validation rows (neither was
+    trained on them) by the teacher share the cascade would need (``score_candidate``); the
+    challenger replaces the champion only if it is better by more than one validation row.
+  * ``drift``: yesterday's student on today's fresh rows against the agreement it had on
+    yesterday's held-out rows, and a two-sample Kolmogorov-Smirnov test of its deferral
+    scores on both sets of rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+
+from titans.models import losses
+from titans.models.deferral import CONFIDENCE_RULES, make_rule
+from titans.models.forward import forward_in_chunks
+from titans.models.student_search import Candidate, Target, ltt_bar, score_candidate
+
+CAL_BAR = 0.5            # the calibration part certifies a bar of at least this share of EPS
+VAL_SHARE = 0.3          # validation rows (champion/challenger, rule) per calibration row
+TRAIN_SHARE = 0.5        # today's fine-tune rows per calibration row
+MIN_CAL, MIN_VAL = 200, 100
+RATE_CAL = 1000          # calibration rows for a --deferral-rate budget (a quantile, no bar)
+FINE_TUNE_STEPS = 2000   # AdamW steps of the fine-tune (a cold search runs ~10,000 per candidate)
+FINE_TUNE_SECONDS = 60.0  # and at most this long
+FINE_TUNE_LR = 3e-3
+FINE_TUNE_BATCH = 256
+TODAY_SHARE = 0.3        # at least this share of each batch's draws are today's rows
+TEMPERATURE = 4.0        # as the cold search's kd
+DRIFT_P = 1e-3           # KS p-value below which the scores are called shifted
+DRIFT_DROP = 0.02        # agreement drop (beyond 3 standard errors) called a shift
+
+
+def calibration_rows_needed(eps: float, delta: float, cap: int = 200_000) -> int:
+    """The fewest calibration rows n with ``ltt_bar(n, eps, delta) >= CAL_BAR * eps``
+    (bisection; ltt_bar grows with n up to the rounding of k/n)."""
+    want = CAL_BAR * eps
+    lo, hi = 1, max(2, int(math.ceil(10.0 / eps)))
+    while ltt_bar(hi, eps, delta) < want and hi < cap:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        # the bar is not monotone in n row by row (k/n steps): ask for it at mid and mid+1..+3
+        if max(ltt_bar(m, eps, delta) for m in range(mid, mid + 4)) >= want:
+            hi = mid
+        else:
+            lo = mid + 1
+    return max(MIN_CAL, lo + 3)
+
+
+def fresh_sample_sizes(rows: int, eps: float | None, delta: float, cap: int) -> dict:
+    """{"cal", "val", "train", "total"} of a warm run's fresh sample on ``rows`` input rows,
+    at most ``cap`` rows in all (the cold start's sample): see the module doc."""
+    n_cal = RATE_CAL if eps is None else calibration_rows_needed(eps, delta)
+    n_val = max(MIN_VAL, int(round(VAL_SHARE * n_cal)))
+    n_train = int(round(TRAIN_SHARE * n_cal))
+    total = n_cal + n_val + n_train
+    if total > cap:  # a small input: the cold start's sample, in the same proportions
+        scale = cap / total
+        n_cal, n_val = int(n_cal * scale), int(n_val * scale)
+        n_train = cap - n_cal - n_val
+        total = cap
+    return {"cal": n_cal, "val": n_val, "train": n_train, "total": total}
+
+
+def split_fresh(n: int, sizes: dict, seed: int) -> dict[str, np.ndarray]:
+    """Seeded split of the ``n`` labeled fresh rows into train / val / cal in the proportions of
+    ``sizes`` (fewer labeled rows than drawn shrink each part alike); sorted indices."""
+    perm = np.random.default_rng([seed, 3]).permutation(n)
+    drawn = max(1, sizes["total"])
+    n_cal = int(round(sizes["cal"] * n / drawn))
+    n_val = int(round(sizes["val"] * n / drawn))
+    return {"cal": np.sort(perm[:n_cal]), "val": np.sort(perm[n_cal:n_cal + n_val]),
+            "train": np.sort(perm[n_cal + n_val:])}
+
+
+def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
+              x_today: np.ndarray, p_today: np.ndarray, *, seed: int = 0,
+              steps: int = FINE_TUNE_STEPS, seconds: float = FINE_TUNE_SECONDS,
+              lr: float = FINE_TUNE_LR, batch_size: int = FINE_TUNE_BATCH) -> dict:
+    """Train ``student`` in place (a module loaded from yesterday's file: the warm start) with
+    kd on the pool and today's rows; at most ``steps`` AdamW steps and ``seconds``. Rows are
+    drawn with replacement, today's at least TODAY_SHARE of the time. What it did, as a dict."""
+    x = np.concatenate([np.asarray(x_pool, np.float32).reshape(len(x_pool), -1),
+                        np.asarray(x_today, np.float32).reshape(len(x_today), -1)])
+    p = np.concatenate([np.asarray(p_pool, np.float32), np.asarray(p_today, np.float32)])
+    n_pool, n_today = len(x_pool), len(x_today)
+    if len(x) == 0:
+        return {"steps": 0, "seconds": 0.0, "rows_pool": 0, "rows_today": 0}
+    weights = np.ones(len(x), np.float64)
+    if n_pool and n_today and n_today < TODAY_SHARE * len(x):
+        weights[n_pool:] = TODAY_SHARE * n_pool / ((1 - TODAY_SHARE) * n_today)
+    xt, pt = torch.from_numpy(x), torch.from_numpy(p / p.sum(axis=1, keepdims=True))
+    wt = torch.from_numpy(weights / weights.sum())
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+    start, done, total = time.time(), 0, 0.0
+    student.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for done in range(1, steps + 1):
+            idx = torch.multinomial(wt, min(batch_size, len(x)), replacement=True, generator=gen)
+            loss = losses.kd_loss(student(xt[idx]), pt[idx], TEMPERATURE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            if time.time() - start > seconds:
+                break
+    student.eval()
+    return {"steps": done, "seconds": round(time.time() - start, 3), "rows_pool": n_pool,
+            "rows_today": n_today, "final_loss": round(total / max(1, done), 5),
+            "lr": lr, "batch_size": batch_size, "temperature": TEMPERATURE}
+
+
+def score(student: torch.nn.Module, x_val: np.ndarray, teacher_val_pred: np.ndarray,
+          target: Target, rules=CONFIDENCE_RULES, audit_rate: float = 0.0,
+          flops_share: float = 0.0) -> Candidate:
+    """A student's cascade on today's validation rows: agreement, best rule, teacher share."""
+    logits = forward_in_chunks(student, np.asarray(x_val), 65536)
+    c = Candidate((), 0.0, flops_share, 0, 0.0)
+    return score_candidate(c, logits, np.asarray(teacher_val_pred), target, rules, audit_rate)
+
+
+def champion_challenger(champion: Candidate, challenger: Candidate, n_val: int) -> str:
+    """"challenger" when it needs fewer teacher rows than the champion on the validation rows
+    by more than one row's worth (ties and noise keep yesterday's student), else "champion"."""
+    if challenger.objective < champion.objective - 1.0 / max(1, n_val):
+        return "challenger"
+    return "champion"
+
+
+def rule_scores(student: torch.nn.Module, x: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """(deferral scores under ``rule``, argmax) of ``student`` on the rows ``x``."""
+    probs = torch.softmax(forward_in_chunks(student, np.asarray(x), 65536).float(), dim=-1)
+    return make_rule(rule).score(probs).numpy(), probs.argmax(dim=-1).numpy()
+
+
+@dataclasses.dataclass
+class Drift:
+    agreement: float                 # yesterday's student on today's fresh rows
+    reference: float | None          # its agreement on yesterday's held-out rows
+    agreement_drop: float | None
+    ks_statistic: float | None       # its deferral scores, today's rows vs yesterday's
+    ks_pvalue: float | None
+    shifted: bool
+
+    def record(self) -> dict:
+        def r(v):
+            return None if v is None else round(float(v), 6)
+        return {"fresh_agreement": r(self.agreement), "reference_agreement": r(self.reference),
+                "agreement_drop": r(self.agreement_drop), "ks_statistic": r(self.ks_statistic),
+                "ks_pvalue": None if self.ks_pvalue is None else float(f"{self.ks_pvalue:.3g}"),
+                "shifted": bool(self.shifted)}
+
+
+def drift(agree_today: np.ndarray, reference: float | None, scores_today: np.ndarray,
+          scores_before: np.ndarray | None) -> Drift:
+    """Drift of today's rows as yesterday's student sees them: its agreement with the teacher
+    on them (``agree_today``, a boolean per fresh row) against ``reference``, and a two-sample
+    KS test of its scores today against ``scores_before`` (yesterday's held-out rows; None or
+    empty: no test). Shifted: the KS p-value below DRIFT_P, or an agreement drop beyond both
+    DRIFT_DROP and three standard errors."""
+    from scipy.stats import ks_2samp
+
+    agree_today = np.asarray(agree_today, bool)
+    agreement = float(agree_today.mean()) if agree_today.size else float("nan")
+    drop = None if reference is None else float(reference) - agreement
+    ks = pv = None
+    if scores_before is not None and len(scores_before) >= 20 and len(scores_today) >= 20:
+        res = ks_2samp(np.asarray(scores_today, np.float64), np.asarray(scores_before, np.float64))
+        ks, pv = float(res.statistic), float(res.pvalue)
+    se = math.sqrt(max(agreement * (1 - agreement), 1e-6) / max(1, agree_today.size))
+    shifted = bool((pv is not None and pv < DRIFT_P)
+                   or (drop is not None and drop > max(DRIFT_DROP, 3 * se)))
+    return Drift(agreement, reference, drop, ks, pv, shifted)
+
+
+__all__ = ["fresh_sample_sizes", "calibration_rows_needed", "split_fresh", "fine_tune", "score",
+           "champion_challenger", "rule_scores", "drift", "Drift", "Target", "CAL_BAR"]
