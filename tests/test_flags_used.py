@@ -301,6 +301,7 @@ def world(tmp_path_factory):
                     "--method": "kd", "--epochs": "2"},
         "calibrate": {"--input": p["data"], "--student": p["student"], "--teacher": p["teacher"],
                       "--out": f"{d}/cal.json", "--deferral-rate": "0.3"},
+        "state": {"": _state_dir(d, p)},
     }
     cases = {
         "run": _run_cases(p, out),
@@ -309,14 +310,33 @@ def world(tmp_path_factory):
         "demo": _demo_cases(d),
         "distill": _distill_cases(p, d),
         "calibrate": _calibrate_cases(p, d),
+        "state": {},  # its one argument is DIR, positional
     }
     return types.SimpleNamespace(base=base, cases=cases, dir=d)
+
+
+def _state_dir(d: str, p: dict) -> str:
+    """A one-generation `titans label --state` directory for `titans state DIR`."""
+    from titans.pipeline.state.store import StateDir
+
+    state = StateDir(f"{d}/state")
+    with state.lock():
+        state.commit(state.write_generation(
+            None, student_file=p["student"], student={"arch": "Head", "config": {}},
+            lineage_entry={"run_id": "r1", "kept": "cold"}, pool=None, pool_cap=0,
+            history_entry={"run_id": "r1", "rows": 80}, teacher={"path": p["teacher"],
+                                                                  "sha256": "0" * 64},
+            feature_schema={"features": "fixed_size_list<float>[4]"}))
+    return state.root
 
 
 def _argv(command: str, flags: dict) -> list[str]:
     argv = [command]
     for flag, value in flags.items():
         if value is None or value is False:
+            continue
+        if flag == "":  # a positional argument
+            argv.append(value)
             continue
         argv += [flag] if value is True else [flag, value]
     return argv
@@ -434,6 +454,7 @@ OBSERVE = {
     "label": _observe_label,
     "distill": lambda mp, argv: _observe_calls(mp, argv, "titans.pipeline.commands.distill"),
     "calibrate": lambda mp, argv: _observe_calls(mp, argv, "titans.pipeline.commands.calibrate"),
+    "state": lambda mp, argv: _observe_calls(mp, argv, "titans.pipeline.commands.state"),
 }
 
 
@@ -447,7 +468,7 @@ def options(parser: argparse.ArgumentParser) -> set[str]:
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
 
 
-COMMANDS = ("run", "teacher-label", "label", "demo", "distill", "calibrate")
+COMMANDS = ("run", "teacher-label", "label", "demo", "distill", "calibrate", "state")
 PAIRS = [(c, f) for c in COMMANDS for f in sorted(options(subcommands()[c]) - set(NOT_CHECKED))]
 
 
@@ -473,7 +494,7 @@ def test_what_a_command_builds_is_repeatable(world, monkeypatch, quiet_main, com
     argv = _argv(command, world.base[command])
     first = OBSERVE[command](monkeypatch, argv)
     assert first == OBSERVE[command](monkeypatch, argv)
-    if command in ("distill", "calibrate"):
+    if command in ("distill", "calibrate", "state"):
         assert first[0] == 0, f"titans {command} fails on the base command line"
 
 

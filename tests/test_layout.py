@@ -155,3 +155,15 @@ def long_modules() -> dict[str, int]:
 def test_no_library_module_is_too_long():
     too_long = long_modules()
     assert not too_long, f"modules over {MAX_LINES} lines: {too_long}"
+
+
+def test_the_state_store_imports_only_storage_and_the_lock():
+    """pipeline/state (``--state DIR``) sits below the label job: it may use the storage layer
+    and the output lock, never the label job, graphs or command line that use it."""
+    allowed = {"titans.transforms.io.storage", "titans.pipeline.output_lock"}
+    graph = import_graph()
+    assert "titans.pipeline.state.store" in graph
+    outside = sorted(f"{a} -> {b}" for a, targets in graph.items()
+                     if a.startswith("titans.pipeline.state") for b in targets
+                     if not b.startswith("titans.pipeline.state") and b not in allowed)
+    assert not outside, "pipeline/state imports beyond storage and the lock:\n" + "\n".join(outside)

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)
     add_label_parser(sub)
     add_demo_parser(sub)
+    add_state_parser(sub)
     return parser
 
 
@@ -454,3 +455,18 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
                            "(pixels a float_list, id and y int64_list) and label them from there "
                            "(default: %(default)s)")
     return demo
+
+
+# =========================================================================== state
+
+def add_state_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "state", allow_abbrev=False,
+        help="print a `titans label --state` directory's history and draw its history.png",
+        description="Checks the current generation of a --state directory (every file against "
+                    "its recorded SHA-256), prints its student, teacher, pool and lineage and "
+                    "the per-run history as a table (rows, teacher rows by kind, teacher's "
+                    "share, threshold, fresh-sample agreement, drift), and writes DIR/"
+                    "history.png. Takes no lock and changes nothing else.")
+    p.add_argument("dir", metavar="DIR", help="the --state directory (local path or gs://)")
+    return p

@@ -141,8 +141,14 @@ def _demo(args: argparse.Namespace, beam_args: list[str], start: float) -> int:
     return 0
 
 
+def _state(args: argparse.Namespace, beam_args: list[str], start: float) -> int:
+    from titans.pipeline.commands.state import run_state
+
+    return run_state(args)
+
+
 COMMANDS = {"run": _launch, "teacher-label": _launch, "label": _label, "distill": _distill,
-            "calibrate": _calibrate, "demo": _demo}
+            "calibrate": _calibrate, "demo": _demo, "state": _state}
 
 
 # Beam runners that execute the pipeline in this process (DirectRunner's in-memory and
