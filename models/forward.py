@@ -2,6 +2,7 @@
 rows it fails on found without giving up the others."""
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Callable
 
@@ -46,6 +47,29 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}"
 
 
+# a RuntimeError of the device, not of the rows (a CUDA error, cuBLAS/cuDNN, NCCL)
+_DEVICE_ERROR = re.compile(r"\bCUDA\b|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|NCCL|device-side assert")
+
+
+def is_infrastructure(e: BaseException) -> bool:
+    """Whether ``e`` is the machine's fault, not the rows': a lost connection (a
+    MultiProcessShared model server gone: EOFError, BrokenPipeError, ConnectionError), memory
+    (MemoryError), a CUDA error. Such errors must fail the bundle so the runner retries it
+    elsewhere or later, never send rows to the dead letter. A CUDA out-of-memory error is not
+    one: a smaller batch fits, so ``isolate_failures`` splits the batch."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    if isinstance(e, (ConnectionError, EOFError, MemoryError, TimeoutError)):
+        return True
+    accelerator = getattr(torch, "AcceleratorError", None)  # torch's CUDA errors (>= 2.8)
+    if accelerator is not None and isinstance(e, accelerator):
+        return True
+    if isinstance(e, RuntimeError):
+        text = str(e)
+        return bool(_DEVICE_ERROR.search(text)) and "out of memory" not in text
+    return False
+
+
 def isolate_failures(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
                      probes: int = 3) -> tuple[np.ndarray | None, dict[int, str]]:
     """(outputs for every row, NaN where the row failed; {row: error}) for ``forward`` over
@@ -53,14 +77,20 @@ def isolate_failures(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
 
     One forward when nothing fails. Otherwise a few single rows spread over the batch are
     tried first: if all of them fail too, the model is broken (or the batch wholly bad) and
-    every row gets the error, for ``probes`` extra forwards. If not, the batch is split in
-    halves, recursively, down to the failing rows: about 2 k log2(n) extra forwards for k
-    bad rows. Outputs are None when no row succeeded.
+    every row gets the error, for ``probes`` extra forwards; outputs are then None, and a
+    caller that runs a job fails the batch rather than dead-letter it (only failures that
+    single out rows are the rows' fault). If not, the batch is split in halves, recursively,
+    down to the failing rows: about 2 k log2(n) extra forwards for k bad rows (a CUDA
+    out-of-memory error on a large batch ends there too: the halves fit).
+
+    An infrastructure error (``is_infrastructure``) is raised at once, from any forward.
     """
     n = len(x)
     try:
         return forward(x), {}
-    except Exception as e:  # noqa: BLE001 - any model failure is isolated, not fatal
+    except Exception as e:  # noqa: BLE001 - a row's failure is isolated below, not fatal
+        if is_infrastructure(e):
+            raise
         first = short_error(e)
     if n == 1:
         return None, {0: first}
@@ -71,6 +101,8 @@ def isolate_failures(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
         try:
             y = forward(x[lo:hi])
         except Exception as e:  # noqa: BLE001
+            if is_infrastructure(e):
+                raise
             return short_error(e)
         if out is None:
             out = np.full((n, *y.shape[1:]), np.nan, dtype=np.float32)

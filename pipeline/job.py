@@ -5,9 +5,9 @@
    workers run on this machine: ``check_devices``, one check for every command), the output
    lock (``output_lock``: one job per output; a second one is refused, naming the first),
    the plan's launch checks (input, models), then a write probe into the output directory.
-2. Only then does ``--overwrite`` delete a previous run's outputs: every object under
-   ``labels/`` and ``dead_letter/`` (temp files of a killed run included) and the report
-   files, on any filesystem (object stores are listed by prefix).
+2. ``--overwrite`` deletes nothing here: the job replaces the previous run's outputs at its
+   end (``pipeline/overwrite.py``), so a job that fails before then (a GPU quota, a runner
+   error, a kill) leaves the previous complete output readable.
 3. The pipeline writes its files through temp-file-and-rename, then report.json, then
    ``_SUCCESS`` last (see ``stages.finish``), each once: the job's last step knows everything
    the report says -- the launcher hands it the runner's name and its own phases up to
@@ -15,6 +15,11 @@
    the first read reach it as count pairs -- so nothing rewrites the report after the job, on
    any runner, whether the launcher waits or not. Without ``_SUCCESS`` an output is incomplete
    (a killed run) or failed (over the dead-letter budget).
+4. A job that fails fails on the runner: over the dead-letter budget its last step writes the
+   report and then raises (``failures.JobFailed``); an infrastructure error the runner's
+   retries did not get past ends it too. ``run_job`` returns the failed report for the first
+   (the command prints it, exit 1) and raises ``failures.JobError`` (one line, exit 1) for
+   the second.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import contextvars
 import logging
 import os
 import time
+import uuid
 from typing import Callable, Iterator
 
 import apache_beam as beam
@@ -31,10 +37,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from titans.transforms.io import storage
 from titans.pipeline import output_lock
 from titans.pipeline.cli import startup
-from titans.pipeline.options import pipeline_options  # shared with describe
+from titans.pipeline.failures import JobError, failed_report_path, one_line
+from titans.pipeline.options import check_accelerators, pipeline_options  # shared with describe
 from titans.pipeline.phases import Phases
 from titans.pipeline.graphs.stages import JobRecord, Launch
-from titans.pipeline.outputs import OUTPUTS, REPORT
+from titans.pipeline.outputs import REPORT, SUCCESS
+from titans.pipeline.overwrite import FAILED_REPORT
 
 _LOG = logging.getLogger("titans")
 
@@ -95,11 +103,15 @@ def check_devices(options: PipelineOptions, models: dict) -> None:
                              f"accelerator)")
 
 
-def checked_pipeline(beam_args: list[str], models: dict) -> tuple[beam.Pipeline, PipelineOptions]:
+def checked_pipeline(beam_args: list[str], models: dict, hints: dict | None = None
+                     ) -> tuple[beam.Pipeline, PipelineOptions]:
     """A pipeline for ``beam_args``, after the launch checks that need no data: the options
     and runner (an unknown runner fails when the pipeline is built) and the devices of
-    ``models``. Nothing is written."""
+    ``models``, and on Dataflow that a GPU asked for (the teacher's ``hints``, a
+    worker_accelerator) fits its machine type. Nothing is written."""
     options = pipeline_options(beam_args)
+    # before the runner is built: DataflowRunner's own checks reach for Cloud Storage
+    check_accelerators(options, (hints or {}).get("accelerator"))
     try:
         p = beam.Pipeline(options=options)
     except ValueError as e:
@@ -108,10 +120,10 @@ def checked_pipeline(beam_args: list[str], models: dict) -> tuple[beam.Pipeline,
     return p, options
 
 
-def job_checks(beam_args: list[str], models: dict) -> PipelineOptions:
+def job_checks(beam_args: list[str], models: dict, hints: dict | None = None) -> PipelineOptions:
     """``checked_pipeline``'s checks alone, for a command that builds its pipelines later
     (`titans label`, `titans demo`): the pipeline is dropped."""
-    return checked_pipeline(beam_args, models)[1]
+    return checked_pipeline(beam_args, models, hints)[1]
 
 
 def models_of(config) -> dict:
@@ -120,9 +132,9 @@ def models_of(config) -> dict:
     return {"teacher": config.teacher, **({"student": student} if student is not None else {})}
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
-    """Probe that ``output`` is writable; with ``overwrite``, then remove a previous run's
-    outputs (only those: other files in the directory are left alone)."""
+def prepare_output(output: str, overwrite: bool = False) -> None:
+    """Probe that ``output`` is writable. Nothing is deleted: with ``overwrite`` the job
+    replaces the previous run's outputs at its end (``pipeline/overwrite.py``)."""
     if not storage.is_url(output):
         try:
             os.makedirs(output, exist_ok=True)
@@ -134,17 +146,9 @@ def prepare_output(output: str, overwrite: bool) -> None:
         storage.delete(probe)
     except Exception as e:  # noqa: BLE001 - read-only, no permission, no bucket...
         raise ValueError(f"cannot write to output directory {output!r}: {e}") from e
-    if not overwrite:
-        return
-    removed = sum(storage.delete_under(storage.join(output, name)) for name in OUTPUTS[:2])
-    for name in OUTPUTS[2:]:
-        path = storage.join(output, name)
-        if storage.exists(path):
-            storage.delete(path)
-            removed += 1
-    others = [p for p in storage.list_under(output) if not output_lock.is_lock(p)]
-    _LOG.info("--overwrite: removed %d file(s) of a previous run from %s%s", removed, output,
-              f"; left {len(others)} other file(s) alone" if others else "")
+    if overwrite and storage.exists(storage.join(output, SUCCESS)):
+        _LOG.info("--overwrite: the previous run's outputs in %s stay until this job's last "
+                  "step replaces them", output)
 
 
 @contextlib.contextmanager
@@ -179,7 +183,8 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     write probe. With ``wait=False`` the lock is handed to the job, whose last step releases it."""
     start = time.time() if start is None else start
     phases = Phases(start) if phases is None else phases
-    p, options = checked_pipeline(beam_args, models_of(plan.config))  # before any deletion
+    p, options = checked_pipeline(beam_args, models_of(plan.config),  # before any deletion
+                                  plan.config.teacher_resource_hints)
     output = plan.config.output
     own = lock is None
     if own:
@@ -193,13 +198,17 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
         phases.mark("pipeline_construction")
         launch.finish(JobRecord(start=phases.start, runner=runner_name(options),
                                 phase_seconds=tuple(phases.seconds.items()),
-                                launched_at=phases.last, whole_job=_WHOLE_JOB.get()))
+                                launched_at=phases.last, whole_job=_WHOLE_JOB.get(),
+                                replace=plan.config.overwrite, run=uuid.uuid4().hex[:12]))
         startup.resume_gc()  # if the command line paused it for start-up
-        result = p.run()
-        if not wait:
-            lock.handed_over()  # the job's last step releases it; this process must not
-            return submitted(result, options, output)
-        result.wait_until_finish()
+        try:
+            result = p.run()
+            if not wait:
+                lock.handed_over()  # the job's last step releases it; this process must not
+                return submitted(result, options, output)
+            result.wait_until_finish()
+        except Exception as e:  # noqa: BLE001 - the runner gave up on the job: why, in one line
+            return failed_report(e)
         report = storage.read_json(storage.join(output, REPORT))  # as the job wrote it
         if report.get("phase_seconds"):
             _LOG.info("where the time went: %s", Phases.resume(
@@ -208,6 +217,19 @@ def run_job(plan, build: Build, beam_args: list[str], start: float | None = None
     finally:
         if own:
             lock.release()
+
+
+def failed_report(error: Exception) -> dict:
+    """The report of a job that ``error`` ended: the failed report its last step wrote and
+    named (over the dead-letter budget), with ``report_path`` added; JobError otherwise."""
+    path = failed_report_path(error)
+    if path is None:
+        raise JobError(one_line(error)) from error
+    try:
+        report = storage.read_json(path)
+    except Exception as e:  # noqa: BLE001 - named but unreadable: say both
+        raise JobError(f"{one_line(error)} (its report {path} cannot be read: {e})") from error
+    return {**report, "report_path": path}
 
 
 def runner_name(options: PipelineOptions) -> str:
@@ -285,7 +307,8 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
             build = (cascade_pipeline if cascade else teacher_label).build_pipeline
             print(to_json(describe_job(plan, build, beam_args, command)))
             return 0
-        job_checks(beam_args, models_of(config))  # runner, options, devices: seconds earlier
+        # runner, options, devices, GPU/machine pair: seconds earlier
+        job_checks(beam_args, models_of(config), config.teacher_resource_hints)
         # the lock before the plan's checks: a second run into this output is refused at once,
         # naming the first; released however this ends, unless handed to a job not waited for
         with output_lock.acquire(config.output, command, config.overwrite) as lock:
@@ -307,5 +330,7 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
         return 0
     print(summary(report))
     print(f"labels: {storage.join(config.output, 'labels')}/  report: "
-          f"{storage.join(config.output, REPORT)}")
+          f"{report.get('report_path') or storage.join(config.output, REPORT)}")
+    if report.get("report_path", "").endswith(FAILED_REPORT):
+        print(f"the previous complete output in {config.output} is kept as it was")
     return 0 if report["status"] == "complete" else 1

@@ -9,6 +9,13 @@ the model raises on (found by splitting the batch, see ``isolate_failures``), ge
 in the ``ERROR`` column and the stage in ``ERROR_STAGE``; the split routes them to the dead
 letter. What the model's output means is left to ``annotate(table, logits, errors)``,
 which may add errors of its own (a non-finite output, say).
+
+Only failures that single out rows are the rows' fault. The bundle fails instead, for the
+runner to retry (and, once its retries run out, the job fails) on an infrastructure error
+(``models.forward.is_infrastructure``: a lost model server, MemoryError, a CUDA error) and
+on a model that fails on the whole batch and on every row tried alone (``EveryRowFailed``).
+Any other error of this handler is a ``BatchFailed``, the one exception RunInference's dead
+letter takes (``with_exception_handling(exc_class=BatchFailed)``).
 """
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from titans.models.forward import forward_in_chunks, isolate_failures
+from titans.models.forward import (forward_in_chunks, is_infrastructure, isolate_failures,
+                                   short_error)
 from titans.models.loading import ModelRef, resolve_device
 from titans.transforms.dead_letter import VALIDATE
 from titans.transforms.io.models import load_model_file
@@ -45,6 +53,16 @@ class LoadedModel:
     module: torch.nn.Module
     device: str
     progress: "Progress"
+
+
+class BatchFailed(Exception):
+    """An error of this handler outside the model's forward, on one batch: its rows go to the
+    dead letter with it (RunInference's exception handling catches only this)."""
+
+
+class EveryRowFailed(RuntimeError):
+    """The model failed on a batch and on every row tried alone: a broken model (or device),
+    not bad rows. It fails the bundle, so the runner retries it and then fails the job."""
 
 
 def num_rows(table: pa.Table) -> int:
@@ -77,6 +95,16 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
 
     def run_inference(self, batch: Sequence[pa.Table], model: LoadedModel,
                       inference_args=None) -> list[pa.Table]:
+        try:
+            return self._run(batch, model)
+        except EveryRowFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - sorted: the machine's fault or the batch's
+            if is_infrastructure(e):
+                raise
+            raise BatchFailed(short_error(e)) from e
+
+    def _run(self, batch: Sequence[pa.Table], model: LoadedModel) -> list[pa.Table]:
         merged = pa.concat_tables(batch) if len(batch) > 1 else batch[0]
         x, reasons = self._features.matrix(merged)
         n = len(x)
@@ -87,8 +115,11 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
         valid = None if reasons is None else np.flatnonzero(~errors.bad)  # None: every row
         logits = np.full((n, 0), np.nan, np.float32)
         if valid is None or len(valid):
-            scored, failed = isolate_failures(lambda xb: self.forward(model, xb),
-                                              x if valid is None else x[valid])
+            rows = x if valid is None else x[valid]
+            scored, failed = isolate_failures(lambda xb: self.forward(model, xb), rows)
+            if scored is None and len(rows) > 1:  # one row alone cannot tell model from row
+                raise EveryRowFailed(f"{self._name} model failed on a batch of {len(rows)} rows "
+                                     f"and on each row tried alone: {next(iter(failed.values()))}")
             if scored is not None and valid is None:
                 logits = scored
             elif scored is not None:

@@ -12,13 +12,20 @@ REPORT_RATES = (0.05, 0.10, 0.20, 0.30)
 
 def run_reporting_errors(command: str, body: Callable[[], int]) -> int:
     """``body()``'s exit code; 2 when it raises ValueError (a check at the edge: what to fix,
-    one line, no traceback), printed as ``titans COMMAND: error: ...``. The one place every
-    command's bad input becomes its exit code."""
+    one line, no traceback), printed as ``titans COMMAND: error: ...``; 1 when a job that ran
+    failed and its runner gave up (``failures.JobError``: a lost model server, a CUDA error,
+    a model failing on every row), printed as ``titans COMMAND: job failed: ...``. The one
+    place every command's bad input or failed job becomes its exit code."""
+    from titans.pipeline.failures import JobError
+
     try:
         return body()
     except ValueError as e:
         print(f"titans {command}: error: {e}", file=sys.stderr)
         return 2
+    except JobError as e:
+        print(f"titans {command}: job failed: {e}", file=sys.stderr)
+        return 1
 
 
 def pct(x: float | None) -> str:

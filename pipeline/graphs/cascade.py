@@ -18,7 +18,7 @@ from titans.pipeline.graphs.model_counts import CountingHandler, counted
 from titans.pipeline.graphs.stages import (Launch, failures, finish, read_input, tables_typed,
                                            write_labels)
 from titans.transforms.dead_letter import STUDENT, TEACHER, DeadLetter
-from titans.transforms.inference import ArrowModelHandler
+from titans.transforms.inference import ArrowModelHandler, BatchFailed
 from titans.transforms.labels import AUDIT, StudentLabels, TeacherLabels
 from titans.transforms.io.parquet import (ParquetInput, ReadParquetBatches, input_pattern, match_files)
 from titans.transforms.split import (AUDITED, DEAD_LETTER, EASY, HARD, SeparateTeacherRows,
@@ -64,7 +64,7 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, job: float | Launch) -> 
     # A batch's failing rows are isolated inside the handler; a failure outside the model's
     # forward still only dead-letters its batch (and keeps the DirectRunner in-process).
     scored, student_failed = tables | "ScoreStudent" >> RunInference(
-        student_handler(plan)).with_exception_handling()
+        student_handler(plan)).with_exception_handling(exc_class=BatchFailed)
     scored, student_counts = counted(scored, STUDENT, "CountStudentCalls")
     split = tables_typed(scored) | "SplitByDeferral" >> beam.ParDo(
         SplitByDeferral(plan.threshold, columns, names, c.audit_rate, c.seed)
@@ -74,7 +74,7 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, job: float | Launch) -> 
     if fusion_break_before_teacher(c):
         to_teacher = to_teacher | "ToTeacherWorkers" >> beam.Reshuffle()
     teacher_scored, teacher_failed = to_teacher | "ScoreTeacher" >> RunInference(
-        teacher_handler(plan)).with_exception_handling().with_resource_hints(
+        teacher_handler(plan)).with_exception_handling(exc_class=BatchFailed).with_resource_hints(
         **c.teacher_resource_hints)
     teacher_scored, teacher_counts = counted(teacher_scored, TEACHER, "CountTeacherCalls")
     teacher = tables_typed(teacher_scored) | "SeparateTeacherRows" >> beam.ParDo(

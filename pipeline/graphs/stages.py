@@ -13,6 +13,8 @@ from apache_beam.pvalue import AsList
 
 from titans.transforms.io import storage
 from titans.pipeline.graphs import counts
+from titans.pipeline import overwrite
+from titans.pipeline.failures import JobFailed
 from titans.pipeline.graphs.counts import Count, Counts
 from titans.pipeline.output_lock import release_by_job
 # what a run writes into its output directory (named in outputs.py, which imports nothing)
@@ -83,12 +85,16 @@ class JobRecord:
     writes the report once: when the command began (wall time runs from it), the runner's
     name, the launcher's phases up to ``p.run()`` and when the last of them ended, and
     ``whole_job(report, now)``: figures of a job this one is the last part of (`titans label`'s
-    phases and wall time), added to the report before it is written."""
+    phases and wall time), added to the report before it is written. ``replace``
+    (--overwrite): the last step replaces the previous outputs (``pipeline/overwrite.py``),
+    setting them aside under ``run``, this job's id."""
     start: float
     runner: str | None = None
     phase_seconds: tuple = ()  # ((name, seconds), ...) in order
     launched_at: float | None = None
     whole_job: Callable[[dict, float], None] | None = None
+    replace: bool = False
+    run: str = ""
 
 
 class Launch:
@@ -171,22 +177,43 @@ class _Finish:
 
     def __call__(self, _, pairs: list[tuple[str, int]], *written: list[str]) -> dict:
         finalize_started = time.time()
-        final = [d.put_in_place(paths) for d, paths in zip(self._destinations, written)]
+        report = self._build(Counts(pairs), finalize_started - self._job.start)
+        complete = report["status"] == "complete"
+        replace = self._job.replace
+        # over the budget, a previous complete output is kept as it was (see overwrite.py)
+        keep = replace and not complete and overwrite.previous_complete(self._output)
+        if keep:
+            for d in self._destinations:
+                storage.delete_under(d.temp_dir)
+            final, report_path = [], storage.join(self._output, overwrite.FAILED_REPORT)
+        else:
+            if replace:  # idempotent: a retried step finds the move done
+                overwrite.move_aside(self._output, self._job.run,
+                                     [d.temp_dir for d in self._destinations])
+            final = [d.put_in_place(paths) for d, paths in zip(self._destinations, written)]
+            report_path = storage.join(self._output, REPORT)
         started = time.time()
-        report = self._build(Counts(pairs), started - self._job.start)
         report["output_files"] = sum(len(f) for f in final)
-        if self._plot is not None:
+        if self._plot is not None and not keep:
             self._plot(report, storage.join(self._output, PLOT))
         now = self._timing(report, dict(pairs), finalize_started, started)
         if self._job.whole_job is not None:
             self._job.whole_job(report, now)
-        storage.write_json(storage.join(self._output, REPORT), report)
-        if report["status"] == "complete":
+        storage.write_json(report_path, report)
+        if complete:
             mark_complete(self._output, report)
             if self._on_complete is not None:
                 self._on_complete(report)
+        if replace and not keep:
+            overwrite.delete_replaced(self._output)
+        # released once the outputs are final, complete or failed; a step that dies before
+        # (and is retried) keeps it, and a job that dies leaves it for --overwrite to take over
         if self._release is not None:
             self._release()
+        if not complete:
+            # the report is written; now the job fails, so every runner (and an Airflow task
+            # waiting on Dataflow) sees it fail. A retry of this step rewrites the same files.
+            raise JobFailed(report["status"], report_path)
         return report
 
     def _timing(self, report: dict, pairs: dict, finalize_started: float,

@@ -15,7 +15,7 @@ from titans.pipeline.graphs.model_counts import CountingHandler, counted
 from titans.pipeline.graphs.stages import (Launch, failures, finish, read_input, tables_typed,
                                            write_labels)
 from titans.transforms.dead_letter import TEACHER, DeadLetter
-from titans.transforms.inference import ArrowModelHandler
+from titans.transforms.inference import ArrowModelHandler, BatchFailed
 from titans.transforms.labels import TeacherProbs
 from titans.transforms.split import DEAD_LETTER, SplitErrors
 
@@ -34,7 +34,7 @@ def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, job: float | Launch
     c, names = plan.config, plan.input.input_names
     tables, read_dead, count_parts = read_input(p, plan.input, c.batch_size)
     scored, failed = tables | "ScoreTeacher" >> RunInference(
-        teacher_handler(plan)).with_exception_handling()
+        teacher_handler(plan)).with_exception_handling(exc_class=BatchFailed)
     scored, teacher_counts = counted(scored, TEACHER, "CountTeacherCalls")
     labeled = tables_typed(scored) | "SplitErrors" >> beam.ParDo(SplitErrors(names)).with_output_types(
         pa.Table, dead_letter=DeadLetter).with_outputs(DEAD_LETTER, main="ok")

@@ -23,6 +23,7 @@ import logging
 
 from titans.pipeline import content_keys, output_lock
 from titans.pipeline.outputs import OUTPUTS, REPORT, SUCCESS
+from titans.pipeline.overwrite import REPLACED
 from titans.transforms.io import storage
 
 _LOG = logging.getLogger("titans")
@@ -108,14 +109,19 @@ class JobDir:
 
     def prepare(self, overwrite: bool, resume: bool, sample_key: dict) -> None:
         """Check that DIR may be used and load phases.json to resume from: DIR empty, or
-        --overwrite (the previous job's files are removed now, after the launch checks), or
+        --overwrite (the previous job's phase files are removed now, after the launch checks;
+        its labels at the cascade's end), or
         --resume of a job whose sample was drawn with the same flags (``sample_key``)."""
         existing = [p for p in storage.list_under(self.output) if not output_lock.is_lock(p)]
         if existing and overwrite:
+            # the phases' artifacts go now; labels/, dead_letter/, the report and _SUCCESS stay
+            # readable until the cascade's last step replaces them (pipeline/overwrite.py)
             for name in LABEL_OUTPUTS:
-                storage.delete_under(self.path(name))
-                storage.delete(self.path(name))
-            _LOG.info("--overwrite: removed a previous job's outputs from %s", self.output)
+                if name not in REPLACED:
+                    storage.delete_under(self.path(name))
+                    storage.delete(self.path(name))
+            _LOG.info("--overwrite: removed a previous job's phase files from %s; its labels "
+                      "stay until this job's cascade replaces them", self.output)
         elif existing and resume:
             try:
                 self.manifest = storage.read_json(self.phases_json)
