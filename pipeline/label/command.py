@@ -119,7 +119,8 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock)
     if jd.complete(keys, reused, c.resume):
         print(f"titans label: {c.output} is complete already (all phases match); nothing to do")
         return 0
-    storage.delete(jd.path(SUCCESS))  # the job is not complete until phase 5 says so
+    if not c.job.overwrite:  # --overwrite: the previous labels stay complete until phase 5
+        storage.delete(jd.path(SUCCESS))  # the job is not complete until phase 5 says so
 
     print(f"titans label: {plan.rows:,} rows in {len(plan.files)} file(s); sample of "
           f"{plan.sample_rows:,} rows for the teacher; student budget {c.student_budget:g} of "
