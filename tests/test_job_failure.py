@@ -1,0 +1,132 @@
+"""A job that fails must fail (issue 20): on every runner, with exit code 1 and one line, and
+without dead-lettering rows for a machine's fault; --overwrite replaces the previous output
+only at the job's end. Real runs (in-process FnApiRunner), real torch models: Python model
+classes (tests/fault_models.py) raise what TorchScript cannot (ConnectionError, CUDA errors)."""
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import CLASSES, DIM, RUNNER, features_table, read_labels, write_dataset
+from fault_models import save_class_model
+from titans.pipeline.cli.main import main
+
+
+def _files(out) -> dict:
+    """{relative path: bytes} of every file under ``out`` (the output lock aside)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "_titans_lock"}
+
+
+def _in_place(out, sub) -> list:
+    """Files of ``out/sub`` put in place (not under a temporary directory)."""
+    return [p for p in (out / sub).rglob("*") if p.is_file() and ".titans-tmp" not in str(p)] \
+        if (out / sub).exists() else []
+
+
+def _run(tmp_path, models, out, *extra, teacher=None, command="run"):
+    args = [command, "--input", str(tmp_path / "data"), "--output", str(out), "--id-column", "id",
+            *(teacher or ["--teacher", models[1]]), *extra, *RUNNER]
+    if command == "run":
+        args += ["--student", models[0]]
+    return main(args)
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_dataset(tmp_path / "data", 2000, files=2, row_group_size=500)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("error,command", [("connection", "run"), ("cuda", "teacher-label")])
+def test_an_infrastructure_error_mid_job_fails_it_and_dead_letters_nothing(
+        tmp_path, models, data, capsys, error, command):
+    teacher = save_class_model(tmp_path, "FailsAfterLaunch", DIM, CLASSES, (16,), error=error,
+                               tag=f"{tmp_path}")
+    out, manifest = tmp_path / "out", tmp_path / "manifest.json"
+    code = _run(tmp_path, models, out, "--skip-labeled", str(manifest), "--deferral-rate", "0.5",
+                teacher=teacher, command=command) if command == "run" else \
+        _run(tmp_path, models, out, "--skip-labeled", str(manifest), teacher=teacher,
+             command=command)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    what = "ConnectionError: lost the connection" if error == "connection" else "CUDA error"
+    assert err[-1].startswith(f"titans {command}: job failed: ") and what in err[-1], err[-3:]
+    assert len(err[-1]) < 500
+    # nothing dead-lettered, nothing labeled, nothing reported complete, no file recorded
+    assert not _in_place(out, "dead_letter") and not _in_place(out, "labels")
+    assert not (out / "_SUCCESS").exists() and not (out / "report.json").exists()
+    assert not manifest.exists()
+
+
+def test_a_model_failing_on_every_row_fails_the_job_instead_of_dead_lettering_them(
+        tmp_path, models, data, capsys):
+    teacher = save_class_model(tmp_path, "FailsAfterLaunch", DIM, CLASSES, (16,), error="broken",
+                               tag=f"{tmp_path}")
+    out = tmp_path / "out"
+    code = _run(tmp_path, models, out, "--deferral-rate", "0.5", teacher=teacher)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "cannot score anything" in err[-1] and "each row tried alone" in err[-1]
+    assert not _in_place(out, "dead_letter") and not (out / "_SUCCESS").exists()
+
+
+def test_cuda_out_of_memory_on_large_batches_splits_them_and_labels_every_row(
+        tmp_path, models, data):
+    teacher = save_class_model(tmp_path, "OOMAbove", DIM, CLASSES, (16,), max_rows=64)
+    out = tmp_path / "out"
+    assert _run(tmp_path, models, out, "--deferral-rate", "1.0", "--teacher-batch-size", "500",
+                teacher=teacher) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_dead_letter"] == 0 and report["rows_hard"] == 2000
+    labels = read_labels(out)
+    assert labels.column("id").to_pylist() == list(range(2000))
+    assert set(labels.column("source").to_pylist()) == {"teacher"}
+
+
+def test_over_the_budget_the_job_fails_and_overwrite_keeps_the_complete_output(
+        tmp_path, models, capsys):
+    """The job's last step writes the failed report and raises (JobFailed); the command prints
+    the summary and exits 1. Over a previous complete output (--overwrite) the failed run
+    replaces nothing: its report goes beside it as report.failed.json."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    x = np.random.default_rng(4).normal(size=(1000, DIM)).astype(np.float32)
+    pq.write_table(features_table(np.arange(1000), x), data / "a.parquet")
+    out = tmp_path / "out"
+    assert _run(tmp_path, models, out) == 0
+    before = _files(out)
+    x[:150, 2] = np.nan  # 15% of rows unusable, more than the default budget of 10%
+    pq.write_table(features_table(np.arange(1000), x), data / "a.parquet")
+    capsys.readouterr()
+    assert _run(tmp_path, models, out, "--overwrite") == 1
+    printed = capsys.readouterr().out
+    assert "JOB FAILED" in printed and "report.failed.json" in printed
+    failed = json.loads((out / "report.failed.json").read_text())
+    assert failed["status"].startswith("failed") and failed["rows_dead_letter"] == 150
+    after = _files(out)
+    assert after.pop("report.failed.json") and after == before  # byte for byte
+    # a later run that completes replaces both, and leaves nothing set aside
+    assert _run(tmp_path, models, out, "--overwrite", "--max-dead-letter-rate", "0.2") == 0
+    names = {p.name for p in out.iterdir()}
+    assert "report.failed.json" not in names and not [n for n in names if "_titans_replaced" in n]
+    assert json.loads((out / "report.json").read_text())["rows_dead_letter"] == 150
+    assert read_labels(out).num_rows == 850
+
+
+def test_overwrite_with_a_job_that_fails_keeps_the_previous_labels_and_success(
+        tmp_path, models, data, capsys):
+    out = tmp_path / "out"
+    assert _run(tmp_path, models, out) == 0
+    before = _files(out)
+    assert "_SUCCESS" in before and any(k.startswith("labels/") for k in before)
+    teacher = save_class_model(tmp_path, "FailsAfterLaunch", DIM, CLASSES, (16,),
+                               error="connection", tag=f"{tmp_path}")
+    assert _run(tmp_path, models, out, "--overwrite", "--deferral-rate", "0.5",
+                teacher=teacher) == 1
+    assert "job failed" in capsys.readouterr().err
+    # the previous complete output, readable, as it was (beside the failed run's temporary
+    # files, which readers skip and the next --overwrite run clears)
+    assert {k: v for k, v in _files(out).items() if ".titans-tmp-" not in k} == before
+    assert read_labels(out).column("id").to_pylist() == list(range(2000))
