@@ -110,7 +110,46 @@ def make_dataset(name: str, rows: int, seed: int, directory: str, files: int = 4
             "y": pa.array(labels[part], pa.int64())}),
             os.path.join(directory, "data", f"part-{i}.parquet"))
     return {"teacher": teacher_path, "data": os.path.join(directory, "data"), "y": labels,
-            "teacher_pred": teacher_pred}
+            "teacher_pred": teacher_pred, "column": "pixels"}
+
+
+TABULAR = dict(features=16, classes=26, teacher_rows=20_000, arch="320,256")
+
+
+def make_tabular(rows: int, seed: int, directory: str, files: int = 4) -> dict:
+    """The 16-feature, 26-class job of label_speed.py (issue 19's shape, like UCI's letter
+    recognition data): scikit-learn's ``make_classification`` (2 clusters per class, 12
+    informative features, a little label noise), each feature then stored as UCI letter's
+    are: integers 0 to 15 (here round(2 x + 7.5), clipped). The teacher, standardisation baked in (``build_student``) and 320-256 wide,
+    is trained on labels of TABULAR["teacher_rows"] rows drawn apart from the ``rows`` to
+    label. Same return value as ``make_dataset`` (column "features")."""
+    from sklearn.datasets import make_classification
+
+    from titans.models.distill import build_student, feature_stats
+
+    d, k, n_teacher = TABULAR["features"], TABULAR["classes"], TABULAR["teacher_rows"]
+    x, y = make_classification(n_samples=n_teacher + rows, n_features=d, n_informative=12,
+                               n_redundant=2, n_classes=k, n_clusters_per_class=2,
+                               class_sep=3.0, flip_y=0.02, random_state=seed)
+    x = np.clip(np.round(2.0 * x + 7.5), 0, 15).astype(np.float32)
+    y = y.astype(np.int64)
+    teacher = build_student(TABULAR["arch"], d, k, *feature_stats(x[:n_teacher]), seed=seed)
+    train_supervised(teacher, x[:n_teacher], y[:n_teacher], seed=seed, progress=False,
+                     epochs=20, lr=1e-3, batch_size=128, weight_decay=1e-4)
+    teacher.eval()
+    os.makedirs(os.path.join(directory, "data"), exist_ok=True)
+    teacher_path = os.path.join(directory, "teacher.pt")
+    save_torchscript(teacher, teacher_path, {"arch": TABULAR["arch"]})
+    x, labels = x[n_teacher:], y[n_teacher:]
+    teacher_pred = forward_in_chunks(teacher, x, 65536).argmax(-1).numpy()
+    for i, part in enumerate(np.array_split(np.arange(rows), files)):
+        pq.write_table(pa.table({
+            "id": pa.array(part, pa.int64()),
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel()), d),
+            "y": pa.array(labels[part], pa.int64())}),
+            os.path.join(directory, "data", f"part-{i}.parquet"))
+    return {"teacher": teacher_path, "data": os.path.join(directory, "data"), "y": labels,
+            "teacher_pred": teacher_pred, "column": "features"}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -118,7 +157,7 @@ def make_dataset(name: str, rows: int, seed: int, directory: str, files: int = 4
 def run_label(ds: dict, out: str, eps: float, budget: float, seed: int,
               sample_rows: int | None, resume: bool, log) -> dict:
     argv = ["--log-level", "WARNING", "label", "--input", ds["data"], "--teacher", ds["teacher"],
-            "--feature-columns", "pixels", "--id-column", "id", "--output", out,
+            "--feature-columns", ds["column"], "--id-column", "id", "--output", out,
             "--max-disagreement", str(eps), "--delta", str(DELTA),
             "--student-budget", str(budget), "--seed", str(seed), "--runner", "FnApiRunner"]
     if sample_rows:

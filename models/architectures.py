@@ -1,5 +1,6 @@
-"""Built-in architectures: the MLP students and teachers the demo and benchmarks train, and
-the bag-of-embeddings student `titans label` distils for token-id inputs."""
+"""Built-in architectures: the MLP students and teachers the demo and benchmarks train, the
+bag-of-embeddings student `titans label` distils for token-id inputs, and ``Standardize``, the
+input scaling `titans label` bakes into its vector students (``StandardizedMLP``)."""
 from __future__ import annotations
 
 import torch
@@ -53,6 +54,43 @@ class TokenMLP(nn.Module):
         ids = x.masked_fill((x < 0) | (x >= self.vocab), self.vocab)    # out of range -> OOV
         summed = (self.embed(ids) * mask).sum(dim=1)                    # [B, D]
         return self.head(summed / mask.sum(dim=1).clamp_min(1.0))
+
+
+class Standardize(nn.Module):
+    """``(x.flatten(1) - mean) / std`` per feature, with mean and std stored as buffers, so a
+    saved student needs nothing else to read raw rows. A feature with std 0 (or not finite)
+    is only shifted. Made of ops on the model-safety allowlist (sub, mul)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean.shape != std.shape:
+            raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape")
+        ok = torch.isfinite(std) & (std > 0)
+        self.register_buffer("mean", torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean)))
+        # a multiply, not a divide, in the hot path; the inverse computed once here
+        self.register_buffer("inv_std", torch.where(ok, 1.0 / torch.where(ok, std, 1.0), 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1) - self.mean) * self.inv_std
+
+
+class StandardizedMLP(nn.Module):
+    """``Standardize`` then an ``MLP``: the vector student of `titans label`. Its attributes
+    ``scale`` and ``mlp`` are the two parts (``mlp`` is trained; ``scale`` is fixed)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: tuple[int, ...],
+                 mean, std):
+        super().__init__()
+        self.scale = Standardize(mean, std)
+        if self.scale.mean.numel() != in_features:
+            raise ValueError(f"mean and std have {self.scale.mean.numel()} features, "
+                             f"the student takes {in_features}")
+        self.mlp = MLP(in_features, out_features, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.scale(x))
 
 
 def parse_hidden(spec: str) -> tuple[int, ...]:

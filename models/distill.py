@@ -20,6 +20,7 @@ can script it.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from titans.models import defaults, losses
-from titans.models.architectures import MLP, TokenMLP, parse_hidden
+from titans.models.architectures import MLP, StandardizedMLP, TokenMLP, parse_hidden
 from titans.models.defaults import METHODS
 from titans.models.forward import forward_in_chunks
 
@@ -45,6 +46,29 @@ def make_student(arch: str | tuple[int, ...], in_features: int, num_classes: int
         if seed is not None:
             torch.manual_seed(seed)
         return MLP(in_features, num_classes + (method == "defer"), hidden)
+
+
+def feature_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per feature of the rows ``X`` [N, ...] (flattened), float32: what
+    ``build_student`` bakes in. Computed in float64 so large offsets do not lose digits."""
+    X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+    return X.mean(axis=0).astype(np.float32), X.std(axis=0).astype(np.float32)
+
+
+def build_student(arch: str | tuple[int, ...], in_features: int, num_classes: int, mean, std,
+                  method: str = "kd", seed: int | None = None) -> nn.Module:
+    """A ``StandardizedMLP``: ``(x - mean) / std`` per feature, then the MLP of ``make_student``
+    (same widths, same seeded initialisation). `titans label`'s vector student: standardised
+    inputs let one learning-rate schedule fit features of any scale, and the saved TorchScript
+    file carries mean and std, so it reads raw rows like any other student."""
+    _check_method(method)
+    hidden = parse_hidden(arch) if isinstance(arch, str) else tuple(int(h) for h in arch)
+    if in_features <= 0 or num_classes < 2:
+        raise ValueError(f"need in_features > 0 and num_classes >= 2, got {in_features}, {num_classes}")
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return StandardizedMLP(in_features, num_classes + (method == "defer"), hidden, mean, std)
 
 
 def make_token_student(embed_dim: int, hidden: tuple[int, ...], vocab: int, num_classes: int,
@@ -159,6 +183,89 @@ def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
     return _loop(student, n, step, evaluate, epochs=epochs, lr=lr, batch_size=batch_size,
                  weight_decay=weight_decay, seed=seed, progress=progress, desc=method,
                  on_epoch_start=on_epoch_start)
+
+
+def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np.ndarray, *,
+                     val: tuple[np.ndarray, np.ndarray], epochs: int, batch_size: int, lr: float,
+                     temperature: float, weight_decay: float = 1e-4, seed: int = 0,
+                     patience: int | None = None, deadline: float | None = None) -> list[dict]:
+    """Distil several students at once with kd on the teacher's probabilities (no labels).
+
+    One shuffled pass over the rows per epoch serves every student (each minibatch is gathered
+    once), and one AdamW with a one-cycle learning rate (peak ``lr``) steps all of them on the
+    sum of their kd losses: AdamW's state is per parameter, so each student gets exactly the
+    update it would get alone. After every epoch each student's argmax agreement with
+    ``val`` = (rows, teacher's answers) is measured; a student keeps the weights of its best
+    epoch and stops training after ``patience`` epochs without a better one (None: never).
+    All stop at ``deadline`` (a ``time.monotonic()`` value; None: none), so when the deadline
+    hits, the result depends on the machine's speed; otherwise it is seeded.
+    Returns per student: epochs trained, best_epoch (1-based), val_agreement there, and
+    ``stopped``: "converged" (patience), "schedule" (all epochs) or "time budget".
+    """
+    if not students:
+        return []
+    if epochs < 1 or batch_size < 1 or lr <= 0 or temperature <= 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0, temperature > 0; got "
+                         f"{epochs}, {batch_size}, {lr}, {temperature}")
+    ids = isinstance(students[0], TokenMLP)
+    Xt = _features(X, ids)
+    n = len(Xt)
+    P = _probs(teacher_probs, n, "teacher_probs")
+    # the softened targets once, not per step; CE against them has KL's gradient
+    target = losses.soften(P, temperature)
+    Xv, yv = _features(val[0], ids), torch.as_tensor(np.asarray(val[1]), dtype=torch.int64)
+    params = [p for m in students for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-n // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
+                                                steps_per_epoch=steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed)
+    state = [{"epochs": 0, "best_epoch": 0, "val_agreement": -1.0, "stopped": "schedule",
+              "best": None, "stale": 0} for _ in students]
+    active = list(range(len(students)))
+    t2 = temperature ** 2  # keeps the gradient scale independent of T (Hinton et al.)
+    with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from a seeded fork
+        torch.manual_seed(seed)
+        for epoch in range(epochs):
+            for i in active:
+                students[i].train()
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                idx = perm[start:start + batch_size]
+                xb, pb = Xt[idx], target[idx]
+                loss = sum(nn.functional.cross_entropy(students[i](xb) / temperature, pb)
+                           for i in active) * t2
+                opt.zero_grad(set_to_none=True)  # a stopped student's grads stay None: no step
+                loss.backward()
+                opt.step()
+                sched.step()
+            for i in list(active):
+                st = state[i]
+                st["epochs"] = epoch + 1
+                agreement = float((_logits(students[i], Xv).argmax(-1) == yv).float().mean())
+                if agreement > st["val_agreement"]:
+                    st.update(val_agreement=agreement, best_epoch=epoch + 1, stale=0,
+                              best={k: v.clone() for k, v in students[i].state_dict().items()})
+                else:
+                    st["stale"] += 1
+                    if patience is not None and st["stale"] >= patience:
+                        st["stopped"] = "converged"
+                        active.remove(i)
+            if not active:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                for i in active:
+                    state[i]["stopped"] = "time budget"
+                break
+    out = []
+    for m, st in zip(students, state):
+        if st["best"] is not None:
+            m.load_state_dict(st.pop("best"))
+        m.eval()
+        st.pop("best", None)
+        st.pop("stale")
+        out.append(st)
+    return out
 
 
 def _loop(model, n, step, evaluate, *, epochs, lr, batch_size, weight_decay, seed, progress, desc,

@@ -144,3 +144,62 @@ def test_distill_validates_its_inputs(digits):
         distill(s, d["X"][:10], d["P"][:10] * 2, epochs=1, progress=False)
     with pytest.raises(ValueError, match="labels must be integers"):
         distill(s, d["X"][:10], d["P"][:10], labels=np.zeros(10, dtype=np.float32), epochs=1, progress=False)
+
+
+# ------------------------------------------------------------------ titans label's students
+
+def test_build_student_bakes_standardisation_into_a_loadable_file(tmp_path):
+    """The saved student reads raw rows: mean and std travel in the TorchScript file, made of
+    allowlisted ops (load_model_file refuses anything else without --trust-model-code)."""
+    from titans.models.distill import build_student, feature_stats
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(300, 5)) * [1, 10, 100, 0.1, 0] + [0, 5, -300, 2, 7]).astype(np.float32)
+    mean, std = feature_stats(X)
+    s = build_student("8", 5, 3, mean, std, seed=0)
+    plain = make_student("8", 5, 3, seed=0)  # same seeded initialisation as make_student
+    z = (X - mean) / np.where(std > 0, std, 1.0)  # the constant column is only shifted
+    with torch.no_grad():
+        want = plain(torch.from_numpy(z.astype(np.float32)))
+        assert torch.allclose(s(torch.from_numpy(X)), want, atol=1e-4)
+    save_torchscript(s.eval(), str(tmp_path / "s.pt"), {"arch": "8"})
+    loaded = load_model_file(str(tmp_path / "s.pt"))
+    with torch.no_grad():
+        assert torch.allclose(loaded(torch.from_numpy(X)), want, atol=1e-4)
+    with pytest.raises(ValueError, match="features"):
+        build_student("8", 4, 3, mean, std)
+
+
+def test_distill_together_gives_each_student_what_it_would_get_alone(digits):
+    """One data pass and one AdamW for all: each student's weights equal those of the same
+    schedule run on it alone (AdamW's state is per parameter), so sharing costs no quality."""
+    from titans.models.distill import distill_together
+
+    d = digits
+    X, P, val = d["X"][d["tr"]], d["P"][d["tr"]], (d["X"][d["va"]], d["P"][d["va"]].argmax(1))
+    kw = dict(val=val, epochs=10, batch_size=128, lr=2e-2, temperature=4.0, seed=3)
+    both = [make_student("linear", 64, 10, seed=0), make_student("16", 64, 10, seed=1)]
+    runs = distill_together(both, X, P, **kw)
+    alone = make_student("16", 64, 10, seed=1)
+    run_alone = distill_together([alone], X, P, **kw)[0]
+    assert runs[1] == run_alone
+    for a, b in zip(both[1].state_dict().values(), alone.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert runs[1]["val_agreement"] > 0.8 and runs[1]["stopped"] == "schedule"
+    with torch.no_grad():  # the weights kept are the best epoch's: their agreement is reported
+        pred = both[1](torch.from_numpy(val[0])).argmax(1).numpy()
+    assert np.mean(pred == val[1]) == pytest.approx(runs[1]["val_agreement"])
+
+
+def test_distill_together_stops_early_and_at_the_deadline(digits):
+    from titans.models.distill import distill_together
+
+    d = digits
+    X, P, val = d["X"][d["tr"]], d["P"][d["tr"]], (d["X"][d["va"]], d["P"][d["va"]].argmax(1))
+    kw = dict(val=val, batch_size=256, lr=1e-2, temperature=4.0)
+    run = distill_together([make_student("linear", 64, 10, seed=0)], X, P, epochs=200,
+                           patience=2, **kw)[0]
+    assert run["stopped"] == "converged" and run["epochs"] == run["best_epoch"] + 2 < 200
+    late = distill_together([make_student("linear", 64, 10, seed=0)], X, P, epochs=200,
+                            deadline=0.0, **kw)[0]  # already past: one epoch, then stop
+    assert late == {**late, "stopped": "time budget", "epochs": 1, "best_epoch": 1}

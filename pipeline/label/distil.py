@@ -1,6 +1,7 @@
 """Phase 3, distil: the labeled sample is split (seeded) into training, validation and
-calibration rows; students within the budget are distilled with kd on the training rows and
-the cheapest cascade on the validation rows wins (``titans.models.student_search``; on token
+calibration rows; students within the budget are distilled together with kd on the training
+rows (inputs standardised inside the student, early stopping, a time budget) and the
+cheapest cascade on the validation rows wins (``titans.models.student_search``; on token
 ids, int64 [N, L] padded to the sample's longest row, token students whose vocabulary is the
 teacher's embedding table or the sample's largest id plus a margin)
 -> DIR/student.pt (TorchScript, with its provenance as metadata)."""
@@ -50,7 +51,8 @@ def run(c, launch, s, split: Split, jd) -> dict:
               f"validation agreement {cand.val_agreement:.2%}, "
               + (f"deferral needed {cand.deferral:.1%}" if c.eps is not None else
                  f"disagreement at the rate {cand.disagreement:.2%}")
-              + f" (rule {cand.rule}), {cand.seconds:.1f} s", flush=True)
+              + f" (rule {cand.rule}), best of {cand.epochs} epochs: {cand.best_epoch} "
+              f"({cand.stopped})", flush=True)
 
     x = s.x.reshape(len(s.x), -1)  # images [N, C, H, W] as vectors: the MLP students' input
     vocab = pad_id = None
@@ -70,6 +72,11 @@ def run(c, launch, s, split: Split, jd) -> dict:
     finally:
         epochs_log.setLevel(level)
     best = result.best
+    limit = ("no time budget" if result.time_budget is None else
+             f"time budget {result.time_budget:.0f} s"
+             + (", reached: training cut short" if result.budget_hit else ""))
+    print(f"    search: {len(result.candidates)} candidates trained together in "
+          f"{result.seconds:.1f} s ({limit})", flush=True)
     facts = {"arch": best.arch, "rule": best.rule, "flops_per_row": best.flops,
              "flops_share": best.flops_share, "parameters": best.parameters,
              "val_agreement": best.val_agreement, "val_deferral": best.deferral,
@@ -79,7 +86,10 @@ def run(c, launch, s, split: Split, jd) -> dict:
              "budget_flops_per_row": result.budget_flops, "ltt_bar": target.bar,
              "split_rows": {"train": len(split.train), "validation": len(split.val),
                             "calibration": len(split.cal)},
-             "training": {"method": "kd", **result.training}, "candidates": result.table()}
+             "training": {"method": "kd", "standardised": vocab is None, **result.training},
+             "search_seconds": round(result.seconds, 3),
+             "search_time_budget_seconds": result.time_budget,
+             "search_time_budget_hit": result.budget_hit, "candidates": result.table()}
     save_torchscript(result.student, jd.student, {
         "method": "kd", "arch": best.arch, "feature_columns": list(launch.features.columns),
         "feature_dim": launch.features.dim, "num_classes": launch.num_classes,
