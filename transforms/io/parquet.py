@@ -5,11 +5,14 @@ file is named before anything runs, and the files' schemas are unified into one
 (``unify_schemas``): a column missing from a file is null there, and a file whose column
 cannot be cast to the unified type has all its rows dead-lettered, with the file named.
 
-Reading is planned per row group, not per file: files are split into (file, row group)
-units, the units are reshuffled so workers share them, and each unit is decoded
-``batch_size`` rows at a time. So a batch never exceeds ``batch_size`` rows whatever the
-file layout (pyarrow writes 1M-row groups by default, Spark ~128 MB ones), and a few huge
-files still spread over many workers.
+Reading is planned in read groups (``read_groups``): runs of (file, row groups) of about
+``batch_size`` rows each, from the footers read at launch. A worker reads one group and
+merges its small files' rows into full batches, so many small files cost what one file
+does; a row group of ``batch_size`` rows or more is a group of its own, decoded
+``batch_size`` rows at a time, so a batch never exceeds ``batch_size`` rows whatever the
+layout (pyarrow writes 1M-row groups by default, Spark ~128 MB ones) and a few huge files
+still spread over many workers. The job graph carries the groups compressed (a few bytes
+per file); the workers expand them and reopen each file they read.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table 
 from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.features import is_list_type
 from titans.transforms.overlap import BackgroundWriter, read_ahead
+from titans.transforms.io.read_groups import Coalesce, ReadPlan, Unit
 from titans.transforms.io.writes import Destination, WriteTables
 
 _LOG = logging.getLogger("titans")
@@ -180,8 +184,8 @@ class ParquetInput:
         return cls(tuple(files), schema, conflicts, sum(f.num_rows for f in footers),
                    tuple(f.num_rows for f in footers), tuple(f.row_groups for f in footers))
 
-    def reader(self, batch_size: int) -> "ReadParquetBatches":
-        return ReadParquetBatches(self, batch_size)
+    def reader(self, batch_size: int, file_keys=None) -> "ReadParquetBatches":
+        return ReadParquetBatches(self, batch_size, file_keys)
 
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
         """Every row (of ``columns``, default all), conformed to the schema, in memory (for
@@ -245,50 +249,85 @@ def conform(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table | No
     return good, (table.filter(pa.array(~ok)) if not ok.all() else None), reason
 
 
-class _ReadRowGroup(beam.DoFn):
-    """One row group -> tables of at most ``batch_size`` rows, conformed to the input schema.
+class _ReadGroup(beam.DoFn):
+    """One read group -> tables of ``batch_size`` rows conformed to the input schema (the
+    group's last: the rest), the rows of its small files merged.
 
-    Rows that cannot be conformed, every row of a conflicting file, and the rows of a row
-    group that turns out to be unreadable go to the ``dead_letter`` output with the reason.
-    """
-    DEAD_LETTER = "dead_letter"
+    Rows that cannot be conformed, every row of a conflicting file, the rows of a row group
+    that turns out to be unreadable and of a file that cannot be opened (changed or removed
+    since the launch read its footer) go to the ``dead_letter`` output with the reason.
+    With ``file_keys`` (a function: paths -> {path: content key}), each file's key is taken
+    before its rows are read and emitted on the ``keys`` output as (path, key): the version
+    this job read, for the --skip-labeled manifest."""
+    DEAD_LETTER, KEYS = "dead_letter", "keys"
 
-    def __init__(self, batch_size: int, schema: pa.Schema, conflicts: dict, skip: dict):
+    def __init__(self, batch_size: int, schema: pa.Schema, file_keys=None):
         self._batch_size = batch_size
         self._schema = schema
-        self._conflicts = dict(conflicts)
-        self._skip = dict(skip)
+        self._file_keys = file_keys
 
-    def process(self, unit):
-        path, group = unit
-        conflict = self._conflicts.get(path)
-        pf = open_parquet(path)
-        first = sum(pf.metadata.row_group(g).num_rows for g in range(group))
-        done = 0
+    def process(self, group: list[Unit]):
+        if self._file_keys is not None:
+            for path, key in self._file_keys(sorted({u.path for u in group})).items():
+                yield beam.pvalue.TaggedOutput(self.KEYS, (path, key))
+        out = Coalesce(self._batch_size)
+        for item in read_ahead(_group_tables(group, self._batch_size)):
+            if isinstance(item, DeadLetter):
+                yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, item)
+                continue
+            unit, table = item
+            if unit.conflict:
+                yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(table, unit.conflict,
+                                                                            READ))
+                continue
+            good, bad, reason = conform(table, self._schema)
+            if good.num_rows:
+                if not good.schema.equals(self._schema):  # metadata only: concat needs it equal
+                    good = pa.Table.from_arrays(good.columns, schema=self._schema)
+                yield from out.add(good)
+            if bad is not None:
+                yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
+                    bad, f"{unit.path}: rows do not fit the input schema: {reason}", READ))
+        yield from out.flush()
+
+
+def _group_tables(group: list[Unit], batch_size: int):
+    """(unit, table) for every batch of the group's row groups, rows to skip left out, or a
+    DeadLetter for what cannot be read (run on read_ahead's thread: decoding overlaps the
+    consumer's conforming and merging)."""
+    for unit in group:
         try:
-            for batch in read_ahead(pf.iter_batches(batch_size=self._batch_size, row_groups=[group])):
-                table = _without(pa.Table.from_batches([batch]), first + done,
-                                 self._skip.get(path, ()))
-                done += batch.num_rows
-                if not table.num_rows:
-                    continue
-                if conflict:
-                    yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(table, conflict, READ))
-                    continue
-                good, bad, reason = conform(table, self._schema)
-                if good.num_rows:
-                    yield good
-                if bad is not None:
-                    yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
-                        bad, f"{path}: rows do not fit the input schema: {reason}", READ))
-        except Exception as e:  # noqa: BLE001 - a corrupt page: the rest of the group is lost
-            total = pf.metadata.row_group(group).num_rows
-            lost = pa.table({"file": pa.repeat(pa.scalar(path), total - done),
-                             "row_group": pa.repeat(pa.scalar(group), total - done),
-                             "row_in_group": pa.array(np.arange(done, total))})
-            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(
-                lost, f"{path}: cannot read row group {group}: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}", READ))
+            pf = open_parquet(unit.path)
+            meta = pf.metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        except Exception as e:  # noqa: BLE001 - removed, truncated or rewritten since launch
+            if unit.first == 0 and unit.rows:
+                lost = pa.table({"file": pa.repeat(pa.scalar(unit.path), unit.rows),
+                                 "row_in_file": pa.array(np.arange(unit.rows))})
+                yield DeadLetter(lost, f"{unit.path}: cannot open: {_first_line(e)} (its "
+                                       f"{unit.rows} rows, as its footer said at launch)", READ)
+            continue
+        first = sum(sizes[:unit.first])
+        for group_index in range(unit.first, min(unit.end, len(sizes))):
+            done = 0
+            try:
+                for batch in pf.iter_batches(batch_size=batch_size, row_groups=[group_index]):
+                    table = _without(pa.Table.from_batches([batch]), first + done, unit.skip)
+                    done += batch.num_rows
+                    if table.num_rows:
+                        yield unit, table
+            except Exception as e:  # noqa: BLE001 - a corrupt page: the rest of the group is lost
+                total = sizes[group_index]
+                lost = pa.table({"file": pa.repeat(pa.scalar(unit.path), total - done),
+                                 "row_group": pa.repeat(pa.scalar(group_index), total - done),
+                                 "row_in_group": pa.array(np.arange(done, total))})
+                yield DeadLetter(lost, f"{unit.path}: cannot read row group {group_index}: "
+                                       f"{_first_line(e)}", READ)
+            first += sizes[group_index]
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _without(table: pa.Table, first_row: int, ranges) -> pa.Table:
@@ -306,27 +345,31 @@ def _without(table: pa.Table, first_row: int, ranges) -> pa.Table:
 class ReadParquetBatches(beam.PTransform):
     """The input's files -> PCollection of pa.Table with at most ``batch_size`` rows.
 
-    Tagged outputs: ``tables`` (conforming to the input's schema) and ``dead_letter``
-    (DeadLetter for rows that cannot be made to conform).
+    Tagged outputs: ``tables`` (conforming to the input's schema), ``dead_letter``
+    (DeadLetter for rows that cannot be made to conform) and ``keys`` ((path, content key)
+    per file read, with ``file_keys``; empty without).
     """
 
-    def __init__(self, source: ParquetInput, batch_size: int):
+    def __init__(self, source: ParquetInput, batch_size: int, file_keys=None):
         super().__init__()
         self._source = source
         self._batch_size = batch_size
+        self._file_keys = file_keys
 
     def expand(self, pbegin):
         s = self._source
-        return (
-            pbegin
-            # (file, row group) units from the footers read at launch: no file is opened
-            # twice. Create spreads two or more units over the workers (its own Reshuffle).
-            | "RowGroups" >> beam.Create([(f, g) for f, n in zip(s.files, s.row_groups)
-                                          for g in range(n)])
-            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._batch_size, s.schema, s.conflicts,
-                                                         s.skip))
-            .with_output_types(pa.Table, dead_letter=DeadLetter)
-            .with_outputs(_ReadRowGroup.DEAD_LETTER, main="tables"))
+        plan = ReadPlan(s.files, s.file_rows, s.row_groups, s.conflicts, s.skip, self._batch_size)
+        # the graph holds the compact plan and the shard numbers; workers expand the shards
+        # into read groups (Create spreads two or more shards over the workers, its own
+        # Reshuffle), and the groups are spread again when there are more of them than shards
+        groups = (pbegin | "Shards" >> beam.Create(list(range(plan.shards)))
+                  | "ReadGroups" >> beam.FlatMap(plan.shard))
+        if plan.groups > plan.shards:
+            groups = groups | "SpreadGroups" >> beam.Reshuffle()
+        return groups | "ReadRowGroups" >> beam.ParDo(
+            _ReadGroup(self._batch_size, self._source.schema, self._file_keys)).with_output_types(
+            pa.Table, dead_letter=DeadLetter, keys=tuple).with_outputs(
+            _ReadGroup.DEAD_LETTER, _ReadGroup.KEYS, main="tables")
 
 
 class ParquetFormat:
