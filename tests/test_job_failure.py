@@ -130,3 +130,72 @@ def test_overwrite_with_a_job_that_fails_keeps_the_previous_labels_and_success(
     # files, which readers skip and the next --overwrite run clears)
     assert {k: v for k, v in _files(out).items() if ".titans-tmp-" not in k} == before
     assert read_labels(out).column("id").to_pylist() == list(range(2000))
+
+
+# ------------------------------------------------------------------ the replacement itself
+
+def _put(base: str, names) -> None:
+    from titans.transforms.io import storage
+
+    for name in names:
+        path = storage.join(base, *name.split("/"))
+        if not storage.is_url(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage.write_bytes(path, name.encode())
+
+
+def _listing(base: str) -> set:
+    from titans.transforms.io import storage
+
+    return {p[len(base) + 1:] for p in storage.list_under(base)}
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_a_retried_last_step_moves_the_previous_output_aside_once(tmp_path, request, where):
+    from titans.pipeline.overwrite import delete_replaced, move_aside
+
+    base = str(tmp_path / "out") if where == "local" else \
+        f"{request.getfixturevalue('gcs_bucket')}/aside-{tmp_path.name}"
+    old = ["_SUCCESS", "report.json", "report.png", "labels/student-00000-of-00002.parquet",
+           "labels/student-00001-of-00002.parquet", "dead_letter/dead_letter-00000-of-00001.parquet",
+           "labels/.titans-tmp-killed/student-1.parquet"]  # a killed run's temporary file
+    mine = ["labels/.titans-tmp-new/student-2.parquet"]
+    _put(base, old + mine + ["notes.txt", "_titans_lock"])
+    assert move_aside(base, "r1", [f"{base}/labels/.titans-tmp-new"]) == len(old)
+    assert _listing(base) == {*mine, "notes.txt", "_titans_lock", "_titans_replaced-r1/_titans_moved",
+                              *(f"_titans_replaced-r1/{n}" for n in old)}
+    # the new file put in place, then the step retried: nothing more is moved
+    _put(base, ["labels/student-00000-of-00001.parquet"])
+    assert move_aside(base, "r1", []) == 0
+    assert "labels/student-00000-of-00001.parquet" in _listing(base)
+    delete_replaced(base)
+    assert not [n for n in _listing(base) if n.startswith("_titans_replaced")]
+    assert {"notes.txt", "_titans_lock", "labels/student-00000-of-00001.parquet"} <= _listing(base)
+
+
+def test_on_gcs_a_failing_overwrite_keeps_the_previous_output_and_a_good_one_replaces_it(
+        tmp_path, models, gcs_bucket, capsys):
+    from conftest import upload
+    from titans.transforms.io import storage
+
+    write_dataset(tmp_path / "local", 600, files=1)
+    data = upload(tmp_path / "local", f"{gcs_bucket}/f1/data")
+    out = f"{gcs_bucket}/f1/out"
+    base = ["run", "--input", data, "--output", out, "--id-column", "id", "--student", models[0],
+            *RUNNER]
+    assert main([*base, "--teacher", models[1]]) == 0
+    before = {p: storage.read_bytes(p) for p in storage.list_under(out) if "_titans_lock" not in p}
+    teacher = save_class_model(tmp_path, "FailsAfterLaunch", DIM, CLASSES, (16,),
+                               error="connection", tag=f"{tmp_path}")
+    assert main([*base, *teacher, "--overwrite", "--deferral-rate", "0.5"]) == 1
+    assert "ConnectionError" in capsys.readouterr().err
+    after = {p: storage.read_bytes(p) for p in storage.list_under(out)
+             if "_titans_lock" not in p and ".titans-tmp-" not in p}
+    assert after == before and f"{out}/_SUCCESS" in after
+    assert main([*base, "--teacher", models[1], "--overwrite", "--deferral-rate", "0.5"]) == 0
+    names = _listing(out)
+    assert not [n for n in names if n.startswith("_titans_replaced") or ".titans-tmp-" in n]
+    labels = [n for n in names if n.startswith("labels/")]
+    assert len(labels) == len(set(labels)) and "_SUCCESS" in names
+    report = json.loads(storage.read_bytes(f"{out}/report.json"))
+    assert report["rows_in"] == 600 and report["rows_easy"] + report["rows_hard"] == 600
