@@ -55,9 +55,9 @@ def read(root: str) -> tuple[bytes | None, object]:
             found = blob.bucket.get_blob(blob.name)
             if found is None:
                 return None, None
+            generation = found.generation  # before the download, which may reset it
             try:
-                return found.download_as_bytes(if_generation_match=found.generation), \
-                    found.generation
+                return found.download_as_bytes(if_generation_match=generation), generation
             except (NotFound, PreconditionFailed):
                 continue
         raise OSError(f"{path} keeps changing while it is read")

@@ -116,22 +116,29 @@ class StateDir:
     # ------------------------------------------------------------------ the lock
     def lock(self, command: str = "label") -> output_lock.Lock:
         """Take DIR's lock (a context manager; also ``.release()``), or StateLocked naming the
-        holder. A holder on this host that is no longer running (killed) is taken over."""
-        found = _holder(self.root)
-        same_host = found is None or found.get("host") in (None, socket.gethostname())
+        holder. A lock left by a run that is no longer running on this host (killed) is taken
+        over; one held from another host is never taken over here, since this machine cannot
+        tell whether that run is alive: the refusal says which file to delete if it is not.
+        (The one race left: a dead local holder's lock replaced by another host's run between
+        the look and the take-over; output_lock then takes it over with a warning.)"""
         try:
-            self._lock = output_lock.acquire(self.root, command, overwrite=same_host)
+            self._lock = output_lock.acquire(self.root, command, overwrite=False)
+            return self._lock
         except output_lock.OutputLocked as e:
-            holder = _holder(self.root) or {}
-            path = output_lock.lock_path(self.root)
-            if holder.get("host") in (None, socket.gethostname()):
-                raise StateLocked(f"state {self.root!r} is in use by "
-                                  f"{output_lock.describe(holder)}, still running on this "
-                                  f"host; wait for it to end") from e
-            raise StateLocked(f"state {self.root!r} is locked by {output_lock.describe(holder)} "
-                              f"on another host, which may still be running; wait for it to "
-                              f"end, or delete {path} if it is not running") from e
-        return self._lock
+            refused = e
+        holder = _holder(self.root)
+        if holder is None or holder.get("host") == socket.gethostname():
+            try:  # takes over only a holder that is gone (or a lock that cannot be read)
+                self._lock = output_lock.acquire(self.root, command, overwrite=True)
+                return self._lock
+            except output_lock.OutputLocked as e:
+                refused, holder = e, _holder(self.root) or {}
+        if holder.get("host") == socket.gethostname():
+            raise StateLocked(f"state {self.root!r} is in use by {output_lock.describe(holder)}, "
+                              f"still running on this host; wait for it to end") from refused
+        raise StateLocked(f"state {self.root!r} is locked by {output_lock.describe(holder)} on "
+                          f"another host, which may still be running; wait for it to end, or "
+                          f"delete {output_lock.lock_path(self.root)} if it is not") from refused
 
     def _require_lock(self, what: str) -> None:
         if self._lock is None or self._lock.released:
@@ -276,6 +283,7 @@ class StateDir:
         try:
             token = pointer.replace(self.root, data, pending.expected)
         except pointer.Changed as e:
+            self._collect_quietly(pending.path)  # this run's own folder: nothing names it
             raise StateError(f"state {self.root!r} changed while this run wrote generation "
                              f"{pending.generation} (another run made its own current?); "
                              f"nothing of this run was made current") from e
@@ -301,6 +309,12 @@ class StateDir:
         prefix = self.root + "/"
         return sorted({p[len(prefix):].split("/", 1)[0] for p in storage.list_under(self.root)
                        if p[len(prefix):].startswith(GEN_PREFIX) and "/" in p[len(prefix):]})
+
+    def _collect_quietly(self, path: str) -> None:
+        try:
+            storage.delete_under(path)
+        except OSError as e:
+            _LOG.warning("could not delete %s: %s", path, e)
 
     def _collect(self, keep: set) -> None:
         for name in self.generations():
