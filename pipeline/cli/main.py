@@ -36,12 +36,25 @@ def check_beam_args(parser: argparse.ArgumentParser, command: str, args: list[st
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
     beam_parser = _BeamArgumentParser(allow_abbrev=False)
+    _import_runner_options(args)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(beam_parser)  # pylint: disable=protected-access
     _, unknown = beam_parser.parse_known_args(args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither a titans flag nor "
                      f"a Beam pipeline option; see titans {command} --help)")
+
+
+def _import_runner_options(beam_args: list[str]) -> None:
+    """The Dask runner's options (--dask_client_address, ...) exist once its module is
+    imported, which Beam leaves to the run: import it here when --runner names it."""
+    from titans.pipeline.options import DASK_RUNNER, is_beam_dask
+
+    options = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    options.add_argument("--runner")
+    runner = options.parse_known_args(beam_args)[0].runner
+    if runner and (is_beam_dask(runner) or runner == DASK_RUNNER):
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
