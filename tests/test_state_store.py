@@ -311,7 +311,12 @@ def test_another_teacher_or_schema_is_refused_with_one_line(tmp_path):
 def _damage(root: str, name: str) -> str:
     """Flip a byte in the file ``name`` of the current generation (or current.json)."""
     folder = json.load(open(os.path.join(root, "current.json")))["folder"]
+    missing = name.startswith("missing ")
+    name = name.split()[-1]
     path = os.path.join(root, name) if name == "current.json" else os.path.join(root, folder, name)
+    if missing:
+        os.remove(path)
+        return path
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
@@ -319,7 +324,7 @@ def _damage(root: str, name: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["pool.parquet", "state.json", "student.pt", "history.json",
-                                  "current.json"])
+                                  "current.json", "missing pool.parquet", "missing state.json"])
 def test_a_damaged_file_is_one_line_naming_it_and_nothing_is_overwritten(tmp_path, capsys,
                                                                            name):
     root = str(tmp_path / "state")
@@ -417,6 +422,7 @@ def test_state_stays_bounded_by_the_cap_over_many_generations(tmp_path):
     assert counts[-1] == 300 and counts[-2] == 300, "recent runs kept whole"
     assert counts[0] == 1200 // (2 * 30)
     assert max(sizes[10:]) < 1.25 * sizes[9], f"the state grows: {sizes}"
+    assert sizes[-1] - sizes[9] < 20 * 4096, "more than the history's ~1 KB a run"
 
 
 # ------------------------------------------------------------------------------ history
@@ -488,4 +494,8 @@ def test_a_gs_state_against_the_local_gcs_api(gcs_bucket, tmp_path):
     data[100] ^= 0xFF
     storage.write_bytes(blob, bytes(data))
     with pytest.raises(StateError, match=f"{blob}.*damaged"):
+        StateDir(root).current()
+    student = f"{root}/{state.folder}/student.pt"
+    storage.delete(student)
+    with pytest.raises(StateError, match=f"{student} is damaged \\(missing\\)"):
         StateDir(root).current()

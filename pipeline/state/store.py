@@ -51,7 +51,6 @@ STATE_VERSION = 1
 STATE, STUDENT, POOL, HISTORY, PLOT = "state.json", "student.pt", "pool.parquet", \
     "history.json", "history.png"
 GEN_PREFIX = "gen-"
-HISTORY_RUNS = 1000     # runs kept in history.json and the lineage: the state stays bounded
 RESET = "--state-reset starts over with a fresh lineage"
 
 
@@ -241,7 +240,9 @@ class StateDir:
                              sha256=_sha(pool_bytes), bytes=len(pool_bytes))
         pointer.pause("write:pool")
 
-        runs = ((base.history if base else []) + [history_entry])[-HISTORY_RUNS:]
+        # every run is kept (history and lineage grow by ~1 KB a run; the pool is what is
+        # capped), so len(history) counts the lineage's runs
+        runs = (base.history if base else []) + [history_entry]
         hist_bytes = _json_bytes(runs)
         _write(storage.join(path, HISTORY), hist_bytes)
         parent = base.meta["student"].get("sha256") if base else None
@@ -256,7 +257,7 @@ class StateDir:
             "teacher": dict(teacher),
             "feature_schema": _normal(feature_schema),
             "student": {**student, "file": STUDENT, "sha256": student_sha},
-            "lineage": ((base.meta["lineage"] if base else []) + [entry])[-HISTORY_RUNS:],
+            "lineage": (base.meta["lineage"] if base else []) + [entry],
             "pool": pool_meta,
             "history": {"file": HISTORY, "runs": len(runs), "sha256": _sha(hist_bytes)},
         }
@@ -277,6 +278,8 @@ class StateDir:
         (StateError otherwise, and nothing changes); then delete the generations before the
         previous one and any unfinished folder, and draw DIR/history.png."""
         self._require_lock("commit")
+        if pending.path != storage.join(self.root, _name(pending.path)):
+            raise RuntimeError(f"{pending.path} is not a generation of {self.root}")
         folder = _name(pending.path)
         data = _json_bytes({"state_version": STATE_VERSION, "generation": pending.generation,
                             "folder": folder, "state_sha256": pending.state_sha256})
@@ -358,12 +361,20 @@ def _damaged(path: str, why: str) -> str:
 
 
 def _read(path: str) -> bytes:
+    return _reading(path, storage.read_bytes)
+
+
+def _reading(path: str, read):
+    """``read(path)``; a file that is not there (whatever the filesystem raises) is a
+    StateError naming it."""
     try:
-        return storage.read_bytes(path)
-    except FileNotFoundError as e:
-        raise StateError(_damaged(path, "missing")) from e
-    except OSError as e:
-        if "not found" in str(e).lower() or "no such" in str(e).lower():
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - Beam's filesystems raise their own errors
+        try:
+            there = storage.exists(path)
+        except Exception:  # noqa: BLE001 - the original error says more
+            there = True
+        if not there:
             raise StateError(_damaged(path, "missing")) from e
         raise
 
@@ -392,19 +403,20 @@ def _parse_json(data: bytes, path: str, sha256: str | None = None):
 def _check_sha(data: bytes | None, want: str | None, path: str) -> None:
     """``data``'s (or, when None, the file's, read in chunks) SHA-256 is ``want``."""
     if data is None:
-        digest = hashlib.sha256()
-        try:
-            with storage.open_read(path) as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-        except FileNotFoundError as e:
-            raise StateError(_damaged(path, "missing")) from e
-        got = digest.hexdigest()
+        got = _reading(path, _file_sha)
     else:
         got = _sha(data)
     if got != want:
         raise StateError(_damaged(path, f"its SHA-256 is {got[:12]}..., not the {str(want)[:12]}... "
                                         f"recorded for it"))
+
+
+def _file_sha(path: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open_read(path) as f:  # in chunks: a pool can be large
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_version(version, path: str) -> None:
