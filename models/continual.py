@@ -95,11 +95,13 @@ def split_fresh(n: int, sizes: dict, seed: int) -> dict[str, np.ndarray]:
 
 def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
               x_today: np.ndarray, p_today: np.ndarray, *, seed: int = 0,
-              steps: int = FINE_TUNE_STEPS, seconds: float = FINE_TUNE_SECONDS,
+              steps: int | None = None, seconds: float | None = None,
               lr: float = FINE_TUNE_LR, batch_size: int = FINE_TUNE_BATCH) -> dict:
     """Train ``student`` in place (a module loaded from yesterday's file: the warm start) with
     kd on the pool and today's rows; at most ``steps`` AdamW steps and ``seconds``. Rows are
     drawn with replacement, today's at least TODAY_SHARE of the time. What it did, as a dict."""
+    steps = FINE_TUNE_STEPS if steps is None else steps  # read here: tests may lower them
+    seconds = FINE_TUNE_SECONDS if seconds is None else seconds
     x = np.concatenate([np.asarray(x_pool, np.float32).reshape(len(x_pool), -1),
                         np.asarray(x_today, np.float32).reshape(len(x_today), -1)])
     p = np.concatenate([np.asarray(p_pool, np.float32), np.asarray(p_today, np.float32)])
@@ -112,6 +114,8 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
     xt, pt = torch.from_numpy(x), torch.from_numpy(p / p.sum(axis=1, keepdims=True))
     wt = torch.from_numpy(weights / weights.sum())
     gen = torch.Generator().manual_seed(seed)
+    for param in student.parameters():  # a loaded model may come frozen
+        param.requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
     start, done, total = time.time(), 0, 0.0
     student.train()
@@ -127,6 +131,8 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
             if time.time() - start > seconds:
                 break
     student.eval()
+    for param in student.parameters():  # inference from here on (forward_in_chunks)
+        param.requires_grad_(False)
     return {"steps": done, "seconds": round(time.time() - start, 3), "rows_pool": n_pool,
             "rows_today": n_today, "final_loss": round(total / max(1, done), 5),
             "lr": lr, "batch_size": batch_size, "temperature": TEMPERATURE}

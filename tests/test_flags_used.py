@@ -166,6 +166,9 @@ def _label_cases(p: dict, out: str) -> dict:
         "--audit-rate": ({}, {"--audit-rate": "0.2"}),
         "--student-device": ({}, {"--student-device": "auto"}),
         "--resume": ({}, {"--resume": True}),
+        "--state": ({}, {"--state": out + ".state"}),
+        "--state-pool-rows": ({"--state": out + ".state"}, {"--state-pool-rows": "0"}),
+        "--state-reset": ({"--state": out + ".state"}, {"--state-reset": True}),
     }
 
 

@@ -430,6 +430,21 @@ def add_label_parser(sub) -> argparse.ArgumentParser:
                    help="continue a job in DIR that stopped in a later phase: phases whose "
                         "artifacts are in DIR/_label with the same settings are reused, so no "
                         "sample row is labeled by the teacher again")
+    p.add_argument("--state", metavar="STATE_DIR",
+                   help="keep learning across scheduled runs (local path or gs://): the first "
+                        "run with an empty STATE_DIR is a plain titans label run, later ones "
+                        "warm-start yesterday's student, fine-tune it on a pool of teacher-"
+                        "labelled rows plus a smaller fresh sample of today's rows, and "
+                        "calibrate on today's rows only, so the guarantee holds for every run. "
+                        "The pool COPIES INPUT ROWS (their model columns) into STATE_DIR; a "
+                        "generation is committed only after the run's _SUCCESS")
+    p.add_argument("--state-pool-rows", type=int, default=ld.STATE_POOL_ROWS, metavar="N",
+                   help="most teacher-labelled rows kept in --state's pool (recent runs first, "
+                        "every run represented); 0 keeps no input rows: the next run warm-"
+                        "starts from the student alone (default: %(default)s)")
+    p.add_argument("--state-reset", action="store_true",
+                   help="start --state over: this run is a cold start and, once it succeeds, "
+                        "its generation replaces the state (e.g. a new teacher or schema)")
     _add_teacher_stage_flags(p, sample_rows=False)
     return p
 

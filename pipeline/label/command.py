@@ -39,7 +39,7 @@ from titans.models import defaults as train_defaults
 from titans.models.deferral import CONFIDENCE_RULES
 from titans.models.loading import ModelRef
 from titans.pipeline.outputs import REPORT, SUCCESS
-from titans.pipeline.label import calibrate, cascade, distil, launch, sample, teacher
+from titans.pipeline.label import calibrate, cascade, continual, distil, launch, sample, teacher
 from titans.pipeline.label import defaults as ld
 from titans.pipeline.label.job_dir import CALIBRATION, PHASES, STUDENT, JobDir
 from titans.pipeline.label.launch import CHECK_ROWS, MIN_LABELED
@@ -61,6 +61,9 @@ class LabelConfig:
     rule: str | None = None              # None: chosen on the validation rows
     audit_rate: float = ld.AUDIT_RATE
     student_device: str = "cpu"
+    state: str | None = None             # --state: the student learns across runs
+    state_pool_rows: int = ld.STATE_POOL_ROWS
+    state_reset: bool = False
 
     @property
     def output(self) -> str:
@@ -84,7 +87,8 @@ def config_from_args(a) -> LabelConfig:
         job=JobConfig(**job_fields(a), sample_rows=CHECK_ROWS), resume=a.resume,
         sample_rows=a.sample_rows, max_disagreement=a.max_disagreement, delta=a.delta,
         deferral_rate=a.deferral_rate, student_budget=a.student_budget, rule=a.rule,
-        audit_rate=a.audit_rate, student_device=a.student_device)
+        audit_rate=a.audit_rate, student_device=a.student_device, state=a.state,
+        state_pool_rows=a.state_pool_rows, state_reset=a.state_reset)
 
 
 def run_label(args, beam_args: list[str], start: float | None = None) -> int:
@@ -103,21 +107,39 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
     jd = JobDir(c.output)
     job_checks(beam_args, {"teacher": c.job.teacher,
                            "student": ModelRef(jd.student, device=c.student_device)})
-    with jd.acquire(overwrite=c.job.overwrite or c.resume) as lock:
-        return _label(c, jd, beam_args, start, lock)
+    if c.state is None:
+        with jd.acquire(overwrite=c.job.overwrite or c.resume) as lock:
+            return _label(c, jd, beam_args, start, lock, None)
+    from titans.pipeline.state.store import StateDir
+
+    store = StateDir(c.state)
+    # the state's lock for the whole run, taken before the output's: one writer per state
+    with store.lock(), jd.acquire(overwrite=c.job.overwrite or c.resume) as lock:
+        if c.state_reset:
+            store.reset()  # takes effect at this run's commit, after its _SUCCESS
+        return _label(c, jd, beam_args, start, lock, store)
 
 
-def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock) -> int:
+def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock, store) -> int:
     from titans.pipeline.job import prepare_output
 
     plan = launch.plan_launch(c)
     prepare_output(c.output, overwrite=False)  # the write probe; deletes nothing
+    cont = None
+    if store is not None:
+        teacher_sha = jd.content_keys(plan.files, c.job.teacher.path)["teacher"]["sha256"]
+        cont = continual.begin(c, plan, store, teacher_sha)  # a warm run: a smaller sample
     keys = jd.phase_keys(c, plan)
+    if cont is not None:  # --resume reuses phases only while the state is that generation
+        for key in keys.values():
+            key["state"] = cont.key
     jd.prepare(c.job.overwrite, c.resume, keys["sample"])
     phases = jd.phases
     reused = jd.reusable(keys, c.resume, c.job.teacher.path)
     if jd.complete(keys, reused, c.resume):
         print(f"titans label: {c.output} is complete already (all phases match); nothing to do")
+        if cont is not None:  # killed between _SUCCESS and the state's commit: commit now
+            _commit_state(c, plan, jd, cont, reused=True)
         return 0
     if not c.job.overwrite:  # --overwrite: the previous labels stay complete until phase 5
         storage.delete(jd.path(SUCCESS))  # the job is not complete until phase 5 says so
@@ -128,6 +150,8 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock)
           + (f"guarantee: disagreement with the teacher <= {c.eps:g} with probability >= "
              f"{1 - c.level:g}" if c.eps is not None else
              f"budget: deferral rate {c.deferral_rate:g} (no guarantee)"), flush=True)
+    if cont is not None:
+        print("titans label: " + continual.describe(cont, c.state), flush=True)
 
     def done(name: str, entry: dict) -> None:
         jd.record(name, keys[name], entry)
@@ -152,11 +176,15 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock)
                 rows_labeled=report["rows_labeled"], rows_dead_letter=report["rows_dead_letter"],
                 rows_teacher_checks=report.get("rows_teacher_checks", 0)))
     labeled = teacher.labeled_sample(plan, jd)
-    # 3. distil
-    split = distil.split_sample(len(labeled.x), c.job.seed)
+    # 3. distil (a warm --state run: fine-tune yesterday's student, champion / challenger)
+    warm = cont is not None and cont.warm
+    split = (cont.split(len(labeled.x), c.job.seed) if warm else
+             distil.split_sample(len(labeled.x), c.job.seed))
     with _Phase(3, "distil", "distil" in reused, phases.get("distil")) as ph:
         if not ph.reused:
-            search = distil.run(c, plan, labeled, split, jd)
+            search = (continual.warm_distil(c, plan, labeled, split, jd, cont,
+                                            report=lambda line: print("    " + line, flush=True))
+                      if warm else distil.run(c, plan, labeled, split, jd))
             kind = "token model" if search.get("token_vocab") else "MLP"
             done("distil", ph.finish(len(split.train), (
                 f"student {kind} {search['arch']} ({search['flops_share']:.2%} of the teacher's "
@@ -172,16 +200,58 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock)
                 f"{cal['deferral_rate']:.1%} of the calibration rows to the teacher; "
                 f"{cal['guarantee_text']} -> {jd.calibration}"), **cal))
     cal_facts = phases["calibrate"]
+    drift = (student_facts.get("continual") or {}).get("drift")
+    if drift is not None and "distil" in reused:  # printed by phase 3 when it ran
+        print("    " + continual.drift_line(drift), flush=True)
+    state_entry = None
+    if cont is not None:  # this run's history entry, completed by the cascade's last step
+        from titans.pipeline.content_keys import model_key
+
+        cont.heldout_agreement = continual.heldout_agreement(jd, labeled, split)
+        sha = model_key(jd.student)["sha256"]
+
+        def state_entry(report: dict) -> dict:
+            entry = continual.history_entry(c, cont, report, student_facts, cal_facts, sha)
+            return {"dir": c.state, "base_generation": cont.key["generation"], "entry": entry,
+                    "drift": drift, "history": cont.history + [entry]}
     # 5. cascade
     # the cascade's last step records it in phases.json and writes the whole job's report,
-    # then _SUCCESS (_finish_report): nothing is written after it
+    # then _SUCCESS (_finish_report): nothing is written after it but the state's commit
     with _Phase(5, "cascade", False, None) as ph, _finish_report(jd, keys["cascade"], reused,
-                                                                 start):
+                                                                 start, state_entry):
         report = cascade.run(c, plan, labeled, student_facts, cal_facts, phases, jd, beam_args,
                              lock)
         ph.finish(report["rows_cascade_in"], _cascade_summary(report))
     print(job_summary(report))
-    return 0 if report["status"] == "complete" else 1
+    if report["status"] != "complete":
+        return 1
+    if cont is not None:  # after _SUCCESS: the state's new generation, made current
+        _commit_state(c, plan, jd, cont, report=report, labeled=labeled, split=split)
+    return 0
+
+
+def _commit_state(c: LabelConfig, plan, jd: JobDir, cont, report: dict | None = None,
+                  labeled=None, split=None, reused: bool = False) -> None:
+    """Write and commit the state's next generation from the finished job in DIR (its
+    report.json holds this run's history entry); on a --resume of a complete job, only when
+    the state has not taken this run already."""
+    if report is None:
+        report = storage.read_json(jd.path(REPORT))
+    run_id = report.get("label_run_id")
+    lineage = cont.base.meta.get("lineage", []) if cont.base is not None else []
+    if reused and lineage and lineage[-1].get("run_id") == run_id:
+        return  # committed already
+    if labeled is None:
+        labeled = teacher.labeled_sample(plan, jd)
+    if split is None:
+        split = (cont.split(len(labeled.x), c.job.seed) if cont.warm else
+                 distil.split_sample(len(labeled.x), c.job.seed))
+    t0 = time.time()
+    state = continual.commit(c, plan, labeled, split, jd, cont, report)
+    print(f"titans label: state {c.state}: generation {state.generation} committed "
+          f"({state.meta['pool']['rows']:,} pool rows of at most {c.state_pool_rows:,}, "
+          f"{len(state.history)} run(s) in its history; {time.time() - t0:.1f} s); history: "
+          f"{storage.join(c.state, 'history.png')}, `titans state {c.state}`", flush=True)
 
 
 def check_config(c: LabelConfig) -> None:
@@ -210,6 +280,15 @@ def check_config(c: LabelConfig) -> None:
         (0.0 <= job.max_dead_letter_rate <= 1.0,
          f"--max-dead-letter-rate must be between 0 and 1, got {job.max_dead_letter_rate}"),
     ]
+    if c.state is not None:
+        checks += [
+            (c.state_pool_rows >= 0, f"--state-pool-rows must be 0 or more, got "
+                                     f"{c.state_pool_rows}"),
+            (job.tokens is None, "--state does not take --token-column yet: label token ids "
+                                 "without --state"),
+        ]
+    elif c.state_reset:
+        checks.append((False, "--state-reset needs --state DIR (the state to start over)"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -242,7 +321,7 @@ class _Phase:
         return False
 
 
-def _finish_report(jd: JobDir, key: dict, reused: list[str], start: float):
+def _finish_report(jd: JobDir, key: dict, reused: list[str], start: float, state_entry=None):
     """The whole job's figures -- every phase, reused or not, the student search, the job's
     wall time -- handed to the cascade's last step (``job.whole_job``), which records the
     cascade phase in phases.json and adds them to the report before it writes report.json and
@@ -273,6 +352,8 @@ def _finish_report(jd: JobDir, key: dict, reused: list[str], start: float):
         report["job_rows_per_second"] = round(report["rows_in"] / wall, 1) if wall > 0 else None
         report["phases"] = {**earlier, "cascade": {**entry, "reused": False}}
         report["student_search"] = search
+        if state_entry is not None:  # --state: this run's history entry and the history
+            report["state"] = state_entry(report)
 
     return whole_job(extend)
 
@@ -305,6 +386,15 @@ def job_summary(report: dict) -> str:
         lines.append(f"audit: {report['rows_audited']:,} easy rows also sent to the teacher; "
                      f"estimated disagreement over the rows outside the sample "
                      f"{report['audit_disagreement_estimate']:.2%} (95% CI {lo:.2%}-{hi:.2%})")
+    state = report.get("state")
+    if state:
+        e = state["entry"]
+        lines.append(f"state: {state['dir']}: " + (
+            f"warm start from generation {state['base_generation']}, "
+            f"{e['student']['kept']} kept (run {len(state['history'])})" if e["mode"] == "warm"
+            else f"cold start (run {len(state['history'])} of a new lineage)"))
+        if state.get("drift"):
+            lines.append(continual.drift_line(state["drift"]))
     lines.append(f"wall time: {report['job_wall_seconds']:.1f} s for the whole job "
                  f"({report['job_rows_per_second'] or 0:,.0f} rows/s)")
     if dead:

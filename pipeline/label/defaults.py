@@ -9,3 +9,4 @@ SAMPLE_MAX = 100_000
 SAMPLE_MIN = 5_000
 SAMPLE_SHARE = 0.02
 SAMPLE_RULE = "min(100000, max(5000, 2% of the rows)), at most half the rows"
+STATE_POOL_ROWS = 20_000  # --state: teacher-labelled rows kept in the pool

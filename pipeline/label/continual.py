@@ -1,0 +1,375 @@
+"""`titans label --state DIR`: the phases of a run whose student keeps learning from the
+teacher across scheduled runs (the store itself, its generations, lock, pool cap and
+history files, is ``pipeline/state/``; the training arithmetic is ``models/continual.py``).
+
+A run with --state:
+  * ``begin``: reads the state's current generation (none, or --state-reset: a cold start,
+    i.e. today's plain `titans label`), refuses a state written for another teacher or
+    feature schema, and for a warm run shrinks the fresh sample to what today needs
+    (``models.continual.fresh_sample_sizes``); the generation it starts from goes into every
+    phase key, so --resume reuses phases only while the state is still that generation;
+  * ``split``: today's fresh rows into fine-tune / validation / calibration parts;
+  * ``warm_distil`` (phase 3 of a warm run): yesterday's student measured on today's fresh
+    rows (drift), copied and fine-tuned on the pool plus today's fine-tune part, and kept
+    or replaced on today's validation rows (champion / challenger). Calibration (phase 4)
+    is the plain one, on today's calibration rows only: never pool or hard rows;
+  * ``history_entry``: this run's line of the history (teacher rows, threshold, drift, the
+    student's hash chain), added to report.json by the cascade's last step;
+  * ``commit``: after _SUCCESS, today's teacher-labelled rows (the fresh sample and the
+    cascade's hard rows) join the pool and a new generation is written and made current.
+    A run that dies before leaves the state as it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from titans.models import continual as mc
+from titans.pipeline.label.distil import Split
+from titans.transforms.features import ImageSpec, feature_matrix
+from titans.transforms.io import storage
+
+_LOG = logging.getLogger("titans")
+
+PROBS, FRESH_SPLIT = "teacher_probs", "fresh_split"  # the pool's own columns besides the store's
+HISTORY_PNG = "history.png"
+
+
+def model_columns(features) -> list[str]:
+    """The input columns the models read (what the pool keeps of a row)."""
+    return [features.column] if hasattr(features, "column") else list(features.columns)
+
+
+def feature_schema(plan) -> dict:
+    """What the state's student was trained on: the model columns, their Arrow types, the
+    resolved input and the classes (compared for equality with the state's)."""
+    cols = model_columns(plan.features)
+    schema = plan.source.schema
+    return {"columns": cols, "types": [str(schema.field(c).type) for c in cols],
+            "input": plan.features.describe(), "num_classes": int(plan.num_classes)}
+
+
+@dataclasses.dataclass
+class Continual:
+    """One run's view of its --state: the store, the generation it started from, the mode."""
+    store: object                  # pipeline.state.store.StateDir
+    base: object | None            # the State it starts from (None: a cold start)
+    teacher: dict                  # {"path", "sha256"}
+    schema: dict
+    pool_rows: int
+    sizes: dict | None = None      # warm: the fresh sample's parts
+    heldout_agreement: float | None = None
+
+    @property
+    def warm(self) -> bool:
+        return self.base is not None and self.base.student_path is not None
+
+    @property
+    def key(self) -> dict:
+        """What the phases depend on: the generation started from (and its student)."""
+        if self.base is None:
+            return {"generation": None, "pool_rows": self.pool_rows}
+        return {"generation": self.base.generation, "pool_rows": self.pool_rows,
+                "student_sha256": self.base.meta.get("student", {}).get("sha256")}
+
+    @property
+    def history(self) -> list[dict]:
+        return list(self.base.history) if self.base is not None else []
+
+    def split(self, n: int, seed: int) -> Split:
+        parts = mc.split_fresh(n, self.sizes, seed)
+        return Split(parts["train"], parts["val"], parts["cal"])
+
+
+def begin(c, plan, store, teacher_sha256: str) -> Continual:
+    """The state this run starts from, checked; a warm run's fresh sample size set in
+    ``plan.sample_rows`` (unless --sample-rows was given). ValueError (StateError) in one line."""
+    base = None if c.state_reset else store.current()
+    teacher = {"path": storage.absolute(c.job.teacher.path), "sha256": teacher_sha256}
+    schema = feature_schema(plan)
+    if base is not None:
+        store.check_compatible(base, teacher_sha256, schema)
+    cont = Continual(store, base, teacher, schema, c.state_pool_rows)
+    if cont.warm:
+        cap = plan.sample_rows  # the cold start's size on these rows
+        if c.sample_rows is not None:  # the user's size, in the warm run's proportions
+            sizes = mc.fresh_sample_sizes(plan.rows, c.eps, c.level, 10 ** 12)
+            scale = c.sample_rows / sizes["total"]
+            cont.sizes = {k: int(v * scale) for k, v in sizes.items()}
+            cont.sizes["train"] = c.sample_rows - cont.sizes["cal"] - cont.sizes["val"]
+            cont.sizes["total"] = c.sample_rows
+        else:
+            cont.sizes = mc.fresh_sample_sizes(plan.rows, c.eps, c.level, cap)
+        plan.sample_rows = cont.sizes["total"]
+    return cont
+
+
+def describe(cont: Continual, state: str) -> str:
+    if cont.base is None:
+        return f"state {state}: empty (or --state-reset): a cold start; generation 1 is written"
+    s = cont.sizes or {}
+    return (f"state {state}: generation {cont.base.generation} ({len(cont.history)} run(s), pool "
+            f"{cont.base.meta.get('pool', {}).get('rows', 0):,} rows); warm start: fresh sample "
+            f"{s.get('total', 0):,} = {s.get('cal', 0):,} calibration + {s.get('val', 0):,} "
+            f"validation + {s.get('train', 0):,} fine-tune rows")
+
+
+# --------------------------------------------------------------------------- phase 3, warm
+
+def _load(path: str):
+    from titans.transforms.io.models import load_model_file
+
+    return load_model_file(path, "cpu")
+
+
+def pool_arrays(pool: pa.Table | None, features) -> tuple[np.ndarray, np.ndarray]:
+    """(models' input, teacher probabilities) of the pool rows."""
+    if pool is None or pool.num_rows == 0:
+        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32)
+    x, reasons = feature_matrix(pool, features)
+    probs = np.stack(pool.column(PROBS).to_numpy(zero_copy_only=False)).astype(np.float32)
+    if reasons is not None:
+        ok = np.array([r is None for r in reasons])
+        x, probs = x[ok], probs[ok]
+    return x.reshape(len(x), -1), probs
+
+
+def _previous_heldout(pool: pa.Table | None, history: list[dict]) -> pa.Table | None:
+    """The previous run's fresh rows its student was not trained on (validation and
+    calibration), from the pool: the reference set of the KS test."""
+    if pool is None or not history or FRESH_SPLIT not in pool.column_names:
+        return None
+    run_id = history[-1].get("run_id")
+    mask = pc.and_(pc.equal(pool.column("run_id"), run_id),
+                   pc.is_in(pool.column(FRESH_SPLIT), pa.array(["val", "cal"])))
+    rows = pool.filter(mask)
+    return rows if rows.num_rows else None
+
+
+def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> dict:
+    """Phase 3 of a warm run: drift, fine-tune, champion / challenger -> DIR/student.pt; the
+    facts phases.json and report.json keep (the fields distil.run gives, plus ``continual``)."""
+    from titans.models.deferral import CONFIDENCE_RULES
+    from titans.models.student_search import flops_per_row, ltt_bar
+    from titans.transforms.io.models import save_torchscript
+
+    base = cont.base
+    meta = base.meta.get("student", {})
+    config = meta.get("config", {})
+    champion, challenger = _load(base.student_path), _load(base.student_path)
+    x = s.x.reshape(len(s.x), -1)
+    tpred = s.teacher_pred
+    pool = base.read_pool() if cont.pool_rows > 0 else None
+    x_pool, p_pool = pool_arrays(pool, plan.features)
+
+    # drift: yesterday's student on today's fresh rows (it never saw them), against its
+    # agreement on yesterday's held-out rows and their deferral scores
+    rule0 = config.get("rule") or CONFIDENCE_RULES[0]
+    scores_today, pred_today = mc.rule_scores(champion, x, rule0)
+    before = _previous_heldout(pool, cont.history)
+    scores_before = None
+    if before is not None:
+        xb, _ = pool_arrays(before, plan.features)
+        scores_before = mc.rule_scores(champion, xb, rule0)[0]
+    reference = (cont.history[-1].get("student_agreement") if cont.history else None)
+    d = mc.drift(pred_today == tpred, reference, scores_today, scores_before)
+    report(drift_line(d.record()))
+
+    ft = mc.fine_tune(challenger, x_pool, p_pool, x[split.train], s.probs[split.train],
+                      seed=c.job.seed + len(cont.history))
+    target = (mc.Target(deferral_rate=c.deferral_rate) if c.eps is None else
+              mc.Target(bar=ltt_bar(len(split.cal), c.eps, c.level)))
+    flops, _ = flops_per_row(champion, x[:8])
+    share = flops / plan.teacher_flops
+    rules = (c.rule,) if c.rule else CONFIDENCE_RULES
+    scored = {name: mc.score(m, x[split.val], tpred[split.val], target, rules, c.audit_rate, share)
+              for name, m in (("champion", champion), ("challenger", challenger))}
+    kept = mc.champion_challenger(scored["champion"], scored["challenger"], len(split.val))
+    best, model = scored[kept], (champion if kept == "champion" else challenger)
+    report(f"    champion (yesterday's student): teacher share needed {scored['champion'].deferral:.1%}"
+           f", validation agreement {scored['champion'].val_agreement:.2%}; challenger (fine-"
+           f"tuned {ft['steps']} steps on {ft['rows_pool']:,} pool + {ft['rows_today']:,} fresh "
+           f"rows, {ft['seconds']:.1f} s): {scored['challenger'].deferral:.1%}, "
+           f"{scored['challenger'].val_agreement:.2%} -> {kept} kept")
+    arch = meta.get("arch") or config.get("arch", "?")
+    parameters = int(sum(p.numel() for p in model.parameters()))
+    candidates = []
+    for name, cand in scored.items():
+        rec = cand.record()
+        rec.update(arch=f"{arch} ({name})", flops_per_row=flops, parameters=parameters,
+                   train_seconds=ft["seconds"] if name == "challenger" else 0.0)
+        candidates.append(rec)
+    facts = {"arch": arch, "rule": best.rule, "flops_per_row": flops, "flops_share": share,
+             "parameters": parameters, "val_agreement": best.val_agreement,
+             "val_deferral": best.deferral, "teacher_flops_per_row": plan.teacher_flops,
+             "teacher_parameters": plan.teacher_parameters, "compute_proxy": plan.proxy,
+             "token_vocab": None, "budget_flops_per_row": c.student_budget * plan.teacher_flops,
+             "ltt_bar": target.bar,
+             "split_rows": {"train": len(split.train), "validation": len(split.val),
+                            "calibration": len(split.cal)},
+             "training": {"method": "kd, warm start", **ft}, "candidates": candidates,
+             "continual": {"kept": kept, "drift": d.record(), "generation": base.generation,
+                           "parent_sha256": meta.get("sha256"), "pool_rows_used": len(x_pool)}}
+    save_torchscript(model, jd.student, {
+        "method": "kd", "arch": arch, "feature_columns": list(plan.features.columns)
+        if not isinstance(plan.features, ImageSpec) else [plan.features.column],
+        "feature_dim": x.shape[1], "num_classes": plan.num_classes, "outputs": plan.num_classes,
+        "seed": c.job.seed, "teacher": storage.absolute(c.job.teacher.path),
+        "train_rows": len(x_pool) + len(split.train), "val_rows": len(split.val),
+        "rule": best.rule, "titans_label": {k: v for k, v in facts.items() if k != "candidates"}})
+    return facts
+
+
+def drift_line(d: dict) -> str:
+    drop = d.get("agreement_drop")
+    ks = d.get("ks_statistic")
+    return ("drift: yesterday's student agrees with the teacher on "
+            f"{d['fresh_agreement']:.2%} of today's fresh rows"
+            + (f" ({drop:+.2%} below its {d['reference_agreement']:.2%} on the previous run's "
+               f"held-out rows)" if drop is not None else "")
+            + (f"; deferral scores vs the previous run's: KS {ks:.3f}, p {d['ks_pvalue']:.3g}"
+               if ks is not None else "; no previous scores to compare (empty pool)")
+            + (" -> SHIFT: the teacher's share rises today; calibration is on today's rows, so "
+               "the guarantee holds" if d["shifted"] else " -> no shift detected"))
+
+
+def heldout_agreement(jd, s, split: Split) -> float:
+    """The kept student's agreement with the teacher on today's validation and calibration
+    rows (neither trained on): tomorrow's drift reference."""
+    from titans.models.forward import forward_in_chunks
+    from titans.transforms.io.models import load_model_file
+
+    rows = np.concatenate([split.val, split.cal])
+    if rows.size == 0:
+        return float("nan")
+    model = load_model_file(jd.student, "cpu")
+    pred = forward_in_chunks(model, s.x[rows], 65536).argmax(dim=-1).numpy()
+    return float((pred == s.teacher_pred[rows]).mean())
+
+
+# --------------------------------------------------------------------------- history, commit
+
+def history_entry(c, cont: Continual, report: dict, student: dict, cal: dict,
+                  student_sha256: str) -> dict:
+    """This run's entry of the state's history, from the whole job's report."""
+    phases = report.get("phases", {})
+    cont_facts = student.get("continual") or {}
+    drift = cont_facts.get("drift")
+    parent = cont.base.meta.get("student", {}).get("sha256") if cont.warm else None
+    return {
+        "run_id": report.get("label_run_id"),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "rows": report["rows_in"], "mode": "warm" if cont.warm else "cold",
+        "teacher_rows": {"sample": report.get("rows_prelabeled", 0),
+                         "hard": report.get("rows_hard", 0),
+                         "audit": report.get("rows_audited", 0),
+                         "checks": report.get("rows_teacher_checks", 0),
+                         "total": report.get("rows_to_teacher", 0)},
+        "teacher_share": report.get("rows_to_teacher_share"),
+        "sample_rows": report.get("rows_sample_drawn"),
+        "split_rows": student.get("split_rows"),
+        "threshold": cal.get("threshold"), "rule": cal.get("rule"),
+        "guarantee": cal.get("guarantee_text"), "certified": cal.get("certified"),
+        "eps": c.eps, "delta": None if c.eps is None else c.level,
+        "fresh_agreement": None if drift is None else drift["fresh_agreement"],
+        "student_agreement": cont.heldout_agreement,
+        "audit_disagreement": report.get("audit_disagreement_estimate"),
+        "drift": drift,
+        "student": {"sha256": student_sha256, "parent_sha256": parent,
+                    "kept": cont_facts.get("kept", "cold"), "arch": student.get("arch")},
+        "phase_seconds": {k: v.get("seconds") for k, v in phases.items()
+                          if isinstance(v, dict)},
+        "job_wall_seconds": report.get("job_wall_seconds"),
+    }
+
+
+def pool_rows(c, plan, s, split: Split, jd, run_id: str, run_index: int) -> pa.Table:
+    """Today's teacher-labelled rows for the pool: every labeled fresh row (origin sample,
+    with its part of the split) and the cascade's hard rows (origin hard, the teacher's
+    probabilities rebuilt from its label and confidence: labels/ keeps no more)."""
+    cols = model_columns(plan.features)
+    k = plan.num_classes
+    probs_type = pa.list_(pa.float32(), k)
+    part = np.full(len(s.x), "train", dtype=object)
+    part[split.val], part[split.cal] = "val", "cal"
+    fresh = s.table.select(cols)
+    fresh = fresh.append_column(PROBS, pa.FixedSizeListArray.from_arrays(
+        pa.array(s.probs.astype(np.float32).ravel()), k).cast(probs_type))
+    fresh = fresh.append_column(FRESH_SPLIT, pa.array(part.tolist(), pa.string()))
+    fresh = _store_columns(fresh, run_id, run_index, "sample")
+    tables = [fresh]
+    hard = _hard_rows(c, plan, jd, cols)
+    if hard is not None and hard.num_rows:
+        label = hard.column(plan.columns.label).to_numpy()
+        conf = hard.column(plan.columns.confidence).to_numpy().astype(np.float32)
+        probs = np.repeat(((1 - conf) / (k - 1))[:, None], k, axis=1)
+        probs[np.arange(len(label)), label] = conf
+        h = hard.select(cols).append_column(PROBS, pa.FixedSizeListArray.from_arrays(
+            pa.array(probs.astype(np.float32).ravel()), k).cast(probs_type))
+        h = h.append_column(FRESH_SPLIT, pa.nulls(h.num_rows, pa.string()))
+        tables.append(_store_columns(h, run_id, run_index, "hard"))
+    return pa.concat_tables([t.cast(tables[0].schema) for t in tables])
+
+
+def _store_columns(t: pa.Table, run_id: str, run_index: int, origin: str) -> pa.Table:
+    n = t.num_rows
+    t = t.append_column("run_id", pa.array([run_id] * n, pa.string()))
+    t = t.append_column("run_index", pa.array(np.full(n, run_index, np.int64)))
+    return t.append_column("origin", pa.array([origin] * n, pa.string()))
+
+
+def _hard_rows(c, plan, jd, cols: list[str]) -> pa.Table | None:
+    """The rows the teacher labeled in the cascade (source 'teacher', outside the sample),
+    read from labels/ (Parquet output only; a TFRecord output adds no hard rows)."""
+    if c.job.output_format != "parquet":
+        return None
+    src = plan.columns.source
+    paths = [p for p in storage.list_under(jd.path("labels"))
+             if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("sample-")]
+    want = cols + [plan.columns.label, plan.columns.confidence, src]
+    parts = []
+    for p in paths:
+        t = pq.read_table(storage.open_read(p), columns=want)
+        parts.append(t.filter(pc.equal(t.column(src), "teacher")))
+    parts = [t for t in parts if t.num_rows]
+    return pa.concat_tables(parts) if parts else None
+
+
+def commit(c, plan, s, split: Split, jd, cont: Continual, report: dict) -> object:
+    """After _SUCCESS: the pool grows by today's teacher rows, a new generation is written
+    in full and made current (only if the state is still the generation this run began
+    from). Returns the new State."""
+    from titans.pipeline.content_keys import model_key
+
+    entry = (report.get("state") or {}).get("entry")
+    if entry is None:
+        raise ValueError(f"{jd.path('report.json')} has no state entry; rerun the job")
+    run_index = len(cont.history)
+    new = pool_rows(c, plan, s, split, jd, entry["run_id"], run_index)
+    old = cont.base.read_pool() if (cont.base is not None and cont.pool_rows > 0) else None
+    if old is not None and old.num_rows:
+        pool = pa.concat_tables([old.select(new.schema.names).cast(new.schema), new])
+    else:
+        pool = new
+    student_sha = model_key(jd.student)["sha256"]
+    student = {"arch": entry["student"].get("arch"),
+               "config": {"rule": entry.get("rule"), "arch": entry["student"].get("arch")}}
+    lineage = {"run_id": entry["run_id"], "student_sha256": student_sha,
+               "parent_sha256": entry["student"]["parent_sha256"],
+               "kept": entry["student"]["kept"]}
+    pending = cont.store.write_generation(
+        cont.base, student_file=jd.student, student=student, lineage_entry=lineage,
+        pool=pool, pool_cap=cont.pool_rows, history_entry=entry, teacher=cont.teacher,
+        feature_schema=cont.schema)
+    return cont.store.commit(pending)
+
+
+__all__ = ["Continual", "begin", "describe", "warm_distil", "drift_line", "heldout_agreement",
+           "history_entry", "pool_rows", "commit", "feature_schema", "model_columns",
+           "HISTORY_PNG"]
