@@ -22,6 +22,11 @@ import torch
 
 from titans.transforms.columns import one_array
 
+# Decoded images per batch, at most (float32 bytes): a model's batch of images is capped by
+# bytes, not rows, so memory is bounded whatever the image size (256 MiB: 85k 28x28 grayscale
+# images, 445 224x224 RGB ones; both far past the size where a bigger batch runs faster).
+IMAGE_BATCH_BYTES = 256 << 20
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
@@ -43,6 +48,9 @@ class FeatureSpec:
 
     def example_input(self, rows: int = 2) -> np.ndarray:
         return np.zeros((rows, self.dim), np.float32)
+
+    def batch_rows(self, requested: int) -> int:
+        return requested
 
     def describe(self) -> str:
         return f"float32 [batch, {self.dim}] input (the width of --feature-columns)"
@@ -80,6 +88,12 @@ class ImageSpec:
     def example_input(self, rows: int = 2) -> np.ndarray:
         return np.zeros((rows, *self.shape), np.float32)
 
+    def batch_rows(self, requested: int, max_bytes: int | None = None) -> int:
+        """``requested`` rows, or fewer so that a decoded batch holds at most ``max_bytes``
+        (default IMAGE_BATCH_BYTES) of float32: 65,536 224x224 RGB images would be 39 GB."""
+        per_row = 4 * int(np.prod(self.shape))
+        return max(1, min(requested, (max_bytes or IMAGE_BATCH_BYTES) // per_row))
+
     def describe(self) -> str:
         c, h, w = self.shape
         return f"float32 [batch, {c}, {h}, {w}] input (images in {self.column!r}, mode {self.mode})"
@@ -113,6 +127,9 @@ class TokenSpec:
 
     def example_input(self, rows: int = 2) -> np.ndarray:
         return np.full((rows, 4), self.pad_id, np.int64)
+
+    def batch_rows(self, requested: int) -> int:
+        return requested
 
     def describe(self) -> str:
         cap = f", at most {self.max_length}" if self.max_length else ""
@@ -203,12 +220,17 @@ def resolve_image_spec(schema: pa.Schema, spec: ImageSpec, sample: pa.Table) -> 
     channels = 3 if spec.mode == "RGB" else 1
     if spec.size:
         return dataclasses.replace(spec, shape=(channels, *spec.size))
-    x, reasons = dataclasses.replace(spec, shape=(channels, 1, 1)).matrix(sample)
-    if not len(x) or (reasons is not None and all(r is not None for r in reasons)):
-        example = next((r for r in (reasons if reasons is not None else []) if r), "no rows")
+    from titans.transforms.images import image_sizes
+
+    # the most common size, from the headers only: the sample is decoded once, later, by the
+    # launch checks (decoding it here too cost as much as the checks themselves)
+    sizes = [s for s in image_sizes(sample.column(spec.column)) if s is not None] \
+        if sample.num_rows else []
+    if not sizes:
         raise ValueError(f"none of the {sample.num_rows:,} sampled images in {spec.column!r} "
-                         f"decodes (e.g. {example}); check --image-column")
-    return dataclasses.replace(spec, shape=tuple(int(d) for d in x.shape[1:]))
+                         f"is an image Pillow can read (PNG, JPEG, ...); check --image-column")
+    h, w = max(set(sizes), key=sizes.count)
+    return dataclasses.replace(spec, shape=(channels, h, w))
 
 
 def resolve_token_spec(schema: pa.Schema, spec: TokenSpec) -> TokenSpec:

@@ -78,6 +78,20 @@ def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None
     return out, None
 
 
+def image_sizes(column) -> list[tuple[int, int] | None]:
+    """(H, W) of each encoded image from its header alone (Pillow opens lazily: no pixel is
+    decoded), None for a null or unreadable one: what the launch needs to fix the input
+    shape, at a small fraction of a decode."""
+    sizes: list = []
+    for blob in _blobs(column):
+        try:
+            w, h = Image.open(io.BytesIO(blob)).size
+            sizes.append((h, w))
+        except Exception:  # noqa: BLE001 - a null or unreadable image: its decode says why
+            sizes.append(None)
+    return sizes
+
+
 def _blobs(column) -> list:
     column = one_array(column)
     if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):

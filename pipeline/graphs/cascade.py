@@ -29,13 +29,13 @@ def student_handler(plan: CascadePlan) -> ArrowModelHandler:
     c = plan.config
     return CountingHandler(c.student, plan.input.features,
                              StudentLabels(plan.rule, plan.input.columns),
-                             batch_size=c.batch_size, name=STUDENT)
+                             batch_size=plan.input.batch_rows(c.batch_size), name=STUDENT)
 
 
 def teacher_handler(plan: CascadePlan) -> ArrowModelHandler:
     c = plan.config
     return CountingHandler(c.teacher, plan.input.features, TeacherLabels(plan.input.columns),
-                             batch_size=c.teacher_batch_size, name=TEACHER,
+                             batch_size=plan.input.batch_rows(c.teacher_batch_size), name=TEACHER,
                              resource_hints=c.teacher_resource_hints)
 
 
@@ -59,7 +59,8 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, job: float | Launch) -> 
     ``job``: the launcher's ``Launch``, or when the command began (see ``stages.finish``)."""
     c, columns = plan.config, plan.input.columns
     names = plan.input.input_names
-    tables, read_dead, count_parts = read_input(p, plan.input, c.batch_size)
+    tables, read_dead, count_parts, inputs_read = read_input(
+        p, plan.input, plan.input.batch_rows(c.batch_size), manifest.reader_keys(plan))
 
     # A batch's failing rows are isolated inside the handler; a failure outside the model's
     # forward still only dead-letters its batch (and keeps the DirectRunner in-process).
@@ -103,7 +104,8 @@ def build_pipeline(p: beam.Pipeline, plan: CascadePlan, job: float | Launch) -> 
     if c.prelabeled:  # `titans label`: its sample rows, labeled by the teacher already
         written.append(_prelabeled(p, plan, count_parts, dead_parts))
     finish(c.output, dead_parts, count_parts, written, CascadeReport(plan.facts()), job,
-           plot=plot_scores, on_complete=manifest.record_for(plan, "run"))
+           plot=plot_scores, on_complete=manifest.record_for(plan, "run"),
+           inputs_read=inputs_read)
 
 
 def _prelabeled(p: beam.Pipeline, plan: CascadePlan, count_parts: list, dead_parts: list):

@@ -24,7 +24,7 @@ def teacher_handler(plan: TeacherLabelPlan) -> ArrowModelHandler:
     c = plan.config
     return CountingHandler(c.teacher, plan.input.features,
                              TeacherProbs(plan.input.columns, plan.num_classes),
-                             batch_size=c.teacher_batch_size, name=TEACHER,
+                             batch_size=plan.input.batch_rows(c.teacher_batch_size), name=TEACHER,
                              resource_hints=c.teacher_resource_hints)
 
 
@@ -32,7 +32,8 @@ def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, job: float | Launch
     """read -> teacher -> write, plus dead letter and report. ``job``: the launcher's
     ``Launch``, or when the command began (see ``stages.finish``)."""
     c, names = plan.config, plan.input.input_names
-    tables, read_dead, count_parts = read_input(p, plan.input, c.batch_size)
+    tables, read_dead, count_parts, inputs_read = read_input(
+        p, plan.input, plan.input.batch_rows(c.batch_size), manifest.reader_keys(plan))
     scored, failed = tables | "ScoreTeacher" >> RunInference(
         teacher_handler(plan)).with_exception_handling(exc_class=BatchFailed)
     scored, teacher_counts = counted(scored, TEACHER, "CountTeacherCalls")
@@ -45,4 +46,5 @@ def build_pipeline(p: beam.Pipeline, plan: TeacherLabelPlan, job: float | Launch
                     teacher_counts]
     finish(c.output, [read_dead, labeled[DEAD_LETTER], failures(failed, TEACHER, names)],
            count_parts, written, TeacherLabelReport(plan.facts()), job,
-           on_complete=manifest.record_for(plan, "teacher-label"))
+           on_complete=manifest.record_for(plan, "teacher-label"),
+           inputs_read=inputs_read)
