@@ -238,6 +238,7 @@ def test_kill_9_while_writing_or_committing_leaves_the_state_as_it_was(tmp_path,
         pool_rule.cap(pa.concat_tables([current.read_pool(), rows(2, 200)]), 500))
     assert [e["run_id"] for e in after.history] == ["run-0", "run-1", "run-2"]
     assert len(StateDir(root).generations()) == 2, "the killed run's folder was not collected"
+    assert not [k for k in snapshot(root) if ".tmp-" in k], "a temporary file was left"
     assert not os.path.exists(os.path.join(root, "_titans_lock"))
 
 

@@ -315,11 +315,15 @@ class StateDir:
 
     def _collect_quietly(self, path: str) -> None:
         try:
-            storage.delete_under(path)
+            storage.delete(path) if storage.kind(path) == "file" else storage.delete_under(path)
         except OSError as e:
             _LOG.warning("could not delete %s: %s", path, e)
 
     def _collect(self, keep: set) -> None:
+        if not storage.is_url(self.root):  # a pointer left half-replaced by a killed commit
+            for name in os.listdir(self.root):
+                if name.startswith(pointer.POINTER + ".tmp-"):
+                    self._collect_quietly(os.path.join(self.root, name))
         for name in self.generations():
             if name not in keep:
                 try:
