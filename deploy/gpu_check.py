@@ -12,7 +12,9 @@ teacher stage as the cascade does -- Beam RunInference with titans' ArrowModelHa
 teacher annotation TeacherLabels, on Beam's in-process runner (--runner FnApiRunner) -- once
 on cuda and once on the CPU, and the same model in a bare torch loop on the GPU (tensor from
 numpy, to the device, forward, logits back to the CPU: what the stage's forward does, without
-Beam and Arrow). Throughput is steady-state rows/s: from the first batch's completion to the
+Beam and Arrow). First it prints torch's CUDA build (torch.version.cuda), the driver
+(nvidia-smi, else the CUDA driver API version torch sees) and a timed float32 matmul on the
+device, the card's raw speed apart from titans. Throughput is steady-state rows/s: from the first batch's completion to the
 last, so start-up and model loading are left out on both sides. It prints the card, the rows/s
 of the three runs, the device the loaded model's parameters were on in every batch, and the
 ratio stage/bare (target >= 0.8).
@@ -127,6 +129,47 @@ def run_stage(model_path: str, device: str, batches: int, batch_rows: int, disti
     }
 
 
+def driver_version() -> str:
+    """The NVIDIA driver (nvidia-smi), else the CUDA driver API version torch sees, else why
+    neither is there. The driver must be new enough for torch's CUDA (torch.version.cuda)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                   "--format=csv,noheader"], capture_output=True, text=True,
+                                  timeout=60)
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip().splitlines()[0] + " (nvidia-smi)"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if torch.cuda.is_available():
+        v = torch._C._cuda_getDriverVersion()  # pylint: disable=protected-access
+        return f"CUDA driver API {v // 1000}.{v % 1000 // 10} (torch; no nvidia-smi)"
+    return "none found (no nvidia-smi, no CUDA device)"
+
+
+def timed_matmul(device: str, n: int, repeats: int) -> dict:
+    """n x n float32 matmuls on ``device``: the raw speed of the card, apart from titans."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    (a @ b).sum().item()  # first call: kernels, allocator, cuBLAS handle
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = a @ b
+    sync()
+    seconds = (time.perf_counter() - start) / repeats
+    del c
+    return {"n": n, "ms": seconds * 1e3, "tflops": 2 * n ** 3 / seconds / 1e12}
+
+
 def run_bare(model_path: str, device: str, batches: int, batch_rows: int, distinct: int) -> dict:
     """The same model in a plain loop: from_numpy -> to(device) -> forward -> .float().cpu()."""
     xs = feature_arrays(batch_rows, distinct)
@@ -172,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
               "(nvidia-smi) and that torch is a CUDA build.")
         return 1
     gpu = "cuda" if has_cuda else "cpu"
+    print(f"driver: {driver_version()}; torch.version.cuda: {torch.version.cuda}")
+    mm = timed_matmul(gpu, 512 if a.smoke else 8192, 3 if a.smoke else 20)
+    print(f"matmul on {gpu}: {mm['n']}x{mm['n']} float32 in {mm['ms']:.2f} ms "
+          f"({mm['tflops']:.2f} TFLOP/s)")
     distinct = 8
 
     def batches(rows):

@@ -108,10 +108,17 @@ def test_torch_is_a_pinned_cuda_build_matching_the_base_image(dockerfile):
     assert makefile_pin and args["TORCH_VERSION"] == makefile_pin.group(1)
     cu = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(12)(\d)", args["TORCH_INDEX_URL"])
     assert cu, args["TORCH_INDEX_URL"]
-    base = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu\d+\.\d+",
-                        args["CUDA_IMAGE"])
+    # the -base- variant: torch's wheels bring CUDA and cuDNN, a -cudnn-runtime- base would
+    # hold a second copy of both
+    base = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu\d+\.\d+", args["CUDA_IMAGE"])
     assert base, args["CUDA_IMAGE"]
     assert base.groups() == cu.groups(), "CUDA of the base image and of the torch wheel differ"
+    # CUDA 12 (any 525+ driver, what Dataflow documents for its GPUs), not PyPI's CUDA 13,
+    # and the build checks the installed torch really is that build
+    assert args["TORCH_CUDA"] == "%s.%s" % cu.groups()
+    assert "--index-url \"${TORCH_INDEX_URL}\"" in DOCKERFILE.read_text()
+    run_lines = " ".join(rest for k, rest in dockerfile["inst"] if k == "RUN")
+    assert "torch.version.cuda == '${TORCH_CUDA}'" in run_lines
 
 
 def test_everything_copied_from_the_build_context_exists(dockerfile):

@@ -19,6 +19,10 @@ def test_gpu_check_smoke_runs_the_teacher_stage():
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "teacher: MLP 64-512-512-10" in out and "runner FnApiRunner" in out
+    # torch's CUDA build, the driver and the card's raw speed, before titans' own figures
+    assert re.search(r"^driver: .+; torch\.version\.cuda: \S+$", out, re.M), out
+    mm = re.search(r"^matmul on cpu: 512x512 float32 in [\d.]+ ms \(([\d.]+) TFLOP/s\)$", out, re.M)
+    assert mm and float(mm.group(1)) > 0, out
     stage = re.search(r"teacher stage on cpu\s*:\s*([\d,]+) rows/s \(8,192 rows", out)
     bare = re.search(r"bare torch loop on cpu\s*:\s*([\d,]+) rows/s", out)
     assert stage and bare, out

@@ -47,6 +47,13 @@ def test_parameters_become_titans_flags():
         launch.to_cli_args(["--overwrite=maybe"])
 
 
+def test_describe_is_refused_a_template_launch_must_submit_a_job():
+    for arg in ("--describe=true", "--describe"):
+        with pytest.raises(SystemExit) as e:
+            launch.main(["--input=gs://b/in/", arg, "--runner=DataflowRunner"])
+        assert "must submit a job" in str(e.value.code)
+
+
 def test_options_nobody_knows_are_dropped_not_fatal():
     args = ["--input=gs://b/in/", "--launcher_only_option=1", "--runner=DataflowRunner",
             "--sdk_container_image=img", "--teacher-batch-size=8"]

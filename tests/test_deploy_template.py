@@ -42,9 +42,13 @@ def test_parameters_are_exactly_the_flags_of_titans_run(metadata):
 
     parser = build_parser()
     run = next(a for a in parser._actions if a.dest == "command").choices["run"]
-    flags = {a.dest: a for a in run._actions if a.option_strings and a.dest != "help"}
+    flags = {a.dest: a for a in run._actions if a.option_strings and a.dest != "help"
+             and a.dest not in mm.NOT_PARAMETERS}
     params = {p["name"]: p for p in metadata["parameters"]}
     assert set(params) == set(flags), "regenerate: python deploy/dataflow/make_metadata.py"
+    # a template launch must submit a job: --describe (print the graph, submit nothing) is
+    # not a parameter
+    assert "describe" not in params and mm.NOT_PARAMETERS == {"describe"}
     for name, action in flags.items():
         assert params[name]["isOptional"] == (not action.required), name
         assert ("--" + name.replace("_", "-")) in action.option_strings, name
@@ -219,3 +223,45 @@ def test_run_script_passes_parameters_the_template_accepts(fake_gcloud, metadata
     # right fitting: the GPU comes from the teacher's resource hint, never for the whole job
     assert not [a for a in args if "worker_accelerator" in a]
     assert _flag(args, "--worker-machine-type").startswith("n2-")
+    # the launcher imports torch and loads both models: not Dataflow's n1-standard-1
+    assert _flag(args, "--launcher-machine-type") == "n2-standard-4"
+    assert int(params["disk_size_gb"]) >= 50  # the workers' disk holds the multi-GB image
+    env["LAUNCHER_MACHINE_TYPE"] = "n2-highmem-8"
+    done = subprocess.run(["bash", str(DATAFLOW / "run.sh")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert _flag(calls()[-1], "--launcher-machine-type") == "n2-highmem-8"
+
+
+def test_build_script_prints_the_image_size(tmp_path, fake_gcloud):
+    """Cloud Build: a step after the build prints the image's unpacked size into the build
+    log; a local Docker build prints it here."""
+    env, calls = fake_gcloud
+    saved = tmp_path / "cloudbuild.yaml"
+    gcloud = Path(env["PATH"].split(os.pathsep)[0]) / "gcloud"
+    gcloud.write_text(gcloud.read_text() + (
+        "if '--config' in sys.argv:\n"
+        f"    open({str(saved)!r}, 'w').write(open(sys.argv[sys.argv.index('--config') + 1]).read())\n"))
+    env.update(PROJECT="proj", BUCKET="bkt", TAG="t1", BUILDER="cloudbuild")
+    done = subprocess.run(["bash", str(DATAFLOW / "build.sh")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    import yaml
+
+    config = yaml.safe_load(saved.read_text())
+    image = "us-central1-docker.pkg.dev/proj/titans/titans:t1"
+    build, size = config["steps"]
+    assert build["args"][0] == "build" and config["images"] == [image]
+    assert size["entrypoint"] == "bash" and size["args"][0] == "-c"
+    assert size["args"][1] == f"docker image inspect --format 'image size: {{{{.Size}}}} bytes unpacked' '{image}'"
+    # a local Docker build: the same command, run here (a docker on PATH that knows the image)
+    docker = gcloud.parent / "docker"
+    docker.write_text(f"#!{sys.executable}\nimport sys\n"
+                      "if sys.argv[1:3] == ['image', 'inspect']:\n"
+                      "    print(sys.argv[4].replace('{{.Size}}', '6123456789'))\n")
+    docker.chmod(0o755)
+    env["BUILDER"] = "docker"
+    done = subprocess.run(["bash", str(DATAFLOW / "build.sh")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "image size: 6123456789 bytes unpacked" in done.stdout

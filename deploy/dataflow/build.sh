@@ -22,7 +22,10 @@ BUILDER="${BUILDER:-cloudbuild}"                    # cloudbuild | docker | none
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 
-# 1. the image (deploy/Dockerfile, build context = repository root)
+# 1. the image (deploy/Dockerfile, build context = repository root), then its size unpacked
+#    (in the Cloud Build log, or here): the launcher and every worker pull it, and their
+#    boot disks must hold it (diskSizeGb / disk_size_gb in run.sh and the schedules).
+SIZE_COMMAND="docker image inspect --format 'image size: {{.Size}} bytes unpacked' '${IMAGE}'"
 case "$BUILDER" in
   cloudbuild)
     # Cloud Build has no --file flag for --tag builds, so pass a one-step config inline.
@@ -32,6 +35,9 @@ case "$BUILDER" in
 steps:
 - name: gcr.io/cloud-builders/docker
   args: [build, -f, deploy/Dockerfile, -t, '${IMAGE}', .]
+- name: gcr.io/cloud-builders/docker
+  entrypoint: bash
+  args: [-c, "${SIZE_COMMAND}"]
 images: ['${IMAGE}']
 timeout: 3600s
 EOF
@@ -40,6 +46,7 @@ EOF
     ;;
   docker)
     docker build -f deploy/Dockerfile -t "$IMAGE" .
+    bash -c "$SIZE_COMMAND"
     docker push "$IMAGE"
     ;;
   none) ;;

@@ -122,11 +122,16 @@ def run_and_return(cli_args: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("titans").setLevel(args.log_level)
     return run_reporting_errors("run", lambda: launch(cli.job_config(args), beam_args,
-                                                      describe=args.describe, wait=False))
+                                                      wait=False))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=", 1)[0] in ("--describe",) for a in argv):
+        # not a template parameter (make_metadata.NOT_PARAMETERS): it would submit no job
+        raise SystemExit("launch.py: describe is not a template parameter: a template launch "
+                         "must submit a job; run `titans run ... --describe` where titans is "
+                         "installed to see the stages")
     args = drop_unknown(to_cli_args(argv))
     runner = runner_of(args)
     if runner is None:

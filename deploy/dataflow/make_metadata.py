@@ -5,7 +5,8 @@
     python deploy/dataflow/make_metadata.py --check-body BODY.json
                                                       # check a flexTemplates:launch body
 
-One template parameter per `titans run` flag, named like the flag's argparse dest
+One template parameter per `titans run` flag (but --describe: a template launch must submit
+a job), named like the flag's argparse dest
 (`--teacher-batch-size` -> `teacher_batch_size`), because Dataflow hands parameters to the
 launcher as `--name=value`; deploy/dataflow/launch.py turns them back into titans flags.
 The flags are read from `titans.pipeline.cli.main.build_parser()`, so a new flag changes the
@@ -68,11 +69,18 @@ def run_parser() -> argparse.ArgumentParser:
     raise RuntimeError("titans' command line has no `run` subcommand")
 
 
+# `titans run` flags that are not template parameters: --describe prints the job graph and
+# submits nothing, and a Flex Template launch that leaves no job is a failed launch
+NOT_PARAMETERS = {"describe"}
+
+
 def run_actions(parser: argparse.ArgumentParser | None = None) -> list[argparse.Action]:
-    """Every `titans run` flag except -h/--help, in the parser's order."""
+    """Every `titans run` flag that is a template parameter (not -h/--help, not
+    NOT_PARAMETERS), in the parser's order."""
     parser = parser or run_parser()
     return [a for a in parser._actions  # pylint: disable=protected-access
-            if a.option_strings and not isinstance(a, argparse._HelpAction)]  # pylint: disable=protected-access
+            if a.option_strings and not isinstance(a, argparse._HelpAction)  # pylint: disable=protected-access
+            and a.dest not in NOT_PARAMETERS]
 
 
 def long_flag(action: argparse.Action) -> str:

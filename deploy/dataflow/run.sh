@@ -30,8 +30,14 @@ DEFERRAL_RATE="${DEFERRAL_RATE:-0.2}"               # share of rows sent to the 
 TEACHER_ACCELERATOR="${TEACHER_ACCELERATOR:-type:nvidia-l4;count:1;machine_type:g2-standard-4;install-nvidia-driver}"
 TEACHER_BATCH_SIZE="${TEACHER_BATCH_SIZE:-16384}"   # rows per teacher forward pass
 WORKER_MACHINE_TYPE="${WORKER_MACHINE_TYPE:-n2-standard-4}"  # CPU workers (all other steps)
+# the launcher VM imports torch, loads both models and samples rows before it submits the
+# job: Dataflow's default launcher (n1-standard-1, 3.75 GB) is too small for that
+LAUNCHER_MACHINE_TYPE="${LAUNCHER_MACHINE_TYPE:-n2-standard-4}"
+DISK_SIZE_GB="${DISK_SIZE_GB:-50}"                  # worker boot disk: holds the multi-GB image
 MAX_WORKERS="${MAX_WORKERS:-20}"
-JOB_NAME="${JOB_NAME:-titans-$(date -u +%Y%m%d-%H%M%S)}"  # lowercase letters, digits, '-'
+# lowercase letters, digits, '-'; Dataflow refuses a second active job of the same name, so
+# a name per partition (e.g. titans-20261128) keeps one job per output
+JOB_NAME="${JOB_NAME:-titans-$(date -u +%Y%m%d-%H%M%S)}"
 SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-}"              # worker service account; empty = default
 # -----------------------------------------------------------------------------------------
 
@@ -45,6 +51,8 @@ PARAMS+="~teacher_accelerator=${TEACHER_ACCELERATOR}~teacher_batch_size=${TEACHE
 PARAMS+="~teacher_device=cuda"
 # the image the workers run: the same one the launcher ran (Beam option, not a titans flag)
 PARAMS+="~sdk_container_image=${IMAGE}"
+# worker disk: a Beam option too (gcloud's flex-template run has no disk flag)
+PARAMS+="~disk_size_gb=${DISK_SIZE_GB}"
 
 EXTRA=()
 if [[ -n "$SERVICE_ACCOUNT" ]]; then
@@ -58,6 +66,7 @@ gcloud dataflow flex-template run "$JOB_NAME" \
   --staging-location "gs://${BUCKET}/staging" \
   --temp-location "gs://${BUCKET}/tmp" \
   --worker-machine-type "$WORKER_MACHINE_TYPE" \
+  --launcher-machine-type "$LAUNCHER_MACHINE_TYPE" \
   --max-workers "$MAX_WORKERS" \
   --parameters "$PARAMS" \
   ${EXTRA[@]+"${EXTRA[@]}"}
