@@ -31,6 +31,7 @@ from titans.transforms.io import storage
 
 CHUNK = 8 << 20            # bytes read at a time when hashing a model
 MAX_FOOTER = 64 << 20      # a longer "footer" is not a Parquet footer: not hashed
+LIST_FROM = 32             # files of one GCS directory from which it is listed, not looked up
 _MAGIC = b"PAR1"
 
 
@@ -123,8 +124,8 @@ def describe_file_changes(recorded: dict[str, dict], current: dict[str, dict],
 # --------------------------------------------------------------------------- the stores
 
 def _gcs_keys(paths: list[str]) -> dict[str, dict]:
-    """One listing per directory (a day's partition is one request), then one lookup per
-    file the listings missed; names are literal (no glob)."""
+    """One listing per directory asked for ``LIST_FROM`` files or more (a day's partition is
+    one request), then one lookup per file the listings missed; names are literal (no glob)."""
     try:
         client = storage.gcs_client()
     except ImportError:  # apache-beam without [gcp]: sizes and times only
@@ -136,8 +137,10 @@ def _gcs_keys(paths: list[str]) -> dict[str, dict]:
     keys = {}
     for (bucket, directory), names in by_dir.items():
         prefix = f"{directory}/" if directory else ""
+        # a listing returns the whole directory: worth it for many of its files, not for the
+        # few of one read group (workers take keys group by group, see manifest.py)
         found = {b.name: b for b in client.list_blobs(bucket, prefix=prefix, delimiter="/")
-                 if b.name in names}
+                 if b.name in names} if len(names) >= LIST_FROM else {}
         for name in sorted(names - set(found)):
             blob = client.bucket(bucket).get_blob(name)
             if blob is not None:

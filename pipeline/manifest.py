@@ -34,6 +34,9 @@ Entries written before content keys (``size`` and ``mtime`` only, no ``key`` nor
 while its output holds a complete job (``_SUCCESS``). A malformed entry is a launch error
 naming the manifest and the entry.
 
+Each file's key is taken by the worker that reads it, right before reading it, and handed to
+the job's last step; the job graph carries no list of files or keys (``Record``).
+
 The manifest is written only by a run that completes (status complete, after ``_SUCCESS``),
 from inside the pipeline (``stages.finish``), so a Dataflow job whose launcher does not wait
 records its files too; a killed job or one over its dead-letter budget records nothing, and
@@ -198,28 +201,46 @@ def unlabeled(url: str, files: list[str], output: str, overwrite: bool) -> list[
 @dataclasses.dataclass(frozen=True)
 class Record:
     """Adds a completed job's input files to the manifest; called in the pipeline after
-    ``_SUCCESS`` (see ``stages._Finish``), so it is pickled with the job."""
+    ``_SUCCESS`` (see ``stages._Finish``), so it is pickled with the job. It carries no file
+    list: the job graph of 100,000 files would carry megabytes of keys (issue 20, 6). The
+    files and their content keys come from the readers (``keys``: (path, key) pairs), each
+    taken on the worker right before it read that file, so what is recorded is the version
+    the job read; a file rewritten after that has another key and is labeled again. A file
+    read in several parts (row groups of one big file, byte ranges of a TFRecord file) whose
+    parts saw different keys changed while it was read: it is not recorded."""
     url: str
-    files: dict  # {path: content key}, taken when the pipeline was built
     output: str
     command: str
 
-    def __call__(self, report: dict) -> None:
+    def __call__(self, report: dict, keys=()) -> None:
+        seen: dict[str, dict | None] = {}
+        for path, key in keys:
+            seen[path] = key if seen.get(path, key) == key else None
+        changed = sorted(p for p, k in seen.items() if k is None)
+        if changed:
+            _LOG.warning("%d input file(s) changed while this job read them, not recorded as "
+                         "labeled (labeled again next time), e.g. %s", len(changed), changed[0])
         labels = output_labels_key(_key(self.output))  # every output file is in place now
         files = read(self.url)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for path, key in self.files.items():
-            files[_key(path)] = {"size": key["size"], "mtime": key.get("mtime"), "key": key,
-                                 "output": _key(self.output), "labels": labels,
-                                 "command": self.command, "labeled_at": stamp}
+        for path, key in seen.items():
+            if key is not None:
+                files[_key(path)] = {"size": key["size"], "mtime": key.get("mtime"), "key": key,
+                                     "output": _key(self.output), "labels": labels,
+                                     "command": self.command, "labeled_at": stamp}
         storage.write_json(self.url, {"format": FORMAT, "files": dict(sorted(files.items()))})
 
 
 def record_for(plan, command: str) -> Record | None:
-    """The manifest update of a planned job, or None without --skip-labeled. The files'
-    content keys are read now, before the pipeline reads any file: a file rewritten while
-    the job runs has another key than the one recorded, so it is labeled again."""
+    """The manifest update of a planned job, or None without --skip-labeled; its readers then
+    take every file's content key (``reader_keys``)."""
     url = plan.config.skip_labeled
     if not url:
         return None
-    return Record(url, file_states(plan.input.source.files), plan.config.output, command)
+    return Record(url, plan.config.output, command)
+
+
+def reader_keys(plan):
+    """The function the readers take content keys with (paths -> {path: key}), or None when
+    the job keeps no manifest."""
+    return file_states if plan.config.skip_labeled else None

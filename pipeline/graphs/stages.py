@@ -35,13 +35,14 @@ def stamp_first_read(tables):
     return tables | "StampFirstRead" >> beam.Map(lambda _: (FIRST_READ, time.time()))
 
 
-def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int):
-    """(tables, dead-letter PCollection, [counts of rows in])."""
-    read = p | "ReadBatches" >> plan.source.reader(batch_size)
+def read_input(p: beam.Pipeline, plan: InputPlan, batch_size: int, file_keys=None):
+    """(tables, dead-letter PCollection, [counts of rows in], (path, content key) of every file
+    read: taken with ``file_keys`` by the readers, empty without; see ``manifest.Record``)."""
+    read = p | "ReadBatches" >> plan.source.reader(batch_size, file_keys)
     rejected = read.dead_letter | "RejectedAtRead" >> beam.Map(lambda d: d.rows)
     return read.tables, read.dead_letter, [counts.rows(read.tables, Count.IN, "CountIn"),
                                            counts.rows(rejected, Count.IN, "CountInRejected"),
-                                           stamp_first_read(read.tables)]
+                                           stamp_first_read(read.tables)], read.keys
 
 
 def write_labels(tables, label: str, output: str, schema, output_format: str, prefix: str):
@@ -120,11 +121,13 @@ class Launch:
 def finish(output: str, dead_parts: list, count_parts: list, written: list,
            build_report: Callable[[Counts, float], dict], job: float | Launch,
            plot: Callable[[dict, str], None] | None = None,
-           on_complete: Callable[[dict], None] | None = None) -> None:
+           on_complete: Callable[[dict, list], None] | None = None,
+           inputs_read=None) -> None:
     """Write the dead letter; then, once every writer's bundles are committed (``written``:
     (destination, temporary paths) pairs), put every file in place, write the report and,
-    if the job kept its promises, ``_SUCCESS``, then ``on_complete(report)`` (the
-    --skip-labeled manifest update). ``job``: a ``Launch`` (the Finish step is applied when
+    if the job kept its promises, ``_SUCCESS``, then ``on_complete(report, inputs read)`` (the
+    --skip-labeled manifest update; ``inputs_read``: the readers' (path, content key) pairs,
+    a side input, so the graph carries no file list). ``job``: a ``Launch`` (the Finish step is applied when
     the launcher says), or when the command began (applied now, with nothing else known)."""
     dead = (dead_parts | "MergeDeadLetter" >> beam.Flatten()
             | "FormatDeadLetter" >> ToDeadLetter())
@@ -149,7 +152,8 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
         _ = (pipeline | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(
             _Finish(output, destinations, build_report, record, plot, on_complete,
                     release_by_job(pipeline)),
-            AsList(pairs), *[AsList(paths) for _, paths in written]))
+            AsList(pairs), *[AsList(paths) for _, paths in written],
+            **({} if inputs_read is None else {"inputs_read": AsList(inputs_read)})))
 
     if isinstance(job, Launch):
         job.defer(apply)
@@ -175,7 +179,8 @@ class _Finish:
         self._plot = plot
         self._on_complete = on_complete
 
-    def __call__(self, _, pairs: list[tuple[str, int]], *written: list[str]) -> dict:
+    def __call__(self, _, pairs: list[tuple[str, int]], *written: list[str],
+                 inputs_read=()) -> dict:
         finalize_started = time.time()
         report = self._build(Counts(pairs), finalize_started - self._job.start)
         complete = report["status"] == "complete"
@@ -203,7 +208,7 @@ class _Finish:
         if complete:
             mark_complete(self._output, report)
             if self._on_complete is not None:
-                self._on_complete(report)
+                self._on_complete(report, inputs_read)
         if replace and not keep:
             overwrite.delete_replaced(self._output)
         # released once the outputs are final, complete or failed; a step that dies before

@@ -5,7 +5,8 @@ format (``--format auto``: by file name, then by content) and returns a ``Parque
 (transforms/parquet_io.py) or a ``TFRecordInput`` (below). Both answer the same questions:
 ``files``, ``schema``, ``conflicts`` (files whose rows cannot be read into the schema),
 ``num_rows`` (None when only reading would tell), ``sample(rows, seed)``,
-``reader(batch_size)`` (a PTransform with ``tables`` and ``dead_letter`` outputs) and
+``reader(batch_size, file_keys)`` (a PTransform with ``tables``, ``dead_letter`` and
+``keys`` outputs) and
 ``read_all()`` (every row in memory, for the training commands).
 """
 from __future__ import annotations
@@ -124,11 +125,14 @@ class TFRecordInput:
                                                  self.max_record_bytes), self.schema)
         return table
 
-    def reader(self, batch_size: int):
+    def reader(self, batch_size: int, file_keys=None):
+        """``file_keys``: paths -> {path: content key}, taken before each file is read (the
+        --skip-labeled manifest's), on the reader's ``keys`` output."""
         from titans.transforms.io.tfrecord import ReadTFRecordBatches
 
         return ReadTFRecordBatches(list(self.files), batch_size, self.schema, self.compression,
-                                   max_record_bytes=self.max_record_bytes, skip=self.skip)
+                                   max_record_bytes=self.max_record_bytes, skip=self.skip,
+                                   file_keys=file_keys)
 
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
         """Every parseable record (``columns`` of it, default all), in memory; records that do

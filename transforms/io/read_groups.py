@@ -14,6 +14,8 @@ import dataclasses
 import pickle
 import zlib
 
+import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 import numpy as np
 import pyarrow as pa
 
@@ -120,3 +122,46 @@ class Coalesce:
             merged = pa.concat_tables(self._parts)
             self._parts, self._rows = [], 0
             yield merged.combine_chunks() if merged.column(0).num_chunks > 1 else merged
+
+
+class FileList:
+    """A list of paths in compact form for the job graph (zlib over the sorted names: a few
+    bytes per file where names share their directory and pattern), expanded on the workers:
+    ``shard(k)`` yields every ``shards``-th path."""
+
+    def __init__(self, paths):
+        paths = list(paths)
+        self.files = len(paths)
+        self.shards = max(1, min(len(paths), SHARDS))
+        self._blob = zlib.compress("\n".join(paths).encode(), 9)
+        self._paths = None
+
+    def __getstate__(self):
+        return {"files": self.files, "shards": self.shards, "_blob": self._blob, "_paths": None}
+
+    def shard(self, k: int):
+        if self._paths is None:
+            self._paths = zlib.decompress(self._blob).decode().split("\n")
+        yield from self._paths[k::self.shards]
+
+
+class Rebatch(beam.DoFn):
+    """Tables of one bundle merged into tables of ``batch_size`` rows (``Coalesce``), the rest
+    emitted when the bundle ends: the merge waits for nothing a bundle does not already
+    hold. For readers whose units are known only on the workers (TFRecord files, split by
+    size there): many small files in one bundle reach the models as full batches."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self._batch_size = batch_size
+        self._out = None
+
+    def start_bundle(self):
+        self._out = Coalesce(self._batch_size)
+
+    def process(self, table: pa.Table):
+        yield from self._out.add(table)
+
+    def finish_bundle(self):
+        for table in self._out.flush():
+            yield GlobalWindows.windowed_value(table)

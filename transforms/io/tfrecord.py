@@ -1,8 +1,8 @@
 """Read and write TFRecord files of tf.train.Example as bounded Arrow tables, on any Beam
 filesystem (local, gs://, ...), uncompressed or GZIP.
 
-How the work spreads over workers. Files are matched (or taken from a launch-time list),
-cut into units, and the units are reshuffled so that workers share them, as Parquet's
+How the work spreads over workers. Files are matched (or taken from a launch-time list,
+which the job graph carries compressed: ``read_groups.FileList``), cut into units, and the units are reshuffled so that workers share them, as Parquet's
 (file, row group) units are. An uncompressed file larger than ``split_bytes`` (64 MiB by
 default) becomes one unit per byte range; the reader of a range resynchronises on the first
 record boundary in it (``tfrecord_framing``), so every byte is read by exactly one range and
@@ -12,7 +12,8 @@ units. For inputs that are a few large GZIP files, ``spread_records=True`` reshu
 records themselves (in batches, as Arrow tables) before they are parsed, so parsing and
 everything after it still spreads; it costs a shuffle of the raw records (on local
 runners, holding them all in memory), so it is off by default (``needs_record_spread``
-says when to turn it on).
+says when to turn it on). The tables of one bundle are merged into full batches
+(``read_groups.Rebatch``), so many small files do not reach the models as many small tables.
 
 Every byte is accounted for. Framing and its damage (CRCs that fail, lengths that lie or
 are over ``max_record_bytes``, truncated files and GZIP streams) are
@@ -39,6 +40,7 @@ from titans.transforms.dead_letter import READ, DeadLetter
 from titans.transforms.io.example_codec import encode_examples_array, kind_of, parse_with_rejects
 from titans.transforms.overlap import BackgroundWriter
 from titans.transforms.io.parquet import input_pattern
+from titans.transforms.io.read_groups import FileList, Rebatch
 from titans.transforms.io.tfrecord_framing import (
     MAX_RECORD_BYTES, RecordBatch, Unit, crc32c_rows, iter_unit, mask, masked_crc32c)
 from titans.transforms.io.writes import Destination, WriteTables
@@ -166,12 +168,20 @@ def sample_records(files: list[str], n: int, seed: int = 0, compression: str = A
 
 
 class _SplitIntoUnits(beam.DoFn):
-    def __init__(self, split_bytes: int, compression: str):
+    """A file -> its read units; with ``file_keys`` (paths -> {path: content key}), first its
+    content key on the ``keys`` output, taken before any of it is read."""
+    KEYS = "keys"
+
+    def __init__(self, split_bytes: int, compression: str, file_keys=None):
         self._split_bytes = split_bytes
         self._compression = compression
+        self._file_keys = file_keys
 
     def process(self, file):
         if isinstance(file, str):  # a path from a launch-time list: ask for its size
+            if self._file_keys is not None:
+                for key in self._file_keys([file]).items():
+                    yield beam.pvalue.TaggedOutput(self.KEYS, key)
             file = FileSystems.get_filesystem(file).metadata(file)  # that name, not a glob
         if file.size_in_bytes > 0:
             yield from split_file(file.path, file.size_in_bytes, self._split_bytes,
@@ -253,13 +263,14 @@ class _ParseRecords(beam.DoFn):
 
 
 class ReadResult(tuple):
-    """``tables`` and ``dead_letter``, as ReadParquetBatches' outputs are named."""
+    """``tables``, ``dead_letter`` and ``keys``, as ReadParquetBatches' outputs are named."""
 
-    def __new__(cls, tables, dead_letter):
-        return super().__new__(cls, (tables, dead_letter))
+    def __new__(cls, tables, dead_letter, keys):
+        return super().__new__(cls, (tables, dead_letter, keys))
 
     tables = property(lambda self: self[0])
     dead_letter = property(lambda self: self[1])
+    keys = property(lambda self: self[2])
 
 
 class ReadTFRecordBatches(beam.PTransform):
@@ -276,8 +287,10 @@ class ReadTFRecordBatches(beam.PTransform):
 
     def __init__(self, pattern, batch_size: int, schema: pa.Schema, compression: str = AUTO,
                  split_bytes: int = SPLIT_BYTES, spread_records: bool = False,
-                 max_record_bytes: int | None = MAX_RECORD_BYTES, skip: dict | None = None):
+                 max_record_bytes: int | None = MAX_RECORD_BYTES, skip: dict | None = None,
+                 file_keys=None):
         super().__init__()
+        self._file_keys = file_keys  # paths -> {path: content key}, for the manifest
         self._skip = dict(skip or {})  # {path: ((first, end), ...)} of records' byte offsets
         for field in schema:
             kind_of(field.type)
@@ -294,18 +307,25 @@ class ReadTFRecordBatches(beam.PTransform):
         self._max_record_bytes = cap
 
     def expand(self, pbegin):
-        files = (pbegin | "MatchFiles" >> fileio.MatchFiles(self._pattern)
-                 if isinstance(self._pattern, str) else pbegin | "Files" >> beam.Create(self._pattern))
-        units = (
-            files
-            | "SplitIntoUnits" >> beam.ParDo(_SplitIntoUnits(self._split_bytes, self._compression))
-            | "Spread" >> beam.Reshuffle())
+        if isinstance(self._pattern, str):
+            files = pbegin | "MatchFiles" >> fileio.MatchFiles(self._pattern)
+        else:  # the launch's list, compact in the graph, expanded on the workers
+            listed = FileList(self._pattern)
+            files = (pbegin | "Shards" >> beam.Create(list(range(listed.shards)))
+                     | "Files" >> beam.FlatMap(listed.shard))
+        split = files | "SplitIntoUnits" >> beam.ParDo(_SplitIntoUnits(
+            self._split_bytes, self._compression, self._file_keys)).with_outputs(
+            _SplitIntoUnits.KEYS, main="units")
+        units = split.units | "Spread" >> beam.Reshuffle()
         if not self._spread:
             read = units | "ReadUnits" >> beam.ParDo(_ReadUnit(self._batch_size, self._schema,
                                                            self._max_record_bytes, self._skip)) \
                 .with_output_types(pa.Table, dead_letter=DeadLetter) \
                 .with_outputs(_ReadUnit.DEAD_LETTER, main="tables")
-            return ReadResult(read.tables, read.dead_letter)
+            # small files are small units: their tables merged into full batches per bundle
+            tables = read.tables | "Rebatch" >> beam.ParDo(Rebatch(self._batch_size)) \
+                .with_output_types(pa.Table)
+            return ReadResult(tables, read.dead_letter, split[_SplitIntoUnits.KEYS])
         raw = units | "FrameUnits" >> beam.ParDo(_ReadUnit(self._batch_size, None,
                                                                self._max_record_bytes, self._skip)) \
             .with_output_types(pa.Table, dead_letter=DeadLetter) \
@@ -316,7 +336,7 @@ class ReadTFRecordBatches(beam.PTransform):
                   .with_output_types(pa.Table, dead_letter=DeadLetter)
                   .with_outputs(_ReadUnit.DEAD_LETTER, main="tables"))
         dead = (raw.dead_letter, parsed.dead_letter) | "DeadLetters" >> beam.Flatten()
-        return ReadResult(parsed.tables, dead)
+        return ReadResult(parsed.tables, dead, split[_SplitIntoUnits.KEYS])
 
 
 # ---------------------------------------------------------------------------- writing
