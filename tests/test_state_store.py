@@ -478,6 +478,9 @@ def test_a_gs_state_against_the_local_gcs_api(gcs_bucket, tmp_path):
     state = StateDir(root).current()
     assert state.generation == 3 and state.read_pool().num_rows == 500
     assert storage.read_bytes(f"{root}/history.png")[:4] == b"\x89PNG"
+    storage.delete(f"{root}/history.png")
+    assert main(["state", root]) == 0  # `titans state gs://...` draws it again
+    assert storage.read_bytes(f"{root}/history.png")[:4] == b"\x89PNG"
 
     proc = start_writer(root, save_student(str(tmp_path / "next.pt"), 9), 3, "commit:pointer")
     try:

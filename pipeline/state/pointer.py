@@ -33,7 +33,9 @@ class Changed(Exception):
 
 def pause(point: str) -> None:
     """Test hook: with TITANS_STATE_PAUSE_AT=point in the environment, say so on stderr and
-    sleep here, so that a test can kill the process at exactly this point."""
+    sleep here, so that a test can kill the process at exactly this point. The points, in
+    order: write:student, write:pool, write:state (store.write_generation), commit:pointer
+    (the new pointer ready, the old one still current), commit:done (replaced)."""
     if os.environ.get(PAUSE_ENV) == point:
         print(f"titans-state-paused {point}", file=sys.stderr, flush=True)
         time.sleep(3600)
