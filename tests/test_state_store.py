@@ -166,6 +166,29 @@ def test_a_commit_on_a_generation_that_is_no_longer_current_is_refused(tmp_path)
         assert snapshot(root) == before, "the refused generation's folder is left behind"
 
 
+def test_a_reset_replaces_the_lineage_only_when_it_commits(tmp_path):
+    root = str(tmp_path / "state")
+    sd = StateDir(root)
+    with sd.lock():
+        old = commit_runs(sd, tmp_path, range(2))
+    fresh_student = save_student(str(tmp_path / "fresh.pt"), 7)
+    with sd.lock():  # a --state-reset run that fails before its commit
+        sd.reset()
+        assert sd.current() is None
+        write_run(sd, None, 0, fresh_student)
+    assert StateDir(root).current() == old
+    sd = StateDir(root)
+    with sd.lock():  # one that succeeds
+        sd.reset()
+        fresh = sd.commit(write_run(sd, None, 0, fresh_student))
+        assert sd.current() == fresh
+        assert fresh.generation == 1 and len(fresh.history) == 1
+        assert fresh.meta["lineage"][0]["parent_sha256"] is None
+        assert set(sd.generations()) == {old.folder, fresh.folder}, "the old one kept one run"
+        sd.commit(write_run(sd, fresh, 1, fresh_student))
+        assert old.folder not in sd.generations()
+
+
 # ------------------------------------------------------------------------------ kill -9
 
 WRITER = r"""
@@ -404,6 +427,9 @@ def test_cap_is_a_uniform_repeatable_subset_of_each_run():
     assert (np.diff(capped.column("row_id").to_numpy()) > 0).all(), "order kept"
     with pytest.raises(ValueError, match="run_index int64"):
         pool_rule.cap(pool.drop(["run_index"]), 10)
+    nulls = pool.set_column(1, "run_index", pa.array([None] * pool.num_rows, pa.int64()))
+    with pytest.raises(ValueError, match="run_index \\(has nulls\\)"):
+        pool_rule.cap(nulls, 10)
 
 
 def test_state_stays_bounded_by_the_cap_over_many_generations(tmp_path):

@@ -37,9 +37,11 @@ def check_columns(pool: pa.Table) -> None:
     wrong = [f"{name} ({pool.schema.field(name).type if name in pool.column_names else 'missing'},"
              f" wanted {t})" for name, t in want.items()
              if name not in pool.column_names or pool.schema.field(name).type != t]
+    wrong += [f"{name} (has nulls)" for name in STORE_COLUMNS
+              if name in pool.column_names and pool.column(name).null_count]
     if wrong:
         raise ValueError(f"a state pool needs the columns run_id string, run_index int64, "
-                         f"origin string: {', '.join(wrong)}")
+                         f"origin string, without nulls: {', '.join(wrong)}")
 
 
 def quotas(counts: np.ndarray, max_rows: int) -> np.ndarray:
