@@ -109,6 +109,18 @@ def test_a_missing_provider_fails_the_import_with_what_to_install():
         in str(e.value)
 
 
+def parse_label(args: list[str]):
+    """titans' own command line (titans flags, then the Beam options it accepts)."""
+    from titans.pipeline.cli.main import build_parser, parse
+
+    label = next(a for a in build_parser()._actions if a.dest == "command").choices["label"]
+    if "--state" not in label._option_string_actions:
+        pytest.skip("titans label has no --state yet (issue 18)")
+    parsed, beam_args = parse(args)
+    assert parsed.command == "label"
+    return parsed, beam_args
+
+
 def test_state_route_runs_titans_label_with_the_state_directory():
     """TITANS_STATE switches the DAG to `titans label --state gs://...` (a Cloud Run job of the
     same image): its arguments parse with titans' own command line."""
@@ -118,13 +130,7 @@ def test_state_route_runs_titans_label_with_the_state_directory():
     assert args[args.index("--input") + 1] == "gs://bkt/events/dt=2026-11-28/"
     with pytest.raises(ValueError, match="TITANS_STATE"):
         dag_file.label_args("2026-11-28", state="")
-    from titans.pipeline.cli.main import build_parser
-
-    parser = build_parser()
-    label = next(a for a in parser._actions if a.dest == "command").choices["label"]
-    if "--state" not in label._option_string_actions:
-        pytest.skip("titans label has no --state yet (issue 18)")
-    parsed, beam_args = label.parse_known_args(args[1:])
+    parsed, beam_args = parse_label(args)
     assert parsed.state == "gs://bkt/state/titans" and parsed.resume
     assert parsed.teacher_accelerator.startswith("type:nvidia-l4;")
     assert "--runner" in beam_args and "DataflowRunner" in beam_args
@@ -209,3 +215,48 @@ def test_cloud_scheduler_script_refuses_missing_settings(tmp_path):
     done = subprocess.run(["bash", str(SCHEDULER / "create_job.sh")], capture_output=True,
                           text=True, env=env, timeout=60)
     assert done.returncode != 0 and "PROJECT" in done.stderr
+
+
+CLOUDRUN = ROOT / "deploy" / "cloudrun"
+
+
+def gcloud_list(value: str) -> list[str]:
+    """gcloud's ARG,... list syntax, with its '^DELIM^' alternative delimiter."""
+    delim = ","
+    if value.startswith("^"):
+        delim, value = value[1:].split("^", 1)
+    return value.split(delim)
+
+
+def test_cloud_run_scripts_create_the_job_and_run_the_dags_label_arguments(tmp_path):
+    """create_job.sh makes a Cloud Run job of the image with `titans` as its command;
+    run_label.sh executes it with exactly the arguments the DAG's state route passes, which
+    titans' command line accepts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    (bin_dir / "gcloud").write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    settings = {"PROJECT": "p", "REGION": "us-central1", "BUCKET": "bkt", "IMAGE": "img:1",
+                "STATE": "gs://bkt/state/titans", "INPUT": "gs://bkt/events/dt=2026-11-28/",
+                "OUTPUT": "gs://bkt/labels/dt=2026-11-28",
+                "TEACHER": "gs://bkt/models/teacher.pt", "FEATURE_COLUMNS": "a,b"}
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **settings)
+    for script in ("create_job.sh", "run_label.sh"):
+        done = subprocess.run(["bash", str(CLOUDRUN / script)], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+    create, execute = [json.loads(line) for line in log.read_text().splitlines()]
+    assert create[:4] == ["run", "jobs", "create", "titans-label"]
+    assert create[create.index("--image") + 1] == "img:1"
+    assert create[create.index("--command") + 1] == "titans"
+    assert execute[:4] == ["run", "jobs", "execute", "titans-label"] and "--wait" in execute
+    args = gcloud_list(execute[execute.index("--args") + 1])
+    assert args == dag_file.label_args("2026-11-28", state=settings["STATE"], bucket="bkt",
+                                       teacher=settings["TEACHER"], image="img:1",
+                                       feature_columns="a,b", project="p",
+                                       region="us-central1")
+    parsed, _ = parse_label(args)
+    assert parsed.feature_columns == "a,b" and parsed.state == settings["STATE"]
