@@ -142,9 +142,11 @@ FLAGS = {
                                 "--deferral-rate", "--max-accuracy-loss", "--target-accuracy",
                                 "--delta", "--bound", "--seed"},
     "demo": {"--output", "--deferral-rate", "--seed", "--format"},
+    "state": {"DIR"},  # positional: the --state directory
     "label": (JOB_FLAGS | {"--teacher", "--teacher-class", "--teacher-class-kwargs",
                            "--max-disagreement", "--deferral-rate", "--delta", "--student-budget",
-                           "--rule", "--audit-rate", "--student-device", "--resume"}),
+                           "--rule", "--audit-rate", "--student-device", "--resume",
+                           "--state", "--state-pool-rows", "--state-reset"}),
 }
 # flags whose argparse default is None but whose help must still say what happens without them
 IMPLIED_DEFAULTS = {("run", "--rule"): defaults.RULE,
@@ -175,13 +177,14 @@ def test_help_explains_every_flag(capsys):
     for command, parser in commands.items():
         actions = [a for a in parser._actions if not isinstance(a, (argparse._HelpAction,
                                                                     argparse._SubParsersAction))]
-        flags = {a.option_strings[0] for a in actions}
+        name = lambda a: (a.option_strings or [a.metavar])[0]  # noqa: E731 - a positional: its metavar
+        flags = {name(a) for a in actions}
         assert flags == FLAGS.get(command, {"--log-level"}), command
         for action in actions:
-            where = f"titans {command} {action.option_strings[0]}"
+            where = f"titans {command} {name(action)}"
             assert action.help and len(action.help) >= 20, f"{where}: help too short"
             help_text = " ".join((action.help % dict(vars(action), prog="titans")).split())
-            default = IMPLIED_DEFAULTS.get((command, action.option_strings[0]), action.default)
+            default = IMPLIED_DEFAULTS.get((command, name(action)), action.default)
             if default not in (None, False, ""):
                 assert str(default) in help_text, f"{where}: help does not give its default"
 
