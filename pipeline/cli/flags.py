@@ -174,8 +174,9 @@ def _add_teacher_stage_flags(p: argparse.ArgumentParser, sample_rows: bool = Tru
                         "(default: %(default)s)")
     p.add_argument("--teacher-accelerator", metavar="HINT",
                    help="Beam resource hint for the teacher stage only, e.g. "
-                        "'type:nvidia-l4;count:1;install-nvidia-driver' on Dataflow; "
-                        "no effect on local runners")
+                        "'type:nvidia-l4;count:1;machine_type:g2-standard-4;"
+                        "install-nvidia-driver' on Dataflow, where a GPU on a machine type "
+                        "that cannot carry it is refused at launch; no effect on local runners")
     p.add_argument("--teacher-min-ram", metavar="SIZE",
                    help="Beam min_ram resource hint for the teacher stage, e.g. 16GB")
     p.add_argument("--column-prefix", default="", metavar="PREFIX",
