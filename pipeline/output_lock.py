@@ -14,8 +14,9 @@ takes its lock over, with a warning.
 
 A launcher that does not wait for its job (``run_job(wait=False)``, a Dataflow or Flex
 Template launch) hands the lock to the job: the job's last step (``stages.finish``) releases
-it. A Dataflow job that fails before that step leaves its lock; the next run says so and
-``--overwrite`` takes it over.
+it, whether the job completed or failed its dead-letter budget (before the step raises
+``JobFailed``). A Dataflow job that fails before that step leaves its lock; the next run says
+so and ``--overwrite`` takes it over.
 
 The lock file is not an output: ``--overwrite`` never deletes it, and it does not make an
 output directory "not empty" (``is_lock``).

@@ -73,6 +73,7 @@ def move_aside(output: str, run: str, keep: list[str]) -> int:
                 list(pool.map(move, paths[1:]))
     if not storage.is_url(output):
         _remove_empty_dirs(output, paths)
+        os.makedirs(aside, exist_ok=True)  # also when there was nothing to move
     storage.write_bytes(storage.join(aside, MOVED), b"")
     return len(paths)
 

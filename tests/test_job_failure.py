@@ -170,6 +170,11 @@ def test_a_retried_last_step_moves_the_previous_output_aside_once(tmp_path, requ
     assert "labels/student-00000-of-00001.parquet" in _listing(base)
     delete_replaced(base)
     assert not [n for n in _listing(base) if n.startswith("_titans_replaced")]
+    # nothing to move (a first run): the move is still marked done, for a retry
+    empty = f"{base}-empty"
+    _put(empty, ["labels/.titans-tmp-new/student-2.parquet"])
+    assert move_aside(empty, "r2", [f"{empty}/labels/.titans-tmp-new"]) == 0
+    assert "_titans_replaced-r2/_titans_moved" in _listing(empty)
     assert {"notes.txt", "_titans_lock", "labels/student-00000-of-00001.parquet"} <= _listing(base)
 
 

@@ -162,10 +162,15 @@ def finish(output: str, dead_parts: list, count_parts: list, written: list,
 
 
 class _Finish:
-    """Put every file in place, build the report (and the plot), write report.json once, then
-    _SUCCESS last. It runs once every writer's bundles are committed: it takes their paths as
-    side inputs. Everything the report says is known here: the counts and stamps of the job,
-    the launcher's record (``JobRecord``) and this step's own clock."""
+    """Build the report; with --overwrite move the previous outputs aside (``overwrite.py``);
+    put every file in place, write the plot and report.json once, then _SUCCESS last, then
+    delete what was moved aside. Over the dead-letter budget: the report, no _SUCCESS, then
+    ``JobFailed`` raised so the job fails on its runner (a previous complete output is kept
+    then, the report going to report.failed.json). It runs once every writer's bundles are
+    committed: it takes their paths as side inputs. Everything the report says is known here:
+    the counts and stamps of the job, the launcher's record (``JobRecord``) and this step's own
+    clock. Retried, it rewrites the same files: renames skip files in place, the move aside is
+    marked done."""
 
     def __init__(self, output: str, destinations: list, build_report, job: JobRecord, plot,
                  on_complete=None, release=None):
