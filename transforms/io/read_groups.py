@@ -46,6 +46,8 @@ def plan_groups(file_rows, row_groups, batch_size: int) -> list[list[tuple[int, 
     groups, current, rows = [], [], 0.0
     for i, (n, g) in enumerate(zip(file_rows, row_groups)):
         per, first = (n / g if g else 0.0), 0
+        if not g:  # no rows: still in a group, so its worker takes its content key
+            current.append((i, 0, 0))
         while first < g:
             fit = g - first if per * (g - first) <= batch_size - rows else int(
                 (batch_size - rows) // per)
