@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
 import math
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -204,14 +206,19 @@ def plan_run(config: RunConfig, phases: Phases | None = None,
         learned = load_learned_deferral(deferral_model)
     rule = make_rule(rule_name or defaults.RULE, learned)
     source, sample, features = plan_source(config, phases, resolved)
-    x = usable_rows(sample, features) if resolved is None else resolved.x
+    # the sample decoded and scored once, a batch at a time (a decoded image sample held
+    # whole would be unbounded in the image size); the teacher tried on the first batch
+    chunks = iter([resolved.x]) if resolved is not None else usable_chunks(sample, features)
+    first = next(chunks)
     checks = Tally()  # the teacher's rows at launch, which report.json counts too
     if resolved is None:
-        teacher_classes, teacher_parameters = check_teacher(config.teacher, features, x, checks)
+        teacher_classes, teacher_parameters = check_teacher(config.teacher, features, first,
+                                                            checks)
     else:
         teacher_classes, teacher_parameters = resolved.teacher_classes, resolved.teacher_parameters
     student = load_checked("student", config.student, features)
-    student_logits = check_on_sample("student", student, x)
+    student_logits = np.concatenate([check_on_sample("student", student, x)
+                                     for x in itertools.chain([first], chunks)])
     mark(phases, "model_loading_and_checks")
     num_classes = student_logits.shape[-1] - rule.extra_outputs
     if num_classes != teacher_classes:
@@ -374,12 +381,22 @@ def sample_rows(config: JobConfig) -> int:
 def usable_rows(sample: pa.Table, features: FeatureSpec) -> np.ndarray:
     """The models' input for the sampled rows whose features are usable; ValueError (with a
     reason) when none is."""
-    x, reasons = feature_matrix(sample, features)
-    if reasons is not None:
-        x = x[np.array([r is None for r in reasons])]
-        if len(x) == 0:
-            example = next(r for r in reasons if r is not None)
-            raise ValueError(f"none of the {sample.num_rows:,} sampled rows has usable features "
-                             f"in {list(features.columns)} (e.g. {example}); check "
-                             f"--feature-columns, --image-column or --token-column")
-    return x
+    return np.concatenate(list(usable_chunks(sample, features)))
+
+
+def usable_chunks(sample: pa.Table, features: FeatureSpec) -> Iterator[np.ndarray]:
+    """``usable_rows`` a batch at a time (``features.batch_rows``: for images, batches capped
+    by bytes), each non-empty; ValueError (with a reason) when no row is usable."""
+    step, found, example = features.batch_rows(max(1, sample.num_rows)), False, None
+    for lo in range(0, sample.num_rows, step):
+        x, reasons = feature_matrix(sample.slice(lo, step), features)
+        if reasons is not None:
+            example = example or next(r for r in reasons if r is not None)
+            x = x[np.array([r is None for r in reasons])]
+        if len(x):
+            found = True
+            yield x
+    if not found:
+        raise ValueError(f"none of the {sample.num_rows:,} sampled rows has usable features "
+                         f"in {list(features.columns)} (e.g. {example or 'no rows'}); check "
+                         f"--feature-columns, --image-column or --token-column")

@@ -1,8 +1,14 @@
 import io
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from titans.transforms.images import decode_images
@@ -67,3 +73,117 @@ def test_argument_errors():
         decode_images(pa.array([b""]), mode="CMYK")
     x, reasons = decode_images(pa.array([], pa.binary()), size=(3, 3))
     assert x.shape == (0, 3, 3, 3) and reasons is None
+
+
+# ---------------------------------------------------------------- launch shape, batch bytes
+
+def test_the_launch_shape_comes_from_the_headers_without_decoding():
+    from titans.transforms.features import ImageSpec, resolve_image_spec
+    from titans.transforms.images import image_sizes
+
+    good = _encode(_rgb(7, 6, 5), "PNG")
+    truncated = good[: len(good) // 2]  # its header is whole: its size is known, not its pixels
+    col = pa.array([good, None, b"junk", truncated, _encode(_rgb(8, 9, 4), "PNG")], pa.binary())
+    assert image_sizes(col) == [(6, 5), None, None, (6, 5), (9, 4)]
+    table = pa.table({"image": col})
+    spec = resolve_image_spec(table.schema, ImageSpec("image", mode="L"), table)
+    assert spec.shape == (1, 6, 5)
+    with pytest.raises(ValueError, match="none of the 2 sampled images"):
+        bad = pa.table({"image": pa.array([b"junk", None], pa.binary())})
+        resolve_image_spec(bad.schema, ImageSpec("image"), bad)
+
+
+def test_a_batch_of_images_is_capped_by_bytes_not_rows():
+    from titans.transforms.features import IMAGE_BATCH_BYTES, FeatureSpec, ImageSpec
+
+    photo = ImageSpec("image", shape=(3, 224, 224))
+    assert photo.batch_rows(65536) == IMAGE_BATCH_BYTES // (3 * 224 * 224 * 4) == 445
+    assert ImageSpec("image", shape=(1, 28, 28)).batch_rows(65536) == 65536  # 205 MB fits
+    assert ImageSpec("image", shape=(3, 4096, 4096)).batch_rows(65536) == 1  # never 0
+    assert photo.batch_rows(100) == 100
+    assert FeatureSpec(("f",), 64).batch_rows(65536) == 65536
+
+
+class BatchSizeNet(torch.nn.Module):
+    """Logits [log B, 0] for a batch of B: each row's confidence B / (B + 1) says the size of
+    the batch it was scored in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        return torch.cat([torch.log(torch.ones(n, 1) * float(n)), torch.zeros(n, 1)], 1) \
+            + x.mean() * 0
+
+
+def test_the_models_see_batches_capped_by_bytes(tmp_path, monkeypatch):
+    from conftest import RUNNER, read_labels
+    from titans.models.loading import ModelRef
+    from titans.pipeline.job import run_cascade
+    from titans.pipeline.plan import RunConfig, plan_run
+    from titans.transforms import features
+    from titans.transforms.features import ImageSpec
+    from titans.transforms.io.models import save_torchscript
+
+    rows, cap_rows = 300, 40
+    monkeypatch.setattr(features, "IMAGE_BATCH_BYTES", 3 * 32 * 32 * 4 * cap_rows)
+    images = [_encode(_rgb(i, 32, 32), "PNG") for i in range(rows)]
+    os.makedirs(tmp_path / "data")
+    pq.write_table(pa.table({"id": np.arange(rows), "image": pa.array(images, pa.binary())}),
+                   tmp_path / "data" / "a.parquet")
+    model = str(tmp_path / "m.pt")
+    save_torchscript(BatchSizeNet(), model)
+    config = RunConfig(input=str(tmp_path / "data"), output=str(tmp_path / "out"),
+                       student=ModelRef(model), teacher=ModelRef(model), deferral_rate=0.5,
+                       image=ImageSpec("image"))  # default batch sizes: 65,536 and 16,384
+    report = run_cascade(plan_run(config), RUNNER)
+    assert report["conservation_ok"] and report["rows_in"] == rows and not report["rows_dead_letter"]
+    assert report["image_batch_rows"] == report["image_teacher_batch_rows"] == cap_rows
+    conf = read_labels(tmp_path / "out").column("confidence").to_numpy()
+    seen = np.rint(conf / (1 - conf)).astype(int)  # the batch sizes the models saw
+    assert seen.max() == cap_rows and seen.min() >= 1
+
+
+PEAK_RUN = """
+import json, sys
+from titans.transforms import features
+features.IMAGE_BATCH_BYTES = 8 << 20  # 170 images of 128x128 RGB a batch
+from titans.pipeline.cli.main import main
+main(sys.argv[1:])
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+print(json.dumps({"peak_mb": peak / 1024}))
+"""
+
+
+def test_peak_memory_stays_flat_in_the_number_of_images(tmp_path):
+    # 600 vs 2,400 images of 128x128 RGB in one row group: 190 MB more floats decoded at once
+    # without the cap; with it, the same batches of 170 images whatever the rows
+    from titans.transforms.io.models import save_torchscript
+
+    model = str(tmp_path / "m.pt")
+    save_torchscript(BatchSizeNet(), model)
+    jpegs = [_encode(_rgb(i, 128, 128), "JPEG", quality=80) for i in range(8)]
+    peaks = []
+    for rows in (600, 2400):
+        data = tmp_path / f"d{rows}.parquet"
+        pq.write_table(pa.table({"id": np.arange(rows),
+                                 "image": pa.array([jpegs[i % 8] for i in range(rows)])}), data)
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_RUN, "run", "--input", str(data), "--output",
+             str(tmp_path / f"out{rows}"), "--student", model, "--teacher", model,
+             "--image-column", "image", "--deferral-rate", "0.5", "--runner", "FnApiRunner"],
+            capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        peaks.append(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
+    assert peaks[1] - peaks[0] < 80, peaks
+
+
+def test_an_expected_size_gives_what_the_general_path_gives():
+    good = [_encode(_rgb(i), "PNG") for i in range(4)]  # 6x5
+    other = [_encode(_rgb(10 + i, 7, 5), "PNG") for i in range(3)]  # 7x5
+    for blobs in (good[:3] + other[:1] + [None, b"junk"],  # the expected size is the common one
+                  good[:1] + other + [b"junk"]):  # it is not: the batch's most common decides
+        col = pa.array(blobs, pa.binary())
+        want, want_reasons = decode_images(col, mode="L", threads=2)
+        got, got_reasons = decode_images(col, mode="L", threads=2, expect=(6, 5))
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        assert list(got_reasons) == list(want_reasons)

@@ -83,7 +83,10 @@ class ImageSpec:
             n = table.num_rows
             return (np.zeros((n, *self.shape), np.float32),
                     np.full(n, f"missing image column {self.column!r}", dtype=object))
-        return decode_images(table.column(self.column), self.mode, self.size, self.mean, self.std)
+        # the launch's shape is the one expected: decoded straight into the batch
+        expect = None if self.size or self.shape is None else self.shape[1:]
+        return decode_images(table.column(self.column), self.mode, self.size, self.mean, self.std,
+                             expect=expect)
 
     def example_input(self, rows: int = 2) -> np.ndarray:
         return np.zeros((rows, *self.shape), np.float32)

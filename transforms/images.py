@@ -15,6 +15,7 @@ copies through an encoder, which costs as much as decoding a small PNG).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import io
 import os
@@ -44,8 +45,8 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None,
-                  mean=None, std=None, threads: int | None = None, draft: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray | None]:
+                  mean=None, std=None, threads: int | None = None, draft: bool = False,
+                  expect: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Encoded images -> (float32 [B, C, H, W], reasons or None).
 
     ``mode`` "RGB" (C=3) or "L" (C=1); every image is converted to it. ``size`` (H, W)
@@ -53,8 +54,10 @@ def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None
     (the most common one; others get a reason). Pixels are scaled to [0, 1], then
     ``(x - mean[c]) / std[c]`` per channel when ``mean``/``std`` are given. ``draft``
     lets JPEG decode at a reduced scale before resizing (faster for large photos, slightly
-    different pixels). Reasons: an object array with a string for each bad row and None
-    for good ones, or None when every row is fine.
+    different pixels). ``expect`` (H, W), without ``size``: the size the images most likely
+    share (the launch's), decoded straight into the batch; the batch's most common size
+    still decides, as without it. Reasons: an object array with a string for each bad row
+    and None for good ones, or None when every row is fine.
     """
     if mode not in _CHANNELS:
         raise ValueError(f"mode must be 'RGB' or 'L', not {mode!r}")
@@ -69,6 +72,8 @@ def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None
         out = np.empty((n, channels, h, w), np.float32)
         _run(threads, n, lambda lo, hi: _decode_into(blobs, lo, hi, mode, (w, h), draft, scale,
                                                     offset, out, reasons))
+    elif expect is not None:
+        out = _decode_expected(blobs, mode, expect, threads, scale, offset, reasons)
     else:
         out = _decode_same_size(blobs, mode, threads, scale, offset, reasons)
     bad = np.array([r is not None for r in reasons], bool) if n else np.zeros(0, bool)
@@ -151,16 +156,46 @@ def _pixels(im: Image.Image) -> np.ndarray:
     return np.asarray(arr).reshape(h, w, 1)
 
 
-def _decode_into(blobs, lo, hi, mode, wh, draft, scale, offset, out, reasons):
+def _decode_into(blobs, lo, hi, mode, wh, draft, scale, offset, out, reasons, odd=None):
+    """Decode rows [lo, hi) into ``out``; with ``odd`` (a dict, and ``wh`` None) the pixels
+    of an image whose size is not ``out``'s go there instead."""
     for i in range(lo, hi):
         blob = blobs[i]
         if blob is None:
             reasons[i] = "null image"
             continue
         try:
-            _normalise(_pixels(_open(blob, mode, wh, draft)), scale, offset, out[i])
+            pixels = _pixels(_open(blob, mode, wh, draft))
+            if odd is not None and pixels.shape[:2] != out.shape[2:]:
+                odd[i] = pixels
+                continue
+            _normalise(pixels, scale, offset, out[i])
         except Exception as e:  # noqa: BLE001 - any undecodable image is a row's problem
             reasons[i] = _why(e)
+
+
+def _decode_expected(blobs, mode, hw, threads, scale, offset, reasons) -> np.ndarray:
+    """Without a target size, when the size is known beforehand: one pass straight into the
+    batch (no array per image, no second pass), as with a size. Images of another size are
+    set aside and get a reason, unless one such size is the batch's most common: then the
+    batch is decoded again the general way (``_decode_same_size``)."""
+    n = len(blobs)
+    out = np.empty((n, len(scale), int(hw[0]), int(hw[1])), np.float32)
+    odd: dict = {}
+    _run(threads, n, lambda lo, hi: _decode_into(blobs, lo, hi, mode, None, False, scale,
+                                                offset, out, reasons, odd))
+    if not odd:
+        return out
+    sizes = collections.Counter(a.shape[:2] for a in odd.values())
+    fitting = n - len(odd) - sum(r is not None for r in reasons)
+    if sizes.most_common(1)[0][1] > fitting:
+        reasons[:] = None
+        return _decode_same_size(blobs, mode, threads, scale, offset, reasons)
+    h, w = out.shape[2:]
+    for i, a in odd.items():
+        reasons[i] = (f"image is {a.shape[0]}x{a.shape[1]}, the batch's images are {h}x{w} "
+                      f"(pass a size to resize them)")
+    return out
 
 
 def _decode_same_size(blobs, mode, threads, scale, offset, reasons) -> np.ndarray:
