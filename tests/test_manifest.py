@@ -214,3 +214,20 @@ def test_old_format_entries_are_still_read(setup, tmp_path, capsys):
     assert _run(data, tmp_path / "out2", manifest_path, models) == 0
     assert "already labeled" in capsys.readouterr().out
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_file_whose_parts_saw_different_versions_is_not_recorded(setup, tmp_path, caplog):
+    """The manifest records the keys the readers took; a file read in several parts whose
+    parts saw different keys changed while the job read it: it is labeled again next time."""
+    data, manifest_path, models = setup
+    assert _run(data, tmp_path / "out", manifest_path, models, "--batch-size", "100") == 0
+    recorded = _files(manifest_path)
+    a, b = str(data / "part-0.parquet"), str(data / "part-1.parquet")
+    assert sorted(recorded) == [a, b]  # 300 rows a file, 200-row groups: two parts each
+    record = manifest.Record(manifest_path, str(tmp_path / "out"), "run")
+    os.remove(manifest_path)
+    with caplog.at_level(logging.WARNING, logger="titans"):
+        record({}, [(a, recorded[a]["key"]), (b, recorded[b]["key"]),
+                    (a, {**recorded[a]["key"], "mtime": 1.0})])
+    assert sorted(_files(manifest_path)) == [b]
+    assert "1 input file(s) changed while this job read them" in caplog.text

@@ -139,3 +139,50 @@ def test_globs_match_as_beams_do_and_escaped_names_literally(tmp_path):
     assert storage.match(storage.glob_escape(weird)) == [(weird, 4)]
     assert [p for p, _ in storage.match(storage.glob_escape(str(tmp_path / "a")) + "/x[[]*")] \
         == [weird]
+
+
+def test_many_small_files_reach_the_models_as_full_batches(tmp_path):
+    """Issue 19.1: 40 files of 25 rows (and row groups of 10) are read in groups of about
+    ``batch_size`` rows and merged: 8 tables of 125 rows, not 120 tables of 10 or less."""
+    write_dataset(tmp_path, 1000, files=40, row_group_size=10)
+    with _pipeline() as p:
+        read = p | ReadParquetBatches(_input(tmp_path), 128)
+        ids = read.tables | beam.FlatMap(lambda t: t.column("id").to_pylist())
+        assert_that(ids, equal_to(list(range(1000))), label="every row once")
+        sizes = read.tables | beam.Map(lambda t: t.num_rows)
+        assert_that(sizes | beam.combiners.ToList(), equal_to([[125] * 8]), label="sizes")
+        chunks = read.tables | beam.Map(lambda t: t.column("features").num_chunks)
+        assert_that(chunks | "Most" >> beam.combiners.Top.Largest(1), equal_to([[1]]),
+                    label="one contiguous array per column")
+
+
+def test_a_file_broken_after_launch_is_dead_lettered_on_the_worker(tmp_path):
+    """The launch read every footer; a file truncated before the job opens it costs its rows
+    (as many as its footer said at launch) to the dead letter, with the file and the reason,
+    and the other files of its read group are still read."""
+    write_dataset(tmp_path, 300, files=3, row_group_size=50)
+    source = _input(tmp_path)
+    broken = source.files[1]
+    data = open(broken, "rb").read()
+    open(broken, "wb").write(data[: len(data) // 2])
+    with _pipeline() as p:
+        read = p | ReadParquetBatches(source, 1000)  # one read group for all three files
+        ids = read.tables | beam.FlatMap(lambda t: t.column("id").to_pylist())
+        assert_that(ids, equal_to(list(range(100)) + list(range(200, 300))), label="rows")
+        dead = read.dead_letter | beam.Map(lambda d: (d.rows.num_rows, d.stage,
+                                                      "part-1.parquet: cannot open" in d.reasons,
+                                                      set(d.rows.column("file").to_pylist())))
+        assert_that(dead, equal_to([(100, "read", True, {broken})]), label="dead")
+
+
+def test_the_readers_take_each_files_key_before_reading_it(tmp_path):
+    """With file_keys, every file of every read group gets its content key on ``keys``; a big
+    file read in several groups gets one per group."""
+    write_dataset(tmp_path, 400, files=2, row_group_size=100)
+    source = _input(tmp_path)
+    asked = lambda paths: {p: {"size": os.path.getsize(p)} for p in paths}  # noqa: E731
+    with _pipeline() as p:
+        read = p | ReadParquetBatches(source, 128, file_keys=asked)
+        paths = read.keys | beam.Map(lambda kv: kv[0])
+        # 200 rows a file in 100-row groups: one read group per row group
+        assert_that(paths, equal_to([source.files[0]] * 2 + [source.files[1]] * 2))

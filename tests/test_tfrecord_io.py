@@ -254,3 +254,25 @@ def test_separate_worker_processes_read_every_record_once(tmp_path):
                     equal_to(list(range(400))), label="ids")
         pids = read.tables | beam.Map(lambda t: os.getpid() != here) | beam.Distinct()
         assert_that(pids, equal_to([True]), label="elsewhere")
+
+
+def test_small_files_are_merged_into_full_batches(tmp_path):
+    """30 files of 20 records, listed at launch (the graph carries them compressed): every
+    record once, and the tables of a bundle merged, not one 20-row table per file."""
+    files = []
+    for f in range(30):
+        files.append(str(tmp_path / f"part-{f:02d}.tfrecord"))
+        wire.write_tfrecord(files[-1], [_record(i) for i in range(f * 20, f * 20 + 20)])
+    keys = lambda paths: {p: {"size": os.path.getsize(p)} for p in paths}  # noqa: E731
+    with _pipeline() as p:
+        read = p | ReadTFRecordBatches(files, 256, SCHEMA, file_keys=keys)
+        ids = read.tables | beam.FlatMap(lambda t: t.column("id").to_pylist())
+        assert_that(ids, equal_to(list(range(600))), label="every record once")
+        sizes = read.tables | beam.Map(lambda t: t.num_rows) | beam.combiners.ToList()
+        assert_that(sizes, lambda s: _check(len(s[0]) < 30 and max(s[0]) == 256, s),
+                    label="merged")
+        assert_that(read.keys | beam.Map(lambda kv: kv[0]), equal_to(files), label="keys")
+
+
+def _check(ok: bool, seen):
+    assert ok, seen
