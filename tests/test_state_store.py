@@ -422,9 +422,16 @@ def test_history_table_and_plot(tmp_path, capsys):
     runs[2]["drift"]["shifted"] = True
     runs[2]["student"] = {"sha256": "f" * 64, "kept": "champion"}
     runs[2]["guarantee"] = "disagreement <= 5% with probability >= 90%"
+    runs[2].update(mode="warm", sample_rows=1234, job_wall_seconds=41.6, audit_disagreement=0.004)
     text = history.table(runs)
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["run", "run", "id"] and len(lines) == 5
+    header = lines[0].split()
+    for column in ("mode", "drawn", "dis.", "seconds"):
+        assert column in header
+    assert "warm" in lines[3] and "1,234" in lines[3] and "0.4%" in lines[3]
+    assert lines[3].rstrip().endswith("42") and lines[2].rstrip().endswith("3")  # wall / phases
+    assert lines[0].split()[:3] == ["run", "run", "id"] and len(lines) == 6
+    assert lines[4] == "every run: eps 0.05, delta 0.1" and "eps" not in header
     assert "SHIFT" in lines[3] and "champion" in lines[3] and "ffffffff" in lines[3]
     assert "25.0%" in lines[2] and "158" in lines[1]
     assert lines[-1] == "guarantee of run 3: disagreement <= 5% with probability >= 90%"

@@ -2,10 +2,10 @@
 
 The history is a list of dicts, one per run, written by the label job (``history.json`` in a
 generation folder). Every field is optional here: a column or a panel shows what the entries
-carry. The fields read: run_id, time, rows, teacher_rows {sample, hard, audit, checks, total},
-teacher_share, sample_rows, threshold, rule, eps, delta, guarantee, fresh_agreement,
-drift {agreement_drop, ks_statistic, ks_pvalue, shifted}, student {sha256, parent_sha256,
-kept}, phase_seconds {...}.
+carry. The fields read: run_id, time, mode, rows, sample_rows, teacher_rows {sample, hard,
+audit, checks, total}, teacher_share, threshold, rule, eps, delta, guarantee,
+audit_disagreement, fresh_agreement, drift {agreement_drop, ks_statistic, ks_pvalue,
+shifted}, student {sha256, parent_sha256, kept}, job_wall_seconds or phase_seconds {...}.
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def _drift(entry: dict) -> str:
 
 
 def _seconds(entry: dict) -> str:
+    if isinstance(entry.get("job_wall_seconds"), (int, float)):
+        return _num(entry["job_wall_seconds"], ".0f")
     phases = entry.get("phase_seconds")
     if not isinstance(phases, dict):
         return ""
@@ -54,7 +56,9 @@ COLUMNS = (
     ("run", lambda i, e: str(i + 1)),
     ("run id", lambda i, e: str(e.get("run_id") or "")[:12]),
     ("time", lambda i, e: str(e.get("time") or "")[:19].replace("T", " ")),
+    ("mode", lambda i, e: str(e.get("mode") or "")),
     ("rows", lambda i, e: _num(e.get("rows"), ",d")),
+    ("drawn", lambda i, e: _num(e.get("sample_rows"), ",d")),
     ("sample", lambda i, e: _num(_get(e, "teacher_rows", "sample"), ",d")),
     ("hard", lambda i, e: _num(_get(e, "teacher_rows", "hard"), ",d")),
     ("audit", lambda i, e: _num(_get(e, "teacher_rows", "audit"), ",d")),
@@ -65,6 +69,7 @@ COLUMNS = (
     ("threshold", lambda i, e: _num(e.get("threshold"), ".4g")),
     ("eps", lambda i, e: _num(e.get("eps"), "g")),
     ("delta", lambda i, e: _num(e.get("delta"), "g")),
+    ("audit dis.", lambda i, e: _pct(e.get("audit_disagreement"))),
     ("fresh agr.", lambda i, e: _pct(e.get("fresh_agreement"))),
     ("drift", lambda i, e: _drift(e)),
     ("student", lambda i, e: str(_get(e, "student", "sha256") or "")[:8]),
@@ -80,12 +85,16 @@ def table(history: list[dict]) -> str:
     cells = [[show(i, e if isinstance(e, dict) else {}) for i, e in enumerate(history)]
              for _, show in COLUMNS]
     cols = [(h, c) for (h, _), c in zip(COLUMNS, cells) if any(c) or h == "run"]
+    same = [(h, c[0]) for h, c in cols if h in ("eps", "delta") and len(set(c)) == 1]
+    cols = [(h, c) for h, c in cols if h not in dict(same)]  # said once, below
     widths = [max(len(h), *(len(x) for x in c)) for h, c in cols]
-    left = {"run id", "time", "rule", "drift", "student", "kept"}
+    left = {"run id", "time", "mode", "rule", "drift", "student", "kept"}
     fmt = lambda h, x, w: x.ljust(w) if h in left else x.rjust(w)  # noqa: E731
     lines = ["  ".join(fmt(h, h, w) for (h, _), w in zip(cols, widths)).rstrip()]
     for r in range(len(history)):
         lines.append("  ".join(fmt(h, c[r], w) for (h, c), w in zip(cols, widths)).rstrip())
+    if same:
+        lines.append("every run: " + ", ".join(f"{h} {v}" for h, v in same))
     guarantees = [(i + 1, e.get("guarantee")) for i, e in enumerate(history)
                   if isinstance(e, dict) and e.get("guarantee")]
     if guarantees:
