@@ -487,6 +487,9 @@ def test_a_gs_state_against_the_local_gcs_api(gcs_bucket, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert StateDir(root).current() == state
+    finish(start_writer(root, str(tmp_path / "next.pt"), 3, None))  # takes the dead lock over
+    state = StateDir(root).current()
+    assert state.generation == 4 and len(StateDir(root).generations()) == 2
 
     blob = [p for p in storage.list_under(root) if p.endswith("pool.parquet")
             and state.folder in p][0]
