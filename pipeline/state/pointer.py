@@ -107,11 +107,11 @@ def replace(root: str, data: bytes, token) -> object:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _fsync_dir(root)
+    fsync_dir(root)
     return data
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     """Make a rename in ``directory`` durable (a power cut after the commit keeps it)."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -283,6 +283,9 @@ class StateDir:
         folder = _name(pending.path)
         data = _json_bytes({"state_version": STATE_VERSION, "generation": pending.generation,
                             "folder": folder, "state_sha256": pending.state_sha256})
+        if not storage.is_url(self.root):  # the folder's names durable before it is named
+            pointer.fsync_dir(pending.path)
+            pointer.fsync_dir(self.root)
         try:
             token = pointer.replace(self.root, data, pending.expected)
         except pointer.Changed as e:
