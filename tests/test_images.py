@@ -187,3 +187,48 @@ def test_an_expected_size_gives_what_the_general_path_gives():
         assert got.shape == want.shape
         np.testing.assert_array_equal(got, want)
         assert list(got_reasons) == list(want_reasons)
+
+
+class SizeOrFail(torch.nn.Module):
+    """BatchSizeNet's logits, but raises on a batch holding a white image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.flatten(1).mean(1) > 0.99).any()):
+            raise ValueError("a white image")
+        n = x.shape[0]
+        return torch.cat([torch.log(torch.ones(n, 1) * float(n)), torch.zeros(n, 1)], 1)
+
+
+def test_a_batch_is_decoded_in_slices_and_every_row_keeps_its_own_error(tmp_path, monkeypatch):
+    from titans.models.deferral import make_rule
+    from titans.models.loading import ModelRef
+    from titans.transforms import features
+    from titans.transforms.dead_letter import VALIDATE
+    from titans.transforms.features import ImageSpec
+    from titans.transforms.inference import ArrowModelHandler
+    from titans.transforms.io.models import save_torchscript
+    from titans.transforms.labels import ERROR, ERROR_STAGE, LabelColumns, StudentLabels
+
+    monkeypatch.setattr(features, "IMAGE_SLICE_BYTES", 4 * 8 * 8 * 4)  # 4 images a slice
+    gray = [np.full((8, 8), 10 * i, np.uint8) for i in range(13)]
+    gray[9][:] = 255  # the model raises on it
+    blobs = [_encode(g, "PNG") for g in gray]
+    blobs[6] = b"junk"
+    tables = [pa.table({"id": np.arange(lo, hi), "image": pa.array(blobs[lo:hi], pa.binary())})
+              for lo, hi in ((0, 5), (5, 13))]  # two tables merged into one batch of 13
+    model = str(tmp_path / "m.pt")
+    save_torchscript(SizeOrFail(), model)
+    handler = ArrowModelHandler(ModelRef(model), ImageSpec("image", mode="L", shape=(1, 8, 8)),
+                                StudentLabels(make_rule("margin"), LabelColumns()),
+                                batch_size=64, name="student")
+    out = handler.run_inference(tables, handler.load_model())
+    assert [t.num_rows for t in out] == [5, 8]
+    done = pa.concat_tables(out)
+    errors, stages = done.column(ERROR).to_pylist(), done.column(ERROR_STAGE).to_pylist()
+    assert [i for i, e in enumerate(errors) if e] == [6, 9]
+    assert stages[6] == VALIDATE and errors[6].startswith("not an image")
+    assert stages[9] == "student" and "a white image" in errors[9]
+    conf = np.array(done.column("confidence").to_pylist(), dtype=float)
+    seen = np.rint(conf / (1 - conf))  # the rows the model saw at once: slices of 4, or fewer
+    good = [i for i in range(13) if i not in (6, 9)]
+    assert seen[good].max() == 4 and seen[[0, 1, 2, 3]].tolist() == [4, 4, 4, 4]

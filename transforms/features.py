@@ -26,6 +26,8 @@ from titans.transforms.columns import one_array
 # bytes, not rows, so memory is bounded whatever the image size (256 MiB: 85k 28x28 grayscale
 # images, 445 224x224 RGB ones; both far past the size where a bigger batch runs faster).
 IMAGE_BATCH_BYTES = 256 << 20
+# ... decoded a slice at a time within a batch, overlapped with the model's forward
+IMAGE_SLICE_BYTES = 32 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,9 @@ class FeatureSpec:
 
     def batch_rows(self, requested: int) -> int:
         return requested
+
+    def slice_rows(self, rows: int) -> int:
+        return rows
 
     def describe(self) -> str:
         return f"float32 [batch, {self.dim}] input (the width of --feature-columns)"
@@ -97,6 +102,11 @@ class ImageSpec:
         per_row = 4 * int(np.prod(self.shape))
         return max(1, min(requested, (max_bytes or IMAGE_BATCH_BYTES) // per_row))
 
+    def slice_rows(self, rows: int) -> int:
+        """Rows of a batch decoded at a time: IMAGE_SLICE_BYTES of float32, so the next
+        slice is decoded while the model runs on this one (transforms/overlap.py)."""
+        return self.batch_rows(rows, IMAGE_SLICE_BYTES)
+
     def describe(self) -> str:
         c, h, w = self.shape
         return f"float32 [batch, {c}, {h}, {w}] input (images in {self.column!r}, mode {self.mode})"
@@ -133,6 +143,9 @@ class TokenSpec:
 
     def batch_rows(self, requested: int) -> int:
         return requested
+
+    def slice_rows(self, rows: int) -> int:
+        return rows
 
     def describe(self) -> str:
         cap = f", at most {self.max_length}" if self.max_length else ""

@@ -39,6 +39,7 @@ from titans.models.loading import ModelRef, resolve_device
 from titans.transforms.dead_letter import VALIDATE
 from titans.transforms.io.models import load_model_file
 from titans.transforms.labels import ERROR, ERROR_STAGE, RowErrors
+from titans.transforms.overlap import slices_ahead
 
 _LOG = logging.getLogger("titans")
 
@@ -106,13 +107,44 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
 
     def _run(self, batch: Sequence[pa.Table], model: LoadedModel) -> list[pa.Table]:
         merged = pa.concat_tables(batch) if len(batch) > 1 else batch[0]
-        x, reasons = self._features.matrix(merged)
-        n = len(x)
+        n = merged.num_rows
         errors = RowErrors(n)
+        # images: decoded in slices, the next one on a background thread while the model
+        # runs on this one; other features are one slice (their matrix is a cheap view)
+        parts = [(lo, self._score(model, x, reasons, errors, lo)) for lo, (x, reasons) in
+                 slices_ahead(merged, self._features.matrix, self._features.slice_rows(n))]
+        width = max(p.shape[1] for _, p in parts)
+        if len(parts) == 1 and parts[0][1].shape[1] == width:
+            logits = parts[0][1]
+        else:
+            logits = np.full((n, width), np.nan, np.float32)
+            for lo, p in parts:
+                if p.shape[1]:
+                    logits[lo:lo + len(p)] = p
+        out, start = [], 0
+        for table in batch:
+            end = start + table.num_rows
+            part = errors.slice(start, end)
+            annotated = self._annotate(table, logits[start:end], part)
+            error, stage = part.columns()
+            out.append(annotated.append_column(ERROR, error).append_column(ERROR_STAGE, stage))
+            start = end
+        unreadable = 0 if errors.stages is None else int((errors.stages == VALIDATE).sum())
+        Metrics.counter("titans", f"{self._name}_rows").inc(n - unreadable)
+        model.progress.add(n)
+        return out
+
+    def _score(self, model: LoadedModel, x: np.ndarray, reasons, errors: RowErrors,
+               lo: int) -> np.ndarray:
+        """Logits [len(x), outputs] of rows lo.. of the batch (NaN where a row has no score;
+        [len(x), 0] when none has); their errors go into ``errors``."""
+        n = len(x)
         if reasons is not None:
             unreadable = np.array([r is not None for r in reasons], bool)
-            errors.add(unreadable, reasons[unreadable], VALIDATE)
-        valid = None if reasons is None else np.flatnonzero(~errors.bad)  # None: every row
+            errors.add(lo + np.flatnonzero(unreadable), reasons[unreadable], VALIDATE)
+            valid = np.flatnonzero(~unreadable)
+        else:
+            valid = None  # every row
         logits = np.full((n, 0), np.nan, np.float32)
         if valid is None or len(valid):
             rows = x if valid is None else x[valid]
@@ -126,19 +158,9 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
                 logits = np.full((n, scored.shape[1]), np.nan, np.float32)
                 logits[valid] = scored
             for i, why in failed.items():
-                errors.add(i if valid is None else valid[i],
+                errors.add(lo + (i if valid is None else valid[i]),
                            f"{self._name} model failed on this row: {why}", self._name)
-        out, start = [], 0
-        for table in batch:
-            end = start + table.num_rows
-            part = errors.slice(start, end)
-            annotated = self._annotate(table, logits[start:end], part)
-            error, stage = part.columns()
-            out.append(annotated.append_column(ERROR, error).append_column(ERROR_STAGE, stage))
-            start = end
-        Metrics.counter("titans", f"{self._name}_rows").inc(n if valid is None else len(valid))
-        model.progress.add(n)
-        return out
+        return logits
 
     def forward(self, model: LoadedModel, x: np.ndarray) -> np.ndarray:
         """float32 logits [rows, outputs] of the model, at most batch_size rows per forward."""

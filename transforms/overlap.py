@@ -59,6 +59,19 @@ def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
         thread.join()
 
 
+def slices_ahead(table, fn: Callable, rows: int) -> Iterator[tuple[int, object]]:
+    """(start, fn(slice)) over consecutive slices of ``table`` of ``rows`` rows (one slice,
+    possibly empty, when ``rows`` covers it); with several, the next slice's ``fn`` runs on
+    a background thread while the caller works on this one: images are decoded while the
+    model runs on the previous slice."""
+    starts = range(0, max(table.num_rows, 1), max(rows, 1))
+    items = ((lo, fn(table.slice(lo, rows))) for lo in starts)
+    if len(starts) == 1:
+        yield from items
+    else:
+        yield from read_ahead(items, depth=1)
+
+
 class BackgroundWriter:
     """Calls ``write(item)`` on a background thread; ``close()`` waits and re-raises errors."""
 
