@@ -21,7 +21,7 @@ class JobFailed(Exception):
     """Raised by the job's last step once its failed report is written at ``report_path``."""
 
     def __init__(self, status: str, report_path: str):
-        super().__init__(f"{MARK} {status} (report: {report_path})")
+        super().__init__(f"{MARK} {status} (report: <{report_path}>)")  # <>: a path may hold spaces
         self.status, self.report_path = status, report_path
 
 
@@ -30,7 +30,7 @@ def failed_report_path(error: BaseException) -> str | None:
     of it (a worker's traceback in a RuntimeError, a Dataflow job's error messages)."""
     if isinstance(error, JobFailed):
         return error.report_path
-    found = re.search(re.escape(MARK) + r".*?\(report: (\S+?)\)", str(error), re.S)
+    found = re.search(re.escape(MARK) + r".*?\(report: <(.+?)>\)", str(error), re.S)
     return found.group(1) if found else None
 
 

@@ -204,3 +204,21 @@ def test_on_gcs_a_failing_overwrite_keeps_the_previous_output_and_a_good_one_rep
     assert len(labels) == len(set(labels)) and "_SUCCESS" in names
     report = json.loads(storage.read_bytes(f"{out}/report.json"))
     assert report["rows_in"] == 600 and report["rows_easy"] + report["rows_hard"] == 600
+
+
+def test_in_worker_processes_a_failed_job_still_prints_its_report_and_exits_1(
+        tmp_path, models, capsys):
+    """Worker processes hand the launcher only the error's text: the report is found from it."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    x = np.random.default_rng(5).normal(size=(600, DIM)).astype(np.float32)
+    x[:120, 1] = np.nan  # 20%: over the default budget of 10%
+    pq.write_table(features_table(np.arange(600), x), data / "a.parquet")
+    out = tmp_path / "out"
+    code = main(["run", "--input", str(data), "--output", str(out), "--student", models[0],
+                 "--teacher", models[1], "--runner", "DirectRunner", "--direct_running_mode",
+                 "multi_processing", "--direct_num_workers", "2"])
+    printed = capsys.readouterr().out
+    assert code == 1 and "JOB FAILED" in printed and str(out / "report.json") in printed
+    assert json.loads((out / "report.json").read_text())["rows_dead_letter"] == 120
+    assert not (out / "_SUCCESS").exists() and not (out / "_titans_lock").exists()
