@@ -164,14 +164,16 @@ class Held:
 
 
 def read_output(out: str) -> Held:
-    """Every file under labels/ and dead_letter/ must be a Parquet file of the job (a temp file
-    or another leftover of a killed run there fails the read, which is the point)."""
+    """Every file under labels/ and dead_letter/ must be a Parquet file of the job (a leftover
+    of a killed run there fails the read, which is the point), but for a later run's temporary
+    directories, which readers skip (a killed --overwrite run leaves the previous job whole)."""
     import pyarrow.parquet as pq
 
     label_ids, label, source, dead, samples = [], {}, {}, [], 0
     for sub in ("labels", "dead_letter"):
         root = os.path.join(out, sub)
-        for d, _, names in os.walk(root):
+        for d, dirs, names in os.walk(root):
+            dirs[:] = [x for x in dirs if not x.startswith(".titans-tmp-")]
             for f in sorted(names):
                 path = os.path.join(d, f)
                 assert f.endswith(".parquet") and d == root, f"not an output shard: {path}"

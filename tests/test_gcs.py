@@ -114,8 +114,13 @@ def test_storage_takes_a_gcs_prefix_with_glob_characters_literally(gcs_bucket, n
     storage.delete(f"{out}/notes.txt")
     assert storage.list_under(out) == own[1:3]
 
-    prepare_output(out, overwrite=True)  # the write probe, then the previous run's outputs
-    assert storage.list_under(out) == []  # labels/ gone, and no _titans_write_probe left
+    prepare_output(out, overwrite=True)  # the write probe: it deletes nothing, leaves nothing
+    assert storage.list_under(out) == own[1:3]
+    from titans.pipeline.overwrite import delete_replaced, move_aside
+
+    move_aside(out, "r1", [])  # what --overwrite's last step does with the previous outputs,
+    delete_replaced(out)       # then, after _SUCCESS
+    assert storage.list_under(out) == []  # labels/ gone, and nothing set aside left
     everything = storage.list_under(base)
     assert sorted(everything) == sorted(neighbours), "a neighbour prefix was touched"
 
