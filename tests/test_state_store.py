@@ -261,6 +261,32 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
         pass
 
 
+def test_two_writers_started_together_one_is_refused(tmp_path):
+    """Whichever takes the lock first holds it (paused in its write) while the other asks."""
+    root = str(tmp_path / "state")
+    sd = StateDir(root)
+    with sd.lock():
+        state = commit_runs(sd, tmp_path, range(1))
+    student = save_student(str(tmp_path / "next.pt"), 9)
+    procs = [start_writer(root, student, 1, "write:student") for _ in range(2)]
+    try:
+        deadline = time.time() + 120
+        while sum(p.poll() is not None for p in procs) < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        [loser] = [p for p in procs if p.poll() is not None]
+        [winner] = [p for p in procs if p is not loser]
+        err = loser.stderr.read()
+        assert loser.returncode == 1 and "StateLocked" in err, err
+        assert f"is in use by `titans label` (run " in err and f"pid {winner.pid}," in err
+        assert "titans-state-paused write:student" in winner.stderr.readline()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert StateDir(root).current() == state
+
+
 def test_a_lock_held_from_another_host_is_not_taken_over(tmp_path):
     root = str(tmp_path / "state")
     os.makedirs(root)
