@@ -116,3 +116,60 @@ def test_label_counts_every_teacher_row_of_the_job(tmp_path, counting_teacher, m
                                          + report["rows_teacher_checks"])
     assert CountingTeacher.rows == report["rows_to_teacher"]  # every row the teacher ran on
     assert f"teacher rows: {report['rows_to_teacher']:,}" in capsys.readouterr().out
+
+
+class CountingStudent(MLP):
+    """The student's counterpart of CountingTeacher."""
+    rows = 0
+
+    def forward(self, x):
+        CountingStudent.rows += int(x.shape[0])
+        return super().forward(x)
+
+
+def _png_digits(directory, n: int) -> None:
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for pixels in rng.integers(0, 256, (n, 8, 8), dtype=np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    os.makedirs(directory)
+    pq.write_table(pa.table({"id": np.arange(n), "image": pa.array(blobs, pa.binary())}),
+                   directory / "a.parquet", row_group_size=n // 4)
+
+
+@pytest.mark.parametrize("sample_flag", [[], ["--sample-rows", "300"]])
+def test_images_launch_scores_a_bounded_sample_once(tmp_path, monkeypatch, capsys, sample_flag):
+    # the image sample is IMAGE_SAMPLE_ROWS unless --sample-rows is given (here 120 for the
+    # real 10,000, over 600 images); the student scores it once, the teacher a handful of it
+    from titans.pipeline import plan
+
+    monkeypatch.setattr(plan, "IMAGE_SAMPLE_ROWS", 120)
+    _png_digits(tmp_path / "data", 600)
+    torch.manual_seed(0)
+    models = []
+    for role, cls in (("student", CountingStudent), ("teacher", CountingTeacher)):
+        path = str(tmp_path / f"{role}.pt")
+        torch.save(MLP(64, CLASSES, (8,)).state_dict(), path)
+        cls.rows = 0
+        models += [f"--{role}", path, f"--{role}-class", f"test_launch_checks:{cls.__name__}",
+                   f"--{role}-class-kwargs",
+                   json.dumps({"in_features": 64, "out_features": CLASSES, "hidden": [8]})]
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(tmp_path / "data"), "--output", str(out), *models,
+                 "--image-column", "image", "--image-mode", "L", "--deferral-rate", "0.2",
+                 *sample_flag, *RUNNER]) == 0
+    report = json.loads((out / "report.json").read_text())
+    sampled = 300 if sample_flag else 120
+    assert f"over {sampled} rows" in report["threshold_source"]
+    assert report["rows_teacher_checks"] == 2 + min(plan.TEACHER_CHECK_ROWS, sampled)
+    assert CountingTeacher.rows == report["rows_teacher_scored"] + report["rows_teacher_checks"]
+    # student: its model check (2 rows), the sample once, then every row in the pipeline
+    assert CountingStudent.rows == 2 + sampled + 600
+    assert report["rows_in"] == 600 and report["conservation_ok"]
