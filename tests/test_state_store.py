@@ -463,6 +463,7 @@ def test_history_table_and_plot(tmp_path, capsys):
     assert lines[-1] == "guarantee of run 3: disagreement <= 5% with probability >= 90%"
     assert history.table([]) == "(no runs recorded)"
     assert history.table([{"run_id": "x"}]).splitlines()[0].split() == ["run", "run", "id"]
+    runs[0]["rule"], runs[2]["rule"] = "max_prob", "margin"  # each rule named on the plot
     history.plot(runs, str(tmp_path / "h.png"))
     assert open(tmp_path / "h.png", "rb").read(4) == b"\x89PNG"
 

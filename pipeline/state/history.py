@@ -129,6 +129,13 @@ def png(history: list[dict]) -> bytes:
             ax.axvline(r, color="tab:red", alpha=0.3)
         ax.set_ylabel(title, fontsize=8)
         ax.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=0)  # a share: its fall read against zero
+    rules = [(r, e.get("rule")) for r, e in zip(runs, history)
+             if isinstance(e, dict) and isinstance(e.get("threshold"), (int, float))]
+    for i, (r, rule) in enumerate(rules):  # thresholds of different rules are not comparable
+        if rule and (i == 0 or rules[i - 1][1] != rule):
+            axes[1].annotate(str(rule), (r, history[r - 1]["threshold"]), fontsize=7,
+                             textcoords="offset points", xytext=(6, 0), va="center")
     axes[-1].set_xlabel("run (red: drift detected)")
     if runs:
         axes[-1].set_xticks(runs if len(runs) <= 20 else runs[::max(1, len(runs) // 20)])
