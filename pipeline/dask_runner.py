@@ -17,8 +17,9 @@ gets three things wrong that every titans pipeline relies on (found on a 2-worke
    and only the last transform's bag is handed to the scheduler.
 
 Here a ParDo's bag holds ``(tag, value)`` pairs, including ``finish_bundle``'s, and each
-consumer selects its own tag; side inputs are graph dependencies (one ``Item`` each), so
-the whole job is one task graph computed once; and every bag nothing consumes is computed.
+consumer selects its own tag; side inputs are graph dependencies (one task gathers each), so
+the whole job is one task graph computed once; every bag nothing consumes is computed; and
+a Reshuffle spreads its input over ``--dask_npartitions`` bundles (Beam's is a no-op).
 Each partition unpickles its own copy of the DoFn (as a Beam worker does per bundle
 processor), so tasks sharing a worker process never share a DoFn's state. Everything else
 (Create, GroupByKey, Flatten, the no-ops, DaskOptions) is Beam's. titans swaps this class in
@@ -34,6 +35,7 @@ from apache_beam.internal import pickler
 from apache_beam.runners.common import (DoFnContext, DoFnInvoker, DoFnSignature, Receiver,
                                         _OutputHandler)
 from apache_beam.runners.dask import dask_runner as beam_dask
+from apache_beam.runners.dask import overrides
 from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.transforms.sideinputs import SideInputMap
 
@@ -206,9 +208,14 @@ class _Visitor(beam.pipeline.PipelineVisitor):
             input_bag = inputs
         sides = [(_SideSpec(type(si), si._view_options(), si._window_mapping_fn),  # noqa: SLF001
                   self._input(si.pvalue)) for si in node.side_inputs]
+        spread = self.bag_kwargs.get("npartitions") or 0
         if is_pardo:
             self.bags[node] = op.apply(input_bag, sides)
             self.pardos.add(node)
+        elif isinstance(transform, overrides._Reshuffle) and spread > input_bag.npartitions:  # noqa: SLF001
+            # Beam's translation makes a Reshuffle a no-op; here it spreads its input over
+            # --dask_npartitions bundles (a reader's few shards, the teacher's hard rows)
+            self.bags[node] = input_bag.repartition(npartitions=spread)
         else:
             if sides:
                 raise NotImplementedError(f"{node.full_label}: side inputs on a non-ParDo step")

@@ -75,17 +75,21 @@ def _probe(runner, address: str, calls_dir) -> dict:
             pass
         return x
 
-    def collect(_, odd, even, ends):
+    def collect(_, odd, even, ends, spread):
         with open(os.path.join(calls_dir, "result.json"), "w") as f:
-            json.dump({"odd": sorted(odd), "even": sorted(even), "ends": ends}, f)
+            json.dump({"odd": sorted(odd), "even": sorted(even), "ends": sorted(ends),
+                       "spread": sorted(spread)}, f)
 
-    p = beam.Pipeline(runner=runner, options=PipelineOptions(["--dask_client_address", address]))
+    p = beam.Pipeline(runner=runner, options=PipelineOptions(
+        ["--dask_client_address", address, "--dask_npartitions", "2"]))
     nums = p | beam.Create(range(10)) | "Upstream" >> beam.Map(upstream)
     parts = nums | beam.ParDo(_Split()).with_outputs("odd", "even")
-    ends = nums | beam.ParDo(_CountAtEnd())
+    ends = nums | beam.ParDo(_CountAtEnd())  # per bundle: Create made 2
+    spread = (p | "OneElement" >> beam.Create([list(range(10))]) | beam.FlatMap(lambda x: x)
+              | beam.Reshuffle() | "CountSpread" >> beam.ParDo(_CountAtEnd()))
     _ = (p | "Once" >> beam.Create([None]) | beam.Map(
         collect, beam.pvalue.AsList(parts.odd), beam.pvalue.AsList(parts.even),
-        beam.pvalue.AsList(ends)))
+        beam.pvalue.AsList(ends), beam.pvalue.AsList(spread)))
     result = p.run()
     result.wait_until_finish()
     result.client.close()  # the runner's own client, before the cluster goes
@@ -100,14 +104,15 @@ def test_beam_dask_runner_defects_and_titans_fix(cluster, tmp_path):
     beam_dir, titans_dir = tmp_path / "beam", tmp_path / "titans"
     beam_dir.mkdir(), titans_dir.mkdir()
     broken = _probe(BeamDaskRunner(), address, str(beam_dir))
-    # Beam 2.77: each tagged output holds every tag's elements, finish_bundle's output is
-    # lost, and the upstream step runs once per side input (if this fails, Beam fixed them:
-    # see docs/runners.md)
+    # Beam 2.77: each tagged output holds every tag's elements, finish_bundle's outputs are
+    # lost (no bundle counts at all), and the upstream step runs once per side input (if
+    # this fails, Beam fixed some: see docs/runners.md). titans' runner also spreads a
+    # Reshuffle's one bundle over --dask_npartitions (Beam's Reshuffle is a no-op).
     assert broken["odd"] == broken["even"] == list(range(10))
-    assert broken["ends"] == [] and broken["upstream_runs"] == 30
+    assert broken["ends"] == broken["spread"] == [] and broken["upstream_runs"] == 30
     fixed = _probe(DaskRunner(), address, str(titans_dir))
-    assert fixed == {"odd": [1, 3, 5, 7, 9], "even": [0, 2, 4, 6, 8], "ends": [10],
-                     "upstream_runs": 10}
+    assert fixed == {"odd": [1, 3, 5, 7, 9], "even": [0, 2, 4, 6, 8], "ends": [5, 5],
+                     "spread": [5, 5], "upstream_runs": 10}
 
 
 def test_only_a_dask_runner_is_swapped():
