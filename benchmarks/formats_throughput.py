@@ -27,8 +27,8 @@ content), 28x28 grayscale PNGs and 224x224 RGB JPEGs (quality 90), M and 2M rows
 titans' start-up (Beam and torch imports, launch checks) is ~4 s, the bare loop's ~0.2 s,
 so at these sizes the whole-process ratio largely measures start-up; the marginal rate
 (2M - M) / (t(2M) - t(M)) takes it out on both sides. titans' launch sample is set to
---image-sample-rows: the default 100,000 would be every row here and decode each image
-twice, where at production sizes it is a negligible share. titans decodes on its thread
+--image-sample-rows: the default 100,000 used to be every row here, each decoded twice (the
+image sample is now 10,000 rows by default, decoded once). titans decodes on its thread
 pool (min(8, CPUs) threads), the bare loop on one.
 
 Each run is a fresh process timed by throughput.py's timed(); sides are interleaved
@@ -54,7 +54,7 @@ import throughput  # noqa: E402  (make_data, make_models, timed: the same as its
 DIM, RATE, SHARDS, BATCH = throughput.DIM, throughput.RATE, 4, 65536
 IMAGES = {  # kind -> mode, size, extra titans flags
     "png28": ("L", (28, 28), []),
-    # 2M images in one 65,536-row batch would be GBs of float32: batches a user would pick
+    # batches a user would pick (titans also caps a decoded batch at 256 MiB by itself)
     "jpeg224": ("RGB", (224, 224), ["--image-mean", "0.485,0.456,0.406", "--image-std",
                                     "0.229,0.224,0.225", "--batch-size", "256",
                                     "--teacher-batch-size", "256"]),

@@ -11,6 +11,11 @@ Baselines, measured in the same run, interleaved, median of --repeats:
 - ours on one thread, and ours on the thread pool (decode, convert, scale, normalise,
   channels first: a model-ready float32 batch).
 Prints rows/s and the ratios ours / bare (target: one thread >= 0.8).
+
+torchvision.io.decode_image / decode_jpeg are not compared: the torchvision built for
+torch 2.13.0 on PyPI (0.28.0) is a CUDA build whose compiled ops do not load next to
+torch 2.13.0+cpu ("operator torchvision::nms does not exist"), and 0.29 needs torch >= 2.14.
+The whole cascade against a Pillow loop is benchmarks/image_cascade.py.
 """
 from __future__ import annotations
 
