@@ -48,6 +48,8 @@ def check_beam_args(parser: argparse.ArgumentParser, command: str, args: list[st
 def _import_runner_options(beam_args: list[str]) -> None:
     """The Dask runner's options (--dask_client_address, ...) exist once its module is
     imported, which Beam leaves to the run: import it here when --runner names it."""
+    if not any("dask" in arg.lower() for arg in beam_args):
+        return  # no parser built for the other runners' commands
     from titans.pipeline.options import DASK_RUNNER, is_beam_dask
 
     options = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
