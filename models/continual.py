@@ -102,12 +102,13 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
     drawn with replacement, today's at least TODAY_SHARE of the time. What it did, as a dict."""
     steps = FINE_TUNE_STEPS if steps is None else steps  # read here: tests may lower them
     seconds = FINE_TUNE_SECONDS if seconds is None else seconds
-    x = np.concatenate([np.asarray(x_pool, np.float32).reshape(len(x_pool), -1),
-                        np.asarray(x_today, np.float32).reshape(len(x_today), -1)])
-    p = np.concatenate([np.asarray(p_pool, np.float32), np.asarray(p_today, np.float32)])
     n_pool, n_today = len(x_pool), len(x_today)
-    if len(x) == 0:
+    parts = [(np.asarray(a, np.float32).reshape(len(a), -1), np.asarray(b, np.float32))
+             for a, b in ((x_pool, p_pool), (x_today, p_today)) if len(a)]  # an empty pool
+    if not parts:
         return {"steps": 0, "seconds": 0.0, "rows_pool": 0, "rows_today": 0}
+    x = np.concatenate([a for a, _ in parts])
+    p = np.concatenate([b for _, b in parts])
     weights = np.ones(len(x), np.float64)
     if n_pool and n_today and n_today < TODAY_SHARE * len(x):
         weights[n_pool:] = TODAY_SHARE * n_pool / ((1 - TODAY_SHARE) * n_today)

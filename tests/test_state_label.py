@@ -36,7 +36,7 @@ def short_training(monkeypatch):
     monkeypatch.setattr(mc, "FINE_TUNE_STEPS", 300)
 
 
-def write_day(directory, day: int, n: int = ROWS, shift: float = 0.0) -> np.ndarray:
+def write_day(directory, day: int, n: int = ROWS, shift: float = 0.0, bad: int = 0) -> np.ndarray:
     """Day ``day``'s rows in two Parquet files: ids day*10,000 + 1.., features N(shift, 1)
     but feature 0 = id / 10**6 (ids readable from the models' input, and near 0 on every
     day: the days differ only in their rows). Returns the ids."""
@@ -45,6 +45,7 @@ def write_day(directory, day: int, n: int = ROWS, shift: float = 0.0) -> np.ndar
     ids = day * 10_000 + np.arange(1, n + 1)
     x = (rng.normal(size=(n, DIM)) + shift).astype(np.float32)
     x[:, 0] = ids / 1e6
+    x[:bad, 3] = np.nan  # rows the dead letter takes
     for i, part in enumerate(np.array_split(np.arange(n), 2)):
         pq.write_table(features_table(ids[part], x[part]),
                        os.path.join(directory, f"part-{i}.parquet"), row_group_size=400)
@@ -139,3 +140,94 @@ def test_three_runs_warm_start_and_fresh_calibration(tmp_path, spies, capsys):
     pool = current.read_pool()
     assert set(pool.column("origin").to_pylist()) == {"sample", "hard"}
     assert len(set(pool.column("run_id").to_pylist())) == 3
+
+
+def test_pool_rows_zero_other_teacher_refused_failed_run_leaves_state(tmp_path, spies, capsys):
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    other = save_teacher(tmp_path / "other.pt", seed=1)
+    state = tmp_path / "state"
+    for d in (1, 2, 3):
+        write_day(tmp_path / f"day{d}", d, bad=50 if d == 3 else 0)
+    assert label_day(tmp_path, 1, teacher, state, "--state-pool-rows", "0") == 0
+    first = StateDir(str(state)).current()
+    assert first.generation == 1 and first.pool_path is None  # no input rows kept
+
+    # a state written for another teacher: one line naming --state-reset, nothing written
+    capsys.readouterr()
+    assert label_day(tmp_path, 2, other, state, "--state-pool-rows", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another teacher" in err[0] and "--state-reset" in err[0]
+    assert not (tmp_path / "out2" / "report.json").exists()
+    assert StateDir(str(state)).current().generation == 1
+
+    # warm start from the student alone: the fine-tune sees today's rows only
+    assert label_day(tmp_path, 2, teacher, state, "--state-pool-rows", "0") == 0
+    assert len(spies["train"]) == 1 and np.isin(spies["train"][0], 20_000 + np.arange(ROWS + 1)).all()
+    second = StateDir(str(state)).current()
+    assert second.generation == 2 and second.pool_path is None
+    assert second.history[1]["student"]["parent_sha256"] == first.history[0]["student"]["sha256"]
+
+    # a run that fails (its dead-letter budget) leaves the state exactly as it was
+    before = sorted(p.name for p in state.rglob("*") if p.is_file())
+    assert label_day(tmp_path, 3, teacher, state, "--state-pool-rows", "0",
+                     "--max-dead-letter-rate", "0") == 1
+    assert StateDir(str(state)).current().generation == 2
+    assert sorted(p.name for p in state.rglob("*") if p.is_file() and p.name != "_titans_lock") \
+        == [n for n in before if n != "_titans_lock"]
+
+
+def test_state_flags_checked_before_anything_runs(tmp_path, capsys):
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    write_day(tmp_path / "day1", 1, n=200)
+    base = ["label", "--input", str(tmp_path / "day1"), "--output", str(tmp_path / "out"),
+            "--teacher", teacher, "--teacher-class", "titans.models.architectures:MLP",
+            "--teacher-class-kwargs", KWARGS, *RUNNER]
+    assert main(base + ["--state-reset"]) == 2
+    assert "--state-reset needs --state" in capsys.readouterr().err
+    assert main(base + ["--state", str(tmp_path / "s"), "--state-pool-rows", "-1"]) == 2
+    assert "--state-pool-rows must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------ models/continual, no Beam
+
+def test_fresh_sample_sized_for_calibration_and_smaller_than_a_cold_start():
+    from titans.models.student_search import ltt_bar
+
+    sizes = mc.fresh_sample_sizes(12_000, 0.01, 0.1, cap=5_000)
+    assert sizes["total"] == sizes["cal"] + sizes["val"] + sizes["train"] < 5_000 / 2
+    assert ltt_bar(sizes["cal"], 0.01, 0.1) >= mc.CAL_BAR * 0.01  # LTT can certify EPS/2
+    assert ltt_bar(sizes["cal"] - 100, 0.01, 0.1) < mc.CAL_BAR * 0.01  # and not far fewer
+    small = mc.fresh_sample_sizes(1_000, 0.01, 0.1, cap=500)  # a small input: the cap
+    assert small["total"] == 500 and small["cal"] > small["val"] > 0
+
+
+def test_fine_tune_warm_start_learns_and_stays_within_its_budget():
+    rng = np.random.default_rng(0)
+    teacher = MLP(DIM, CLASSES, (16,))
+    x_old, x_new = rng.normal(size=(600, DIM)), rng.normal(2.0, 1.0, size=(300, DIM))
+    with torch.no_grad():
+        p_old, p_new = (torch.softmax(teacher(torch.tensor(v, dtype=torch.float32)), -1).numpy()
+                        for v in (x_old, x_new))
+    student = MLP(DIM, CLASSES, (8,))
+    before = mc.score(student, x_new, p_new.argmax(1), mc.Target(bar=0.01))
+    done = mc.fine_tune(student, np.zeros((0, DIM)), np.zeros((0, CLASSES)), x_new, p_new,
+                        steps=400)  # an empty pool (--state-pool-rows 0): today's rows alone
+    assert done["steps"] == 400 and done["rows_pool"] == 0
+    after = mc.score(student, x_new, p_new.argmax(1), mc.Target(bar=0.01))
+    assert after.val_agreement > before.val_agreement + 0.2
+    timed = mc.fine_tune(student, x_old, p_old, x_new, p_new, steps=10 ** 6, seconds=0.5)
+    assert timed["steps"] < 10 ** 6 and timed["seconds"] < 5
+    assert mc.champion_challenger(before, after, 300) == "challenger"
+    assert mc.champion_challenger(after, before, 300) == "champion"
+    assert mc.champion_challenger(after, after, 300) == "champion"  # a tie keeps yesterday's
+
+
+def test_drift_flags_a_shift_and_not_a_stationary_day():
+    rng = np.random.default_rng(0)
+    same = mc.drift(rng.random(2000) < 0.9, 0.9, rng.random(1000), rng.random(1000))
+    assert not same.shifted and same.ks_pvalue > 0.001
+    moved = mc.drift(rng.random(2000) < 0.9, 0.9, rng.random(1000) ** 3, rng.random(1000))
+    assert moved.shifted and moved.ks_pvalue < 1e-6
+    worse = mc.drift(rng.random(2000) < 0.8, 0.9, rng.random(1000), None)  # no pool: no KS
+    assert worse.shifted and worse.ks_statistic is None and worse.agreement_drop > 0.05

@@ -120,6 +120,20 @@ def describe(cont: Continual, state: str) -> str:
             f"validation + {s.get('train', 0):,} fine-tune rows")
 
 
+def taken_by_state(jd, cont: Continual) -> int | None:
+    """The state's generation when its newest run is the finished job in DIR (a --resume
+    after the commit: nothing left to do), else None."""
+    if cont.base is None or not storage.exists(jd.path("_SUCCESS")):
+        return None
+    try:
+        report = storage.read_json(jd.path("report.json"))
+    except Exception:  # noqa: BLE001 - no readable report: not finished
+        return None
+    lineage = cont.base.meta.get("lineage") or [{}]
+    run_id = report.get("label_run_id")
+    return cont.base.generation if run_id and lineage[-1].get("run_id") == run_id else None
+
+
 # --------------------------------------------------------------------------- phase 3, warm
 
 def _load(path: str):
@@ -231,8 +245,8 @@ def drift_line(d: dict) -> str:
     ks = d.get("ks_statistic")
     return ("drift: yesterday's student agrees with the teacher on "
             f"{d['fresh_agreement']:.2%} of today's fresh rows"
-            + (f" ({drop:+.2%} below its {d['reference_agreement']:.2%} on the previous run's "
-               f"held-out rows)" if drop is not None else "")
+            + (f" (vs {d['reference_agreement']:.2%} on the previous run's held-out rows: "
+               f"{-drop:+.2%})" if drop is not None else "")
             + (f"; deferral scores vs the previous run's: KS {ks:.3f}, p {d['ks_pvalue']:.3g}"
                if ks is not None else "; no previous scores to compare (empty pool)")
             + (" -> SHIFT: the teacher's share rises today; calibration is on today's rows, so "

@@ -1,0 +1,259 @@
+"""`titans label --state`: does a student that keeps learning across daily runs cut the
+teacher's share, with the guarantee re-certified every day, under a stationary stream and
+under a shift?
+
+    python benchmarks/continual.py [--rows 12000] [--days 5] [--shift-from 4] [--out DIR]
+
+Data (scikit-learn's bundled 8x8 digits; nothing is downloaded). The images are split in
+seeded halves: the teacher, an MLP(256,256), is trained on augmented copies of the first
+half; the second half is split into one disjoint group of images per day (no image is shared
+between days), and each day's --rows rows are augmented copies of that day's images:
+  stationary  moved by -1/0/+1 pixel per axis (p 1/2 per axis), Gaussian pixel noise sd 0.05
+  shift       from day --shift-from on, a second stream: moved by up to 2 pixels per axis and
+              the ink at 70% (a new scanner), same noise; days before it are the same rows.
+
+Per day, whole `titans label` processes (FnApiRunner, EPS 0.01, delta 0.1, everything else
+default), interleaved: without --state (every day a cold start) and with --state (one state
+across the days; the shift stream continues the stationary state after the day before
+--shift-from). Measured per run:
+  teacher share   rows the teacher ran on / rows (sample + hard + audited + launch checks)
+  disagreement    share of the rows outside the sample whose label differs from the teacher's
+                  (the teacher run here on every row): the guarantee says <= EPS w.p. >= 0.9
+  wall            the process's wall time; peak RSS (os.wait4) ; the state's size on disk
+Then the issue's targets, each with its figure: by the last stationary day the share with
+--state <= 0.6x (aim 0.3x) the share without it on the same rows; misses of EPS counted
+against delta; the shift's drift line on its first day and a falling share the day after;
+wall time of day N <= day 1; the state's size bounded by the pool cap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.datasets import load_digits
+
+EPS, DELTA = 0.01, 0.1
+NOISE = 0.05
+TEACHER = dict(arch="256,256", epochs=30, lr=1e-3, batch_size=64, weight_decay=1e-4)
+LAUNCH = "import sys; from titans.pipeline.cli.main import main; sys.exit(main(sys.argv[1:]))"
+
+
+# ----------------------------------------------------------------------------- data
+
+def augment(images: np.ndarray, rng: np.random.Generator, reach: int = 1,
+            ink: float = 1.0) -> np.ndarray:
+    """[n, 8, 8] in [0, 1] -> [n, 64]: moved by up to ``reach`` pixels per axis (p 1/2 per
+    axis, zero fill), ink scaled by ``ink``, Gaussian noise (sd NOISE), clipped to [0, 1]."""
+    n = len(images)
+    pad = np.pad(images, ((0, 0), (reach, reach), (reach, reach)))
+    dx = rng.integers(-reach, reach + 1, n) * (rng.random(n) < 0.5)
+    dy = rng.integers(-reach, reach + 1, n) * (rng.random(n) < 0.5)
+    out = np.empty_like(images)
+    for ddy in range(-reach, reach + 1):  # a few vectorised slices, no loop per image
+        for ddx in range(-reach, reach + 1):
+            m = (dy == ddy) & (dx == ddx)
+            out[m] = pad[m, reach + ddy:reach + ddy + 8, reach + ddx:reach + ddx + 8]
+    x = ink * out.reshape(n, 64) + rng.normal(0.0, NOISE, (n, 64))
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def make_days(directory: str, rows: int, days: int, shift_from: int, seed: int = 0) -> dict:
+    """The teacher (TorchScript) and one Parquet folder per day and stream; per folder the
+    teacher's answer for every row (by id)."""
+    import torch
+
+    from titans.models.distill import make_student, train_supervised
+    from titans.models.forward import forward_in_chunks
+    from titans.transforms.io.models import save_torchscript
+
+    digits = load_digits()
+    images, y = digits.images / 16.0, digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(y))
+    train, held = np.split(perm, [len(y) // 2])
+    torch.manual_seed(seed)
+    teacher = make_student(TEACHER["arch"], 64, 10, "kd", seed=seed)
+    train_supervised(teacher, augment(np.tile(images[train], (4, 1, 1)), rng),
+                     np.tile(y[train], 4), seed=seed, progress=False,
+                     **{k: v for k, v in TEACHER.items() if k != "arch"})
+    teacher.eval()
+    teacher_path = os.path.join(directory, "teacher.pt")
+    save_torchscript(teacher, teacher_path, {"arch": TEACHER["arch"]})
+    groups = np.array_split(held, days)  # disjoint images per day
+    out = {"teacher": teacher_path, "days": {}}
+    for d in range(1, days + 1):
+        streams = [("stationary", 1, 1.0)] + ([("shift", 2, 0.7)] if d >= shift_from else [])
+        for stream, reach, ink in streams:
+            g = np.random.default_rng([seed, d, reach])
+            pick = g.choice(groups[d - 1], rows)
+            x = augment(images[pick], g, reach, ink)
+            ids = d * 1_000_000 + np.arange(rows, dtype=np.int64)
+            folder = os.path.join(directory, f"{stream}-day{d}")
+            os.makedirs(folder, exist_ok=True)
+            for i, part in enumerate(np.array_split(np.arange(rows), 4)):
+                pq.write_table(pa.table({
+                    "id": pa.array(ids[part]),
+                    "pixels": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel()), 64),
+                    "y": pa.array(y[pick][part])}), os.path.join(folder, f"part-{i}.parquet"))
+            pred = forward_in_chunks(teacher, x, 65536).argmax(-1).numpy()
+            out["days"][(stream, d)] = {"data": folder, "first_id": int(ids[0]),
+                                        "teacher_pred": pred}
+    return out
+
+
+# ----------------------------------------------------------------------------- one run
+
+def run(day: dict, teacher: str, out: str, state: str | None, pool_rows: int | None) -> dict:
+    """One whole `titans label` process; its figures."""
+    argv = ["--log-level", "WARNING", "label", "--input", day["data"], "--output", out,
+            "--teacher", teacher, "--feature-columns", "pixels", "--id-column", "id",
+            "--max-disagreement", str(EPS), "--delta", str(DELTA), "--runner", "FnApiRunner"]
+    if state is not None:
+        argv += ["--state", state]
+        if pool_rows is not None:
+            argv += ["--state-pool-rows", str(pool_rows)]
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"titans label failed ({out}):\n{text[-3000:]}")
+    report = json.load(open(os.path.join(out, "report.json")))
+    labels = pq.read_table(os.path.join(out, "labels"), columns=["id", "label"])
+    sample = pq.read_table([os.path.join(out, "labels", f) for f in
+                            os.listdir(os.path.join(out, "labels")) if f.startswith("sample-")],
+                           columns=["id"]).column("id").to_numpy()
+    ids, label = labels.column("id").to_numpy(), labels.column("label").to_numpy()
+    outside = ~np.isin(ids, sample)
+    truth = day["teacher_pred"][ids[outside] - day["first_id"]]
+    st = report.get("state") or {}
+    return {"share": report["rows_to_teacher_share"], "rows": report["rows_in"],
+            "teacher_rows": report["rows_to_teacher"], "sample": int(sample.size),
+            "hard": report["rows_hard"],
+            "disagreement": float(np.mean(label[outside] != truth)),
+            "wall": wall, "rss_mb": usage.ru_maxrss / 1024,
+            "drift": (st.get("drift") or {}), "kept": (st.get("entry") or {}).get(
+                "student", {}).get("kept"),
+            "drift_line": next((ln for ln in text.splitlines() if ln.startswith("drift:")), None),
+            "state_bytes": dir_bytes(state) if state else None}
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(results: dict, days: int, shift_from: int) -> str:
+    lines = ["| stream | day | teacher share (no state) | teacher share (--state) | ratio | "
+             "disagreement outside the sample (no state / --state) | wall s (no state / "
+             "--state) | peak RSS MB (--state) | state MB | student kept | drift |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for stream, d in sorted(results, key=lambda k: (k[0] != "stationary", k[1])):
+        r = results[(stream, d)]
+        a, b = r["plain"], r["state"]
+        dr = b["drift"]
+        drift = ("" if not dr else
+                 f"{'SHIFT' if dr.get('shifted') else 'none'} (agreement {dr['fresh_agreement']:.1%}"
+                 + (f", KS p {dr['ks_pvalue']:.2g}" if dr.get("ks_pvalue") is not None else "")
+                 + ")")
+        lines.append(
+            f"| {stream} | {d} | {a['share']:.1%} | {b['share']:.1%} | {b['share'] / a['share']:.2f}x "
+            f"| {a['disagreement']:.2%} / {b['disagreement']:.2%} | {a['wall']:.0f} / {b['wall']:.0f} "
+            f"| {b['rss_mb']:.0f} | {b['state_bytes'] / 1e6:.1f} | {b['kept'] or 'cold'} | {drift} |")
+    return "\n".join(lines)
+
+
+def targets(results: dict, days: int, shift_from: int, runs_total: int) -> list[str]:
+    st = {d: results[("stationary", d)] for d in range(1, days + 1)}
+    last = st[days]
+    ratio = last["state"]["share"] / last["plain"]["share"]
+    misses = sum(r[side]["disagreement"] > EPS for r in results.values()
+                 for side in ("plain", "state"))
+    out = [f"stationary day {days}: teacher share with --state {last['state']['share']:.1%} vs "
+           f"{last['plain']['share']:.1%} without = {ratio:.2f}x (target <= 0.6x, aim 0.3x): "
+           f"{'MET' if ratio <= 0.6 else 'NOT MET'}",
+           f"shares with --state by day: "
+           + ", ".join(f"{st[d]['state']['share']:.1%}" for d in st),
+           f"disagreement > EPS {EPS} in {misses} of {runs_total} runs (delta {DELTA} allows "
+           f"about {DELTA * runs_total:.1f} in expectation)"]
+    walls = [st[d]["state"]["wall"] for d in st]
+    out.append(f"wall time with --state by day: {', '.join(f'{w:.0f}' for w in walls)} s; "
+               f"day N <= day 1: {'MET' if max(walls[1:]) <= walls[0] else 'NOT MET'}")
+    if ("shift", shift_from) in results:
+        s4, s5 = results[("shift", shift_from)]["state"], results.get(("shift", shift_from + 1),
+                                                                      {}).get("state")
+        out.append(f"shift day {shift_from}: disagreement {s4['disagreement']:.2%} (<= {EPS}: "
+                   f"{'held' if s4['disagreement'] <= EPS else 'MISSED'}), drift line "
+                   f"{'printed' if s4['drift_line'] else 'MISSING'}, shifted="
+                   f"{s4['drift'].get('shifted')}")
+        if s5 is not None:
+            out.append(f"shift day {shift_from + 1} share {s5['share']:.1%} vs day {shift_from} "
+                       f"{s4['share']:.1%}: {'falls (MET)' if s5['share'] < s4['share'] else 'NOT MET'}")
+    sizes = [r["state"]["state_bytes"] for r in results.values()]
+    rss = [r["state"]["rss_mb"] for r in st.values()]
+    out.append(f"state size: at most {max(sizes) / 1e6:.1f} MB (pool capped); peak RSS with "
+               f"--state by day: {', '.join(f'{m:.0f}' for m in rss)} MB")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=12_000, help="rows per day (default: %(default)s)")
+    ap.add_argument("--days", type=int, default=5, help="days (default: %(default)s)")
+    ap.add_argument("--shift-from", type=int, default=4,
+                    help="first day of the shift stream; > --days: none (default: %(default)s)")
+    ap.add_argument("--pool-rows", type=int, default=None,
+                    help="--state-pool-rows (default: titans' default)")
+    ap.add_argument("--out", default=None, help="work directory (default: a temporary one)")
+    a = ap.parse_args()
+    work = a.out or tempfile.mkdtemp(prefix="titans-continual-")
+    os.makedirs(work, exist_ok=True)
+    t0 = time.time()
+    data = make_days(work, a.rows, a.days, a.shift_from)
+    print(f"data: {a.days} days x {a.rows:,} rows in {work} ({time.time() - t0:.0f} s)", flush=True)
+    results: dict = {}
+    state = os.path.join(work, "state-stationary")
+    for d in range(1, a.days + 1):
+        if d == a.shift_from:  # the shift stream goes on from the state before its first day
+            shutil.copytree(state, os.path.join(work, "state-shift"))
+        for stream in ("stationary", "shift"):
+            if (stream, d) not in data["days"]:
+                continue
+            day = data["days"][(stream, d)]
+            st = state if stream == "stationary" else os.path.join(work, "state-shift")
+            # interleaved: the run without state, then the one with it, on the same rows
+            plain = run(day, data["teacher"], os.path.join(work, f"out-{stream}-{d}-plain"), None,
+                        None)
+            with_state = run(day, data["teacher"], os.path.join(work, f"out-{stream}-{d}-state"),
+                             st, a.pool_rows)
+            results[(stream, d)] = {"plain": plain, "state": with_state}
+            print(f"{stream} day {d}: share {plain['share']:.1%} -> {with_state['share']:.1%} "
+                  f"with --state, disagreement {plain['disagreement']:.2%} / "
+                  f"{with_state['disagreement']:.2%}, wall {plain['wall']:.0f} / "
+                  f"{with_state['wall']:.0f} s"
+                  + (f"; {with_state['drift_line']}" if with_state["drift_line"] else ""),
+                  flush=True)
+    print()
+    print(table(results, a.days, a.shift_from))
+    print()
+    for line in targets(results, a.days, a.shift_from, 2 * len(results)):
+        print(line)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump({f"{s}-{d}": r for (s, d), r in results.items()}, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
