@@ -2,7 +2,8 @@
 repository root. Real runs of the `titans` command (in-process runner) try what broke trust
 across runs before: models whose hooks or ops run code, --overwrite with a flag that fails
 later, two runs into one output, kill -9 and a rerun, glob characters in paths, a symlinked
-output inside a recursive input glob, a TFRecord header that lies. Each case prints PASS or
+output inside a recursive input glob, a TFRecord header that lies, a model server lost mid-job
+under --overwrite (issue 20). Each case prints PASS or
 FAIL with what it saw; the exit code is the number of failures. The tests cover each case on
 its own; this is the pass over a fresh clone, end to end (about 40 s on 2 CPUs)."""
 import hashlib
@@ -208,6 +209,35 @@ done = titans("run", "--input", tf, "--student", student, "--teacher", teacher, 
 labeled = [i for i in ids_in(f"{W}/tf-out") if i is not None]
 check("TFRecord header declaring 2^62 bytes: 200 good records labeled, the lie dead-lettered",
       done.returncode == 0 and sorted(labeled) == list(range(200)), done.stdout.splitlines()[:1])
+
+# 8. a model server lost mid-job (issue 20): the job fails, and --overwrite keeps the old output
+from fault_models import save_class_model  # noqa: E402
+
+flaky = save_class_model(W, "FailsAfterLaunch", 8, 4, (6,), error="connection")
+
+
+def outputs_hash(d):  # the output as a reader sees it: not a later run's temporary files
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(d)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            if ".titans-tmp-" not in p:
+                h.update(p.encode())
+                h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+before = outputs_hash(out)
+done = titans("run", "--input", data, "--student", student, *flaky, "--id-column", "id", *RUNNER,
+              "--output", out, "--overwrite", "--deferral-rate", "0.5",
+              env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                  p for p in (os.path.dirname(os.path.abspath(__file__)),
+                              os.environ.get("PYTHONPATH")) if p)))
+last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+check("teacher losing its connection mid-job: exit 1, one line, nothing dead-lettered, "
+      "the previous labels and _SUCCESS kept", done.returncode == 1 and "job failed: ConnectionError"
+      in last and outputs_hash(out) == before and sorted(ids_in(out)) == list(range(3000)),
+      last[:160])
 
 print("\n".join(f"{'PASS' if ok else 'FAIL'} {n}" for n, ok in results))
 print(f"{sum(ok for _, ok in results)} passed, {sum(not ok for _, ok in results)} failed")
