@@ -231,3 +231,14 @@ def test_drift_flags_a_shift_and_not_a_stationary_day():
     assert moved.shifted and moved.ks_pvalue < 1e-6
     worse = mc.drift(rng.random(2000) < 0.8, 0.9, rng.random(1000), None)  # no pool: no KS
     assert worse.shifted and worse.ks_statistic is None and worse.agreement_drop > 0.05
+
+
+def test_a_second_run_on_a_held_state_is_refused_naming_the_holder(tmp_path, capsys):
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    write_day(tmp_path / "day1", 1, n=200)
+    store = StateDir(str(tmp_path / "state"))
+    with store.lock():  # another run holds the state (this process, alive)
+        assert label_day(tmp_path, 1, teacher, tmp_path / "state") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by" in err[0] and str(os.getpid()) in err[0]
+    assert not (tmp_path / "out1").exists()  # refused before the output was touched
