@@ -7,6 +7,7 @@ models (the small pair: student MLP 64-32-10, teacher 64-256-256-10) and the def
 (0.2). Two inputs hold the same rows:
   (one)   one Parquet file, pyarrow's default 1M-row groups (throughput.py's file);
   (small) --files Parquet files of rows/files rows each (a directory, one row group per file).
+With --format tfrecord, both sides are uncompressed TFRecord files of tf.train.Example instead.
 Each side is `titans run` as a whole process (throughput.py's ``timed``), interleaved
 (one, small, one, small, ...) so a drifting load hits both alike; medians with min-max, and
 the ratio small/one of rows/s (target >= 0.7). With --base-ref REV, `titans run` of commit
@@ -29,20 +30,30 @@ import throughput  # noqa: E402  (make_data, make_models, timed, Runs, base_tita
 TITANS = [sys.executable, "-m", "titans.pipeline.cli.main", "--log-level", "WARNING", "run"]
 
 
-def make_small_files(workdir: str, rows: int, files: int) -> tuple[str, str]:
-    """(the one file, the directory of ``files`` files) holding the same ``rows`` rows."""
+def make_small_files(workdir: str, rows: int, files: int,
+                     fmt: str = "parquet") -> tuple[str, str]:
+    """(the one file, the directory of ``files`` files) holding the same ``rows`` rows, as
+    Parquet or as uncompressed TFRecord files of tf.train.Example."""
     import pyarrow.parquet as pq
+
+    from titans.transforms.io.tfrecord import write_table as write_tfrecord
 
     one = os.path.join(workdir, f"data-{rows}.parquet")  # shared with throughput.py
     throughput.make_data(one, rows)
-    directory = os.path.join(workdir, f"small-{files}-of-{rows}")
+    write, suffix = ((pq.write_table, ".parquet") if fmt == "parquet" else
+                     (lambda t, path: write_tfrecord(t, path), ".tfrecord"))
+    if fmt != "parquet":
+        parquet, one = one, os.path.join(workdir, f"data-{rows}.tfrecord")
+        if not os.path.exists(one):
+            write(pq.read_table(parquet), one + ".tmp")
+            os.rename(one + ".tmp", one)
+    directory = os.path.join(workdir, f"small-{fmt}-{files}-of-{rows}")
     if not os.path.isdir(directory):
-        table = pq.read_table(one)
+        table = pq.read_table(os.path.join(workdir, f"data-{rows}.parquet"))
         os.makedirs(directory + ".tmp", exist_ok=True)
         for i in range(files):
             lo, hi = rows * i // files, rows * (i + 1) // files
-            pq.write_table(table.slice(lo, hi - lo),
-                           os.path.join(directory + ".tmp", f"part-{i:05d}.parquet"))
+            write(table.slice(lo, hi - lo), os.path.join(directory + ".tmp", f"part-{i:05d}{suffix}"))
         os.rename(directory + ".tmp", directory)
     return one, directory
 
@@ -63,6 +74,8 @@ def main() -> None:
                     help="files the small side splits them into (default: 3000)")
     ap.add_argument("--runs", type=int, default=5,
                     help="interleaved runs of every side (default: 5)")
+    ap.add_argument("--format", choices=("parquet", "tfrecord"), default="parquet",
+                    help="the files' format, the same on both sides (default: parquet)")
     ap.add_argument("--workdir", default="benchmarks/out", help="data, models and outputs")
     ap.add_argument("--base-ref", metavar="REV",
                     help="also time `titans run` of this git commit on both inputs, interleaved")
@@ -73,7 +86,7 @@ def main() -> None:
     args = ap.parse_args()
 
     os.makedirs(args.workdir, exist_ok=True)
-    one, small = make_small_files(args.workdir, args.rows, args.files)
+    one, small = make_small_files(args.workdir, args.rows, args.files, args.format)
     student, teacher = throughput.make_models(args.workdir, "small")
     # each run gets an empty output (removed before it) rather than --overwrite, so both
     # commits do the same work whatever their --overwrite does
@@ -89,12 +102,12 @@ def main() -> None:
                            small)
     runs = {key: throughput.Runs(name) for key, (name, _, _) in sides.items()}
     print(f"{datetime.date.today()}: {os.cpu_count()} CPUs; {args.rows:,} rows x "
-          f"{throughput.DIM} float32, one file or {args.files:,} files of "
+          f"{throughput.DIM} float32 as {args.format}, one file or {args.files:,} files of "
           f"{args.rows // args.files:,} rows; small model pair, deferral rate {throughput.RATE}; "
           f"whole processes; {args.runs} interleaved runs per side, medians (min-max)")
     for _ in range(args.runs):
         for key, (_, command, data) in sides.items():
-            out = os.path.join(args.workdir, f"out-small-files-{key}")
+            out = os.path.join(args.workdir, f"out-small-files-{args.format}-{key}")
             report = os.path.join(out, "report.json")
             shutil.rmtree(out, ignore_errors=True)
             runs[key].add(throughput.timed(command + ["--input", data, "--output", out] + flags),
