@@ -282,8 +282,6 @@ class _ReadGroup(beam.DoFn):
                 continue
             good, bad, reason = conform(table, self._schema)
             if good.num_rows:
-                if not good.schema.equals(self._schema):  # metadata only: concat needs it equal
-                    good = pa.Table.from_arrays(good.columns, schema=self._schema)
                 yield from out.add(good)
             if bad is not None:
                 yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, DeadLetter(

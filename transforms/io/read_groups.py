@@ -98,9 +98,11 @@ class ReadPlan:
 
 
 class Coalesce:
-    """Tables in, tables of exactly ``batch_size`` rows out (the last: the rest); a table of
-    ``batch_size`` rows passes through untouched, smaller ones are merged, so a batch's
-    columns are single contiguous arrays however many files it came from."""
+    """Tables in, tables of at least half of ``batch_size`` rows out (but the last one). A
+    table of half a batch or more passes through untouched (a big file's batches, or a
+    batch less the rows `titans label` skips, are not copied); smaller ones are merged into
+    tables of exactly ``batch_size`` rows whose columns are single contiguous arrays, however
+    many files they came from."""
 
     def __init__(self, batch_size: int):
         self._size = batch_size
@@ -108,7 +110,7 @@ class Coalesce:
         self._rows = 0
 
     def add(self, table: pa.Table):
-        if not self._parts and table.num_rows == self._size:
+        if 2 * table.num_rows >= self._size:
             yield table
             return
         self._parts.append(table)
