@@ -250,8 +250,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table | No
 
 
 class _ReadGroup(beam.DoFn):
-    """One read group -> tables of ``batch_size`` rows conformed to the input schema (the
-    group's last: the rest), the rows of its small files merged.
+    """One read group -> tables of at most ``batch_size`` rows conformed to the input schema,
+    the rows of its small files (and small row groups) merged (``Coalesce``).
 
     Rows that cannot be conformed, every row of a conflicting file, the rows of a row group
     that turns out to be unreadable and of a file that cannot be opened (changed or removed
