@@ -59,3 +59,12 @@ def save_class_model(directory, cls: str, in_features: int, out_features: int, h
     kw = {"in_features": in_features, "out_features": out_features, "hidden": list(hidden), **kwargs}
     return ["--teacher", path, "--teacher-class", f"fault_models:{cls}",
             "--teacher-class-kwargs", json.dumps(kw)]
+
+
+def host_shared_model(handler, ready, stop) -> None:
+    """In a child process: load ``handler``'s model as the worker's one shared copy (this
+    process then serves it, as the first SDK process on a Dataflow worker does), say so, and
+    serve until told to stop (or killed)."""
+    handler.load_model()
+    ready.set()
+    stop.wait(300)

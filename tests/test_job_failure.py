@@ -222,3 +222,45 @@ def test_in_worker_processes_a_failed_job_still_prints_its_report_and_exits_1(
     assert code == 1 and "JOB FAILED" in printed and str(out / "report.json") in printed
     assert json.loads((out / "report.json").read_text())["rows_dead_letter"] == 120
     assert not (out / "_SUCCESS").exists() and not (out / "_titans_lock").exists()
+
+
+def test_a_lost_shared_model_server_fails_the_batch_as_an_infrastructure_error(tmp_path):
+    """The worker's one model copy (MultiProcessShared, as on a GPU), served by another
+    process that dies mid-job: what the proxy raises goes up to the runner (a retry), not to
+    the dead letter."""
+    import multiprocessing
+    import signal
+
+    from fault_models import host_shared_model
+    from mp_models import SharedOnAnyDevice, save_pid_model
+    from titans.models.deferral import make_rule
+    from titans.models.forward import is_infrastructure
+    from titans.models.loading import ModelRef
+    from titans.transforms.features import resolve_feature_spec
+    from titans.transforms.inference import BatchFailed
+    from titans.transforms.labels import LabelColumns, StudentLabels
+
+    teacher, cls, kwargs = save_pid_model(tmp_path, DIM, CLASSES, (16,), tmp_path / "pids")
+    table = features_table(np.arange(100), np.random.default_rng(0).normal(size=(100, DIM)))
+    features = resolve_feature_spec(table.schema, ("features",), DIM)
+    handler = SharedOnAnyDevice(ModelRef(teacher, cls, kwargs), features,
+                                StudentLabels(make_rule("margin"), LabelColumns("")),
+                                batch_size=64, name="teacher")
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    host = ctx.Process(target=host_shared_model, args=(handler, ready, stop))
+    host.start()
+    try:
+        assert ready.wait(120), "the model server did not start"
+        model = handler.load_model()  # this process: a client of the host's copy
+        assert handler.run_inference([table], model)[0].num_rows == 100
+        os.kill(host.pid, signal.SIGKILL)
+        host.join(30)
+        with pytest.raises(Exception) as lost:
+            handler.run_inference([table], model)
+    finally:
+        if host.is_alive():
+            os.kill(host.pid, signal.SIGKILL)
+            host.join(30)
+    assert is_infrastructure(lost.value) and not isinstance(lost.value, BatchFailed), \
+        repr(lost.value)
