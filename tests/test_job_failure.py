@@ -264,3 +264,28 @@ def test_a_lost_shared_model_server_fails_the_batch_as_an_infrastructure_error(t
             host.join(30)
     assert is_infrastructure(lost.value) and not isinstance(lost.value, BatchFailed), \
         repr(lost.value)
+
+
+def test_label_overwrite_that_fails_keeps_the_previous_label_jobs_labels(tmp_path, capsys,
+                                                                        monkeypatch):
+    from conftest import save_models
+    from titans.models import student_search
+
+    monkeypatch.setattr(student_search, "TRAIN_STEPS", 300)
+    write_dataset(tmp_path / "data", 1200, files=2)
+    _, teacher = save_models(tmp_path)
+    out = tmp_path / "out"
+    args = ["label", "--input", str(tmp_path / "data"), "--output", str(out), "--id-column", "id",
+            "--sample-rows", "300", *RUNNER]
+    assert main([*args, "--teacher", teacher]) == 0
+    kept = {k: v for k, v in _files(out).items() if k.split("/")[0] in
+            ("labels", "dead_letter", "report.json", "report.png", "_SUCCESS")}
+    flaky = save_class_model(tmp_path, "FailsAfterLaunch", DIM, CLASSES, (32, 32),
+                             error="connection", tag=f"{tmp_path}")  # big enough for a student
+    capsys.readouterr()
+    assert main([*args, *flaky, "--overwrite"]) == 1
+    assert "titans label: job failed: ConnectionError" in capsys.readouterr().err
+    now = _files(out)
+    assert {k: now.get(k) for k in kept} == kept  # labels, report and _SUCCESS as they were
+    assert read_labels(out).num_rows + (pq.read_table(out / "dead_letter").num_rows
+                                        if (out / "dead_letter").exists() else 0) == 1200
