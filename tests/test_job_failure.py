@@ -289,3 +289,39 @@ def test_label_overwrite_that_fails_keeps_the_previous_label_jobs_labels(tmp_pat
     assert {k: now.get(k) for k in kept} == kept  # labels, report and _SUCCESS as they were
     assert read_labels(out).num_rows + (pq.read_table(out / "dead_letter").num_rows
                                         if (out / "dead_letter").exists() else 0) == 1200
+
+
+@pytest.mark.parametrize("status", ["complete", "failed: too many dead letters"])
+def test_the_last_step_retried_after_it_ended_changes_nothing(tmp_path, status):
+    """A runner may retry a bundle whose attempt finished (its worker lost before the commit):
+    with --overwrite, the retry must not move the new outputs aside as 'previous' ones."""
+    import pyarrow as pa
+
+    from titans.pipeline.failures import JobFailed
+    from titans.pipeline.graphs.stages import JobRecord, _Finish
+    from titans.transforms.io.parquet import ParquetFormat
+    from titans.transforms.io.writes import Destination
+
+    out = tmp_path / "out"
+    # the previous run's (a failed one's, without _SUCCESS, is replaced by a failed run too)
+    _put(str(out), ["report.json", "labels/part-00000-of-00002.parquet",
+                    "labels/part-00001-of-00002.parquet"]
+         + (["_SUCCESS"] if status == "complete" else []))
+    table = pa.table({"id": pa.array([1, 2], pa.int64())})
+    dest = Destination(str(out / "labels"), "part", ParquetFormat(table.schema))
+    temp = dest.temp_path()
+    os.makedirs(os.path.dirname(temp))
+    pq.write_table(table, temp)
+    finish = _Finish(str(out), [dest], lambda counts, wall: {"status": status, "rows_in": 2,
+                                                             "rows_dead_letter": 0},
+                     JobRecord(start=0.0, replace=True, run="r1"), plot=None)
+    for attempt in range(2):
+        if status == "complete":
+            finish(None, [], [temp])
+        else:
+            with pytest.raises(JobFailed):
+                finish(None, [], [temp])
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == \
+            (["_SUCCESS"] if status == "complete" else []) + \
+            ["labels/part-00000-of-00001.parquet", "report.json"], attempt
+    assert pq.read_table(out / "labels").column("id").to_pylist() == [1, 2]

@@ -187,9 +187,13 @@ class _Finish:
     def __call__(self, _, pairs: list[tuple[str, int]], *written: list[str],
                  inputs_read=()) -> dict:
         finalize_started = time.time()
+        replace = self._job.replace
+        if replace:
+            done = self._done_before()
+            if done is not None:  # a retry of a step that ended: its outputs are final
+                return self._end(*done)
         report = self._build(Counts(pairs), finalize_started - self._job.start)
         complete = report["status"] == "complete"
-        replace = self._job.replace
         # over the budget, a previous complete output is kept as it was (see overwrite.py)
         keep = replace and not complete and overwrite.previous_complete(self._output)
         if keep:
@@ -209,6 +213,8 @@ class _Finish:
         now = self._timing(report, dict(pairs), finalize_started, started)
         if self._job.whole_job is not None:
             self._job.whole_job(report, now)
+        if self._job.run:
+            report["job_run_id"] = self._job.run  # how a retry of this step knows it ended
         storage.write_json(report_path, report)
         if complete:
             mark_complete(self._output, report)
@@ -216,11 +222,29 @@ class _Finish:
                 self._on_complete(report, inputs_read)
         if replace and not keep:
             overwrite.delete_replaced(self._output)
-        # released once the outputs are final, complete or failed; a step that dies before
-        # (and is retried) keeps it, and a job that dies leaves it for --overwrite to take over
+        return self._end(report, report_path)
+
+    def _done_before(self) -> tuple[dict, str] | None:
+        """(report, its path) when this job's step ended already (a retried bundle whose
+        first attempt finished): the move aside must not be done again on the new outputs."""
+        for name in (REPORT, overwrite.FAILED_REPORT):
+            path = storage.join(self._output, name)
+            try:
+                report = storage.read_json(path)
+            except Exception:  # noqa: BLE001 - none there (or unreadable): not ended
+                continue
+            if report.get("job_run_id") == self._job.run and (
+                    report.get("status") != "complete"
+                    or storage.exists(storage.join(self._output, SUCCESS))):
+                return report, path
+        return None
+
+    def _end(self, report: dict, report_path: str) -> dict:
+        # the lock is released once the outputs are final, complete or failed; a step that
+        # dies before (and is retried) keeps it; a job that dies leaves it for --overwrite
         if self._release is not None:
             self._release()
-        if not complete:
+        if report["status"] != "complete":
             # the report is written; now the job fails, so every runner (and an Airflow task
             # waiting on Dataflow) sees it fail. A retry of this step rewrites the same files.
             raise JobFailed(report["status"], report_path)
