@@ -240,7 +240,8 @@ def main(argv=None) -> None:
                     help="--sample-rows of the grid runs (default: 6000)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per grid cell (default: 1)")
     ap.add_argument("--datasets", default="digits-shifted,digits",
-                    help="comma-separated, from digits-shifted, digits (default: both)")
+                    help="comma-separated, from digits-shifted, digits, tabular (the 16-feature "
+                         "26-class job of label_speed.py) (default: digits-shifted,digits)")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
                     help="student budgets F (default: %(default)s)")
     ap.add_argument("--eps", default=",".join(map(str, EPS)), help="EPS values (default: %(default)s)")
@@ -263,7 +264,8 @@ def main(argv=None) -> None:
         for seed in range(args.seeds):
             d = os.path.join(work, f"{name}-{args.rows}-{seed}")
             shutil.rmtree(d, ignore_errors=True)
-            ds = make_dataset(name, args.rows, seed, d)
+            ds = (make_tabular(args.rows, seed, d) if name == "tabular" else
+                  make_dataset(name, args.rows, seed, d))
             out, first = os.path.join(d, "out"), True
             for budget in budgets:
                 for eps in epss:

@@ -185,6 +185,9 @@ def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
                  on_epoch_start=on_epoch_start)
 
 
+PCT_START = 0.3  # share of a one-cycle schedule spent warming up to the peak learning rate
+
+
 def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np.ndarray, *,
                      val: tuple[np.ndarray, np.ndarray], epochs: int, batch_size: int, lr: float,
                      temperature: float, weight_decay: float = 1e-4, seed: int = 0,
@@ -196,7 +199,8 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
     sum of their kd losses: AdamW's state is per parameter, so each student gets exactly the
     update it would get alone. After every epoch each student's argmax agreement with
     ``val`` = (rows, teacher's answers) is measured; a student keeps the weights of its best
-    epoch and stops training after ``patience`` epochs without a better one (None: never).
+    epoch and stops training after ``patience`` epochs without a better one, counted once the
+    learning rate has peaked (None: never).
     All stop at ``deadline`` (a ``time.monotonic()`` value; None: none), so when the deadline
     hits, the result depends on the machine's speed; otherwise it is seeded.
     Returns per student: epochs trained, best_epoch (1-based), val_agreement there, and
@@ -218,11 +222,13 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = -(-n // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
-                                                steps_per_epoch=steps_per_epoch)
+                                                steps_per_epoch=steps_per_epoch,
+                                                pct_start=PCT_START)
     gen = torch.Generator().manual_seed(seed)
     state = [{"epochs": 0, "best_epoch": 0, "val_agreement": -1.0, "stopped": "schedule",
               "best": None, "stale": 0} for _ in students]
     active = list(range(len(students)))
+    peak = int(PCT_START * epochs)  # the epoch where the learning rate peaks
     t2 = temperature ** 2  # keeps the gradient scale independent of T (Hinton et al.)
     with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from a seeded fork
         torch.manual_seed(seed)
@@ -248,7 +254,8 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
                               best={k: v.clone() for k, v in students[i].state_dict().items()})
                 else:
                     st["stale"] += 1
-                    if patience is not None and st["stale"] >= patience:
+                    # not before the peak: at the peak learning rate agreement wanders
+                    if patience is not None and st["stale"] >= patience and epoch >= peak:
                         st["stopped"] = "converged"
                         active.remove(i)
             if not active:

@@ -129,6 +129,25 @@ def test_search_is_seeded_and_within_budget():
     assert a.best.arch == b.best.arch and a.best.objective == b.best.objective
     assert all(c.flops_share <= 0.25 for c in a.candidates) and len(a.candidates) >= 3
     assert a.best.objective == min(c.objective for c in a.candidates)
+    assert a.budget_hit is False and a.time_budget is not None
+    assert all(c.stopped in ("converged", "schedule") for c in a.candidates)
+
+
+def test_search_stops_at_its_time_budget_and_says_so():
+    """A budget already spent: every candidate trains one epoch, keeps it, and the result
+    says the budget cut it short (what the distil facts and line report)."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(600, 8)) * 50 + 1000).astype(np.float32)  # raw, unscaled features
+    teacher = MLP(8, 3, (32, 32))
+    with torch.no_grad():
+        p = torch.softmax(teacher(torch.from_numpy((x - 1000) / 50)) * 3, -1).numpy()
+    kwargs = dict(teacher_flops=mlp_flops(8, (32, 32), 3), budget=0.25, target=Target(bar=0.0))
+    cut = search_student(x[:400], p[:400], x[400:], p[400:].argmax(1), time_budget=0.0, **kwargs)
+    assert cut.budget_hit and all(c.stopped == "time budget" and c.epochs == 1
+                                  for c in cut.candidates)
+    full = search_student(x[:400], p[:400], x[400:], p[400:].argmax(1), **kwargs)
+    # standardised inside the student: features at scale 50 around 1000 are learned well
+    assert full.best.val_agreement > 0.9 and full.best.val_agreement > cut.best.val_agreement
 
 
 # ------------------------------------------------------------------ the guarantee
