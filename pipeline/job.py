@@ -285,7 +285,8 @@ def launch(config, beam_args: list[str], start: float | None = None, *,
     """Plan, run and summarise a `titans run` (RunConfig) or `titans teacher-label`
     (TeacherLabelConfig) job; the command's exit code: 0 done (or nothing to label under
     --skip-labeled), 1 the job failed its dead-letter budget (report written, no _SUCCESS); a
-    launch check that fails raises ValueError (the caller prints it, exit 2). ``describe``: plan and build, print the pipeline as JSON, run
+    launch check that fails raises ValueError (the caller prints it, exit 2), a job the runner
+    gave up on raises JobError (the caller prints its line, exit 1). ``describe``: plan and build, print the pipeline as JSON, run
     nothing; ``wait=False``: return once the runner has the job (see run_job)."""
     phases = Phases()
     if start is not None:

@@ -325,3 +325,23 @@ def test_the_last_step_retried_after_it_ended_changes_nothing(tmp_path, status):
             (["_SUCCESS"] if status == "complete" else []) + \
             ["labels/part-00000-of-00001.parquet", "report.json"], attempt
     assert pq.read_table(out / "labels").column("id").to_pylist() == [1, 2]
+
+
+def test_a_launcher_that_does_not_wait_hands_the_lock_to_a_job_that_fails(tmp_path, models):
+    """wait=False (a Dataflow launch): the failing job's last step releases the lock before it
+    raises; on the in-process runner the launcher still sees the failed report."""
+    from titans.models.loading import ModelRef
+    from titans.pipeline.job import run_cascade
+    from titans.pipeline.plan import RunConfig, plan_run
+
+    data = tmp_path / "data"
+    os.makedirs(data)
+    x = np.random.default_rng(6).normal(size=(500, DIM)).astype(np.float32)
+    x[:100, 0] = np.nan
+    pq.write_table(features_table(np.arange(500), x), data / "a.parquet")
+    out = tmp_path / "out"
+    plan = plan_run(RunConfig(input=str(data), output=str(out), student=ModelRef(models[0]),
+                              teacher=ModelRef(models[1])))
+    report = run_cascade(plan, RUNNER, wait=False)
+    assert report["status"].startswith("failed") and report["rows_dead_letter"] == 100
+    assert not (out / "_titans_lock").exists() and not (out / "_SUCCESS").exists()
