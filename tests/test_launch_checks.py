@@ -144,13 +144,30 @@ def _png_digits(directory, n: int) -> None:
                    directory / "a.parquet", row_group_size=n // 4)
 
 
+def test_the_image_sample_is_a_bounded_share_of_the_input():
+    from titans.pipeline.plan import RunConfig, sample_rows
+    from titans.models.loading import ModelRef
+    from titans.transforms.features import ImageSpec
+
+    images = RunConfig(input="x", output="y", student=ModelRef("s"), teacher=ModelRef("t"),
+                       image=ImageSpec("image"))
+    assert [sample_rows(images, n) for n in (500, 5000, 50_000, 10**7, None)] == \
+        [1000, 1000, 5000, 10_000, 10_000]
+    given = RunConfig(input="x", output="y", student=ModelRef("s"), teacher=ModelRef("t"),
+                      image=ImageSpec("image"), sample_rows=30_000)
+    vectors = RunConfig(input="x", output="y", student=ModelRef("s"), teacher=ModelRef("t"))
+    assert sample_rows(given, 10**7) == 30_000 and sample_rows(vectors, 5000) == 100_000
+
+
 @pytest.mark.parametrize("sample_flag", [[], ["--sample-rows", "300"]])
 def test_images_launch_scores_a_bounded_sample_once(tmp_path, monkeypatch, capsys, sample_flag):
     # the image sample is IMAGE_SAMPLE_ROWS unless --sample-rows is given (here 120 for the
-    # real 10,000, over 600 images); the student scores it once, the teacher a handful of it
+    # real 10,000, over 600 images, 10% of them: 60, below the minimum of 100 here); the
+    # student scores it once, the teacher a handful of it
     from titans.pipeline import plan
 
     monkeypatch.setattr(plan, "IMAGE_SAMPLE_ROWS", 120)
+    monkeypatch.setattr(plan, "IMAGE_SAMPLE_MIN", 100)
     _png_digits(tmp_path / "data", 600)
     torch.manual_seed(0)
     models = []
@@ -166,7 +183,7 @@ def test_images_launch_scores_a_bounded_sample_once(tmp_path, monkeypatch, capsy
                  "--image-column", "image", "--image-mode", "L", "--deferral-rate", "0.2",
                  *sample_flag, *RUNNER]) == 0
     report = json.loads((out / "report.json").read_text())
-    sampled = 300 if sample_flag else 120
+    sampled = 300 if sample_flag else 100
     assert f"over {sampled} rows" in report["threshold_source"]
     assert report["rows_teacher_checks"] == 2 + min(plan.TEACHER_CHECK_ROWS, sampled)
     assert CountingTeacher.rows == report["rows_teacher_scored"] + report["rows_teacher_checks"]
