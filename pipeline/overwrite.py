@@ -13,6 +13,8 @@ The last step (``stages._Finish``) then, for a job that completed:
   2. puts the new files in place, writes report.json, then ``_SUCCESS``;
   3. ``delete_replaced``: deletes ``_titans_replaced-*`` (this run's, and any a run that
      died inside its last step left).
+A retry of a last step that had ended finds its own report (``job_run_id``) and ends again
+without moving anything.
 A job over its dead-letter budget does not replace a previous *complete* output: its files
 are dropped and its report goes to ``report.failed.json`` beside the kept one. Over an
 output that was not complete (a failed or killed run's), it replaces it like a complete job.
