@@ -75,19 +75,27 @@ def make_days(directory: str, rows: int, days: int, shift_from: int, seed: int =
     from titans.models.forward import forward_in_chunks
     from titans.transforms.io.models import save_torchscript
 
+    from titans.transforms.io.models import load_model_file
+
     digits = load_digits()
     images, y = digits.images / 16.0, digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(y))
     train, held = np.split(perm, [len(y) // 2])
-    torch.manual_seed(seed)
-    teacher = make_student(TEACHER["arch"], 64, 10, "kd", seed=seed)
-    train_supervised(teacher, augment(np.tile(images[train], (4, 1, 1)), rng),
-                     np.tile(y[train], 4), seed=seed, progress=False,
-                     **{k: v for k, v in TEACHER.items() if k != "arch"})
-    teacher.eval()
     teacher_path = os.path.join(directory, "teacher.pt")
-    save_torchscript(teacher, teacher_path, {"arch": TEACHER["arch"]})
+    made = os.path.join(directory, "days.json")  # --out reused with the same settings: kept
+    settings = {"rows": rows, "days": days, "shift_from": shift_from, "seed": seed}
+    cached = os.path.exists(made) and json.load(open(made)) == settings
+    if cached:
+        teacher = load_model_file(teacher_path, "cpu")
+    else:
+        torch.manual_seed(seed)
+        teacher = make_student(TEACHER["arch"], 64, 10, "kd", seed=seed)
+        train_supervised(teacher, augment(np.tile(images[train], (4, 1, 1)), rng),
+                         np.tile(y[train], 4), seed=seed, progress=False,
+                         **{k: v for k, v in TEACHER.items() if k != "arch"})
+        teacher.eval()
+        save_torchscript(teacher, teacher_path, {"arch": TEACHER["arch"]})
     groups = np.array_split(held, days)  # disjoint images per day
     out = {"teacher": teacher_path, "days": {}}
     for d in range(1, days + 1):
@@ -99,7 +107,9 @@ def make_days(directory: str, rows: int, days: int, shift_from: int, seed: int =
             ids = d * 1_000_000 + np.arange(rows, dtype=np.int64)
             folder = os.path.join(directory, f"{stream}-day{d}")
             os.makedirs(folder, exist_ok=True)
-            for i, part in enumerate(np.array_split(np.arange(rows), 4)):
+            # the same seeds give the same rows: with a cache only the teacher's answers are
+            # computed again, and the files are kept
+            for i, part in enumerate([] if cached else np.array_split(np.arange(rows), 4)):
                 pq.write_table(pa.table({
                     "id": pa.array(ids[part]),
                     "pixels": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel()), 64),
@@ -107,6 +117,8 @@ def make_days(directory: str, rows: int, days: int, shift_from: int, seed: int =
             pred = forward_in_chunks(teacher, x, 65536).argmax(-1).numpy()
             out["days"][(stream, d)] = {"data": folder, "first_id": int(ids[0]),
                                         "teacher_pred": pred}
+    with open(made, "w") as f:
+        json.dump(settings, f)
     return out
 
 
@@ -222,6 +234,9 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
     data = make_days(work, a.rows, a.days, a.shift_from)
+    for name in os.listdir(work):  # a reused --out: the previous runs' outputs and states go
+        if name.startswith(("out-", "state-")):
+            shutil.rmtree(os.path.join(work, name))
     print(f"data: {a.days} days x {a.rows:,} rows in {work} ({time.time() - t0:.0f} s)", flush=True)
     results: dict = {}
     state = os.path.join(work, "state-stationary")

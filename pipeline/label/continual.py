@@ -142,16 +142,19 @@ def _load(path: str):
     return load_model_file(path, "cpu")
 
 
-def pool_arrays(pool: pa.Table | None, features) -> tuple[np.ndarray, np.ndarray]:
-    """(models' input, teacher probabilities) of the pool rows."""
+def pool_arrays(pool: pa.Table | None, features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(models' input, teacher probabilities, fine-tune weights: HARD_WEIGHT for hard rows)
+    of the pool rows."""
     if pool is None or pool.num_rows == 0:
-        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32)
+        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0)
     x, reasons = feature_matrix(pool, features)
     probs = np.stack(pool.column(PROBS).to_numpy(zero_copy_only=False)).astype(np.float32)
+    hard = pc.equal(pool.column("origin"), "hard").to_numpy(zero_copy_only=False)
+    weights = np.where(hard, mc.HARD_WEIGHT, 1.0)
     if reasons is not None:
         ok = np.array([r is None for r in reasons])
-        x, probs = x[ok], probs[ok]
-    return x.reshape(len(x), -1), probs
+        x, probs, weights = x[ok], probs[ok], weights[ok]
+    return x.reshape(len(x), -1), probs, weights
 
 
 def _previous_heldout(pool: pa.Table | None, history: list[dict]) -> pa.Table | None:
@@ -180,7 +183,7 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     x = s.x.reshape(len(s.x), -1)
     tpred = s.teacher_pred
     pool = base.read_pool() if cont.pool_rows > 0 else None
-    x_pool, p_pool = pool_arrays(pool, plan.features)
+    x_pool, p_pool, w_pool = pool_arrays(pool, plan.features)
 
     # drift: yesterday's student on today's fresh rows (it never saw them), against its
     # agreement on yesterday's held-out rows and their deferral scores
@@ -189,14 +192,14 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     before = _previous_heldout(pool, cont.history)
     scores_before = None
     if before is not None:
-        xb, _ = pool_arrays(before, plan.features)
+        xb = pool_arrays(before, plan.features)[0]
         scores_before = mc.rule_scores(champion, xb, rule0)[0]
     reference = (cont.history[-1].get("student_agreement") if cont.history else None)
     d = mc.drift(pred_today == tpred, reference, scores_today, scores_before)
     report(drift_line(d.record()))
 
     ft = mc.fine_tune(challenger, x_pool, p_pool, x[split.train], s.probs[split.train],
-                      seed=c.job.seed + len(cont.history))
+                      pool_weights=w_pool, seed=c.job.seed + len(cont.history))
     target = (mc.Target(deferral_rate=c.deferral_rate) if c.eps is None else
               mc.Target(bar=ltt_bar(len(split.cal), c.eps, c.level)))
     flops, _ = flops_per_row(champion, x[:8])
