@@ -185,7 +185,7 @@ def distill(student: nn.Module, X: np.ndarray, teacher_probs: np.ndarray, *,
                  on_epoch_start=on_epoch_start)
 
 
-PCT_START = 0.3  # share of a one-cycle schedule spent warming up to the peak learning rate
+PCT_START = 0.15  # share of a one-cycle schedule spent warming up to the peak learning rate
 
 
 def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np.ndarray, *,
@@ -199,8 +199,8 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
     sum of their kd losses: AdamW's state is per parameter, so each student gets exactly the
     update it would get alone. After every epoch each student's argmax agreement with
     ``val`` = (rows, teacher's answers) is measured; a student keeps the weights of its best
-    epoch and stops training after ``patience`` epochs without a better one, counted once the
-    learning rate has peaked (None: never).
+    epoch and stops training after ``patience`` epochs without a better one, counted from
+    half-way through the schedule (None: never).
     All stop at ``deadline`` (a ``time.monotonic()`` value; None: none), so when the deadline
     hits, the result depends on the machine's speed; otherwise it is seeded.
     Returns per student: epochs trained, best_epoch (1-based), val_agreement there, and
@@ -228,7 +228,8 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
     state = [{"epochs": 0, "best_epoch": 0, "val_agreement": -1.0, "stopped": "schedule",
               "best": None, "stale": 0} for _ in students]
     active = list(range(len(students)))
-    peak = int(PCT_START * epochs)  # the epoch where the learning rate peaks
+    # one-cycle gains most while the learning rate comes down: no early stop before half-way
+    settle = epochs // 2
     t2 = temperature ** 2  # keeps the gradient scale independent of T (Hinton et al.)
     with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from a seeded fork
         torch.manual_seed(seed)
@@ -252,10 +253,9 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
                 if agreement > st["val_agreement"]:
                     st.update(val_agreement=agreement, best_epoch=epoch + 1, stale=0,
                               best={k: v.clone() for k, v in students[i].state_dict().items()})
-                else:
+                elif epoch >= settle:  # not earlier: at high learning rates agreement wanders
                     st["stale"] += 1
-                    # not before the peak: at the peak learning rate agreement wanders
-                    if patience is not None and st["stale"] >= patience and epoch >= peak:
+                    if patience is not None and st["stale"] >= patience:
                         st["stopped"] = "converged"
                         active.remove(i)
             if not active:
