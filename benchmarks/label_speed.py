@@ -198,7 +198,7 @@ def main() -> None:
         if "phases" in q:
             print("    phases (last run, s): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in q["phases"].items())
-                + f"; student search {q['search']:.2f}")
+                + ("" if q["search"] is None else f"; student search {q['search']:.2f}"))
 
 
 if __name__ == "__main__":
