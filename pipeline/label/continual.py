@@ -146,15 +146,17 @@ def pool_arrays(pool: pa.Table | None, features) -> tuple[np.ndarray, np.ndarray
     """(models' input, teacher probabilities, fine-tune weights: HARD_WEIGHT for hard rows)
     of the pool rows."""
     if pool is None or pool.num_rows == 0:
-        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0)
+        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros((2, 0))
     x, reasons = feature_matrix(pool, features)
     probs = np.stack(pool.column(PROBS).to_numpy(zero_copy_only=False)).astype(np.float32)
     hard = pc.equal(pool.column("origin"), "hard").to_numpy(zero_copy_only=False)
-    weights = np.where(hard, mc.HARD_WEIGHT, 1.0)
+    index = pool.column("run_index").to_numpy()
+    age = index.max() - index
+    weights = np.stack([np.where(hard, mc.HARD_WEIGHT, 1.0), mc.row_weights(hard, age, True)])
     if reasons is not None:
         ok = np.array([r is None for r in reasons])
-        x, probs, weights = x[ok], probs[ok], weights[ok]
-    return x.reshape(len(x), -1), probs, weights
+        x, probs, weights = x[ok], probs[ok], weights[:, ok]
+    return x.reshape(len(x), -1), probs, weights  # weights: [plain, after a shift]
 
 
 def _previous_heldout(pool: pa.Table | None, history: list[dict]) -> pa.Table | None:
@@ -198,8 +200,14 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     d = mc.drift(pred_today == tpred, reference, scores_today, scores_before)
     report(drift_line(d.record()))
 
+    # after a shift (today's, or the previous run's) recent rows weigh more
+    after_shift = d.shifted or bool((cont.history[-1].get("drift") or {}).get("shifted")
+                                    if cont.history else False)
     ft = mc.fine_tune(challenger, x_pool, p_pool, x[split.train], s.probs[split.train],
-                      pool_weights=w_pool, seed=c.job.seed + len(cont.history))
+                      pool_weights=w_pool[1 if after_shift else 0],
+                      today_share=mc.SHIFT_TODAY_SHARE if after_shift else None,
+                      seed=c.job.seed + len(cont.history))
+    ft["after_shift"] = after_shift
     target = (mc.Target(deferral_rate=c.deferral_rate) if c.eps is None else
               mc.Target(bar=ltt_bar(len(split.cal), c.eps, c.level)))
     flops, _ = flops_per_row(champion, x[:8])
