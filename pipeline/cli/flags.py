@@ -186,7 +186,8 @@ def _add_teacher_stage_flags(p: argparse.ArgumentParser, sample_rows: bool = Tru
         p.add_argument("--sample-rows", type=int, default=defaults.SAMPLE_ROWS, metavar="N",
                        help="rows sampled (from up to 32 random row groups) before the "
                             "pipeline starts, to check the models on real rows and to set the "
-                            "threshold for --deferral-rate (default: %(default)s)")
+                            "threshold for --deferral-rate (default: %(default)s; with --image-column, "
+                            "10%% of the input's rows, between 1,000 and 10,000)")
     _seed_flag(p, "the sample and --audit-rate")
 
 
