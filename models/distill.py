@@ -48,11 +48,19 @@ def make_student(arch: str | tuple[int, ...], in_features: int, num_classes: int
         return MLP(in_features, num_classes + (method == "defer"), hidden)
 
 
+STD_FLOOR = 0.5  # of the median feature's std (feature_stats)
+
+
 def feature_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) per feature of the rows ``X`` [N, ...] (flattened), float32: what
     ``build_student`` bakes in. Computed in float64 so large offsets do not lose digits."""
     X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
-    return X.mean(axis=0).astype(np.float32), X.std(axis=0).astype(np.float32)
+    std = X.std(axis=0)
+    # a near-constant feature (an image's border pixel) is not blown up into noise: no std
+    # below STD_FLOOR x the median feature's
+    positive = std[std > 0]
+    floor = STD_FLOOR * float(np.median(positive)) if positive.size else 0.0
+    return X.mean(axis=0).astype(np.float32), np.maximum(std, floor).astype(np.float32)
 
 
 def build_student(arch: str | tuple[int, ...], in_features: int, num_classes: int, mean, std,
