@@ -14,7 +14,9 @@ of 20,000 other rows. Student budget 0.1 of the teacher's FLOPs.
     standardise, distil a 16-HAND_HIDDEN-26 MLP on the teacher's soft labels (100 epochs,
     AdamW, one-cycle), take the max-probability threshold whose disagreement on the held-back
     rows is <= EPS (no guarantee: an empirical threshold), label every row outside the
-    sample (the teacher on the rows under the threshold), write Parquet.
+    sample (the teacher on the rows under the threshold), write Parquet. One torch thread,
+    as titans' search uses for steps this small (two threads on a busy 2-core machine made
+    the same training many times slower).
 (t) `titans label --max-disagreement 0.01` with the same teacher, data and sample size, a
     whole process (`python -m titans.pipeline.cli.main`), the in-process FnApiRunner.
 (b) with --base-ref REV, (t) of commit REV (its tree as a git worktree under --workdir,
