@@ -39,7 +39,6 @@ import datetime
 import io
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

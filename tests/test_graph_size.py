@@ -7,7 +7,6 @@ import os
 import time
 
 import apache_beam as beam
-import pytest
 
 from conftest import DIM, write_dataset
 from titans.models.loading import ModelRef

@@ -277,7 +277,7 @@ def test_two_writers_started_together_one_is_refused(tmp_path):
         [winner] = [p for p in procs if p is not loser]
         err = loser.stderr.read()
         assert loser.returncode == 1 and "StateLocked" in err, err
-        assert f"is in use by `titans label` (run " in err and f"pid {winner.pid}," in err
+        assert "is in use by `titans label` (run " in err and f"pid {winner.pid}," in err
         assert "titans-state-paused write:student" in winner.stderr.readline()
     finally:
         for p in procs:
