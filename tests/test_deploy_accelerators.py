@@ -67,12 +67,14 @@ def test_local_runners_ignore_hints_so_nothing_is_checked():
                        "type:nvidia-l4;count:1;machine_type:n1-standard-4")
 
 
-def test_titans_run_refuses_the_pair_in_one_line_before_anything_is_written(tmp_path):
-    """The command line end to end on DataflowRunner: exit 2, one error line, no output."""
+@pytest.mark.parametrize("command", [["run", "--student", "s.pt"], ["label"]])
+def test_titans_run_refuses_the_pair_in_one_line_before_anything_is_written(tmp_path, command):
+    """The command line end to end on DataflowRunner: exit 2, one error line, no output
+    (`titans label` too, before its sample phase)."""
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "titans.pipeline.cli.main", "run", "--input", str(tmp_path / "in"),
-         "--output", str(out), "--student", "s.pt", "--teacher", "t.pt",
+        [sys.executable, "-m", "titans.pipeline.cli.main", *command, "--input",
+         str(tmp_path / "in"), "--output", str(out), "--teacher", "t.pt",
          "--teacher-accelerator", "type:nvidia-l4;count:1;machine_type:n1-standard-4", *DATAFLOW],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr

@@ -106,7 +106,8 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
     check_config(c)
     jd = JobDir(c.output)
     job_checks(beam_args, {"teacher": c.job.teacher,
-                           "student": ModelRef(jd.student, device=c.student_device)})
+                           "student": ModelRef(jd.student, device=c.student_device)},
+               c.job.teacher_resource_hints)  # a GPU without a machine for it: before sampling
     if c.state is None:
         with jd.acquire(overwrite=c.job.overwrite or c.resume) as lock:
             return _label(c, jd, beam_args, start, lock, None)
