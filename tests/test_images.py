@@ -232,3 +232,30 @@ def test_a_batch_is_decoded_in_slices_and_every_row_keeps_its_own_error(tmp_path
     seen = np.rint(conf / (1 - conf))  # the rows the model saw at once: slices of 4, or fewer
     good = [i for i in range(13) if i not in (6, 9)]
     assert seen[good].max() == 4 and seen[[0, 1, 2, 3]].tolist() == [4, 4, 4, 4]
+
+
+def test_plain_pngs_take_the_short_path_with_pillows_pixels_and_reasons(monkeypatch):
+    """Plain 8-bit L/RGB PNGs skip Image.open (transforms/png.py); the pixels and the reasons
+    are what the general path gives, and anything unusual or broken goes that way."""
+    from titans.transforms import images, png
+
+    rgb, g = _rgb(3, 7, 9), _rgb(4, 7, 9)[:, :, 0]
+    good = _encode(rgb, "PNG")
+    blobs = [good, _encode(g, "PNG"), _encode(rgb, "PNG", optimize=True), good[:-12],
+             good[:60], good[:20] + b"x" + good[21:], good[:50] + bytes([good[50] ^ 1]) + good[51:],
+             _encode(rgb[:3], "PNG"), None, b"junk", _encode(rgb, "PNG", dpi=(72, 72)),
+             _encode(np.dstack([rgb, g]), "PNG"), good + b"trailing", _encode(rgb, "JPEG")]
+    assert png.plain_png(good, "RGB", (7, 9)) is not None
+    assert png.plain_png(good, "L", (7, 9)) is None  # a conversion: the general path's job
+    col = pa.array(blobs, pa.binary())
+    for mode in ("RGB", "L"):
+        for kw in ({"expect": (7, 9)}, {"size": (7, 9)}):
+            fast = decode_images(col, mode, threads=2, **kw)
+            monkeypatch.setattr(images, "plain_png", lambda *a: None)
+            slow = decode_images(col, mode, threads=2, **kw)
+            monkeypatch.undo()
+            assert np.array_equal(fast[0], slow[0]) and list(fast[1]) == list(slow[1])
+            assert fast[1][0] is None and fast[1][8] == "null image" and fast[1][4] is not None
+    sizes = images.image_sizes(col)
+    monkeypatch.setattr(images, "png_size", lambda blob: None)
+    assert sizes == images.image_sizes(col) and sizes[0] == (7, 9) and sizes[7] == (3, 9)
