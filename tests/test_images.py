@@ -245,17 +245,22 @@ def test_plain_pngs_take_the_short_path_with_pillows_pixels_and_reasons(monkeypa
              good[:60], good[:20] + b"x" + good[21:], good[:50] + bytes([good[50] ^ 1]) + good[51:],
              _encode(rgb[:3], "PNG"), None, b"junk", _encode(rgb, "PNG", dpi=(72, 72)),
              _encode(np.dstack([rgb, g]), "PNG"), good + b"trailing", _encode(rgb, "JPEG")]
-    assert png.plain_png(good, "RGB", (7, 9)) is not None
-    assert png.plain_png(good, "L", (7, 9)) is None  # a conversion: the general path's job
+    (start, pixels, ok), = png.plain_pngs([None, good, good], 0, 3, "RGB", (7, 9))
+    assert start == 0 and ok.tolist() == [False, True, True] and np.array_equal(pixels[2], rgb)
+    assert not list(png.plain_pngs([good], 0, 1, "L", (7, 9)))  # a conversion: not plain
     col = pa.array(blobs, pa.binary())
     for mode in ("RGB", "L"):
         for kw in ({"expect": (7, 9)}, {"size": (7, 9)}):
             fast = decode_images(col, mode, threads=2, **kw)
-            monkeypatch.setattr(images, "plain_png", lambda *a: None)
+            monkeypatch.setattr(images, "plain_pngs", lambda *a: iter(()))
             slow = decode_images(col, mode, threads=2, **kw)
             monkeypatch.undo()
             assert np.array_equal(fast[0], slow[0]) and list(fast[1]) == list(slow[1])
             assert fast[1][0] is None and fast[1][8] == "null image" and fast[1][4] is not None
+            monkeypatch.setattr(png, "_GROUP_BYTES", 600)  # groups of 2 rows: bands and ends
+            grouped = decode_images(col, mode, threads=2, **kw)
+            monkeypatch.undo()
+            assert np.array_equal(grouped[0], slow[0]) and list(grouped[1]) == list(slow[1])
     sizes = images.image_sizes(col)
     monkeypatch.setattr(images, "png_size", lambda blob: None)
     assert sizes == images.image_sizes(col) and sizes[0] == (7, 9) and sizes[7] == (3, 9)
