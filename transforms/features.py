@@ -28,6 +28,11 @@ from titans.transforms.columns import one_array
 IMAGE_BATCH_BYTES = 256 << 20
 # ... decoded a slice at a time within a batch, overlapped with the model's forward
 IMAGE_SLICE_BYTES = 32 << 20
+# ... and fed to a model on the CPU this much at a time (at least 64 rows): a conv net's
+# activations of a whole slice of small images (10k 28x28: ~500 MB after a 16-channel conv)
+# fall out of cache; a small CNN took 2.1 s on 10k digits in one forward, 1.4 s in chunks
+# of 256-512 (one thread)
+IMAGE_FORWARD_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +111,12 @@ class ImageSpec:
         """Rows of a batch decoded at a time: IMAGE_SLICE_BYTES of float32, so the next
         slice is decoded while the model runs on this one (transforms/overlap.py)."""
         return self.batch_rows(rows, IMAGE_SLICE_BYTES)
+
+    def forward_rows(self, rows: int) -> int:
+        """Rows per forward pass on a CPU: ``rows``, or fewer so that the input holds at most
+        IMAGE_FORWARD_BYTES (at least 64 rows, so large images keep a real batch)."""
+        per_row = 4 * int(np.prod(self.shape))
+        return max(1, min(rows, max(64, IMAGE_FORWARD_BYTES // per_row)))
 
     def describe(self) -> str:
         c, h, w = self.shape

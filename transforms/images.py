@@ -6,12 +6,13 @@ slot is left at zero, so a batch is always scored whole and bad rows go to the d
 
 Decoding is Pillow's, on a thread pool: Pillow releases the GIL while it decodes, so the
 workers run in parallel. Each worker takes a contiguous slice of the batch (not one task per
-image: for small images the cost of a task is as large as the decode) and writes uint8
-the model's float32 [C, H, W] slot of each image right after decoding it (scaling to [0, 1],
+image: for small images the cost of a task is as large as the decode) and writes the
+model's float32 [C, H, W] slot of each image right after decoding it (scaling to [0, 1],
 normalising per channel and moving channels first in one numpy pass per channel, while the
 pixels are still in cache; numpy releases the GIL in its loops). Pixels come out of Pillow
 through the Arrow C data interface, a view of Pillow's own buffer (``np.asarray(image)``
-copies through an encoder, which costs as much as decoding a small PNG).
+copies through an encoder, which costs as much as decoding a small PNG). Plain PNGs skip
+``Image.open`` altogether (transforms/png.py): for small ones its Python is most of the cost.
 """
 from __future__ import annotations
 
@@ -24,33 +25,18 @@ import threading
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 from titans.transforms.columns import one_array
 from titans.transforms.png import plain_pngs, png_size
 
 _CHANNELS = {"RGB": 3, "L": 1}
-# images of a batch smaller than this on average (encoded) are decoded on one thread
-SMALL_IMAGE_BYTES = 8 << 10
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
-
-
-def _threads_for(column, n: int) -> int:
-    """Decode threads for a batch: one for small images. Pillow holds the GIL for its Python
-    around each decode and releases it only inside the decoder; for a 28x28 PNG (~400
-    bytes: ~9 us of Python to ~4 us of inflating) two threads mostly pass the GIL back and
-    forth, and 100k of them decoded 10-20% slower on two threads than on one. Larger
-    images (a 224x224 JPEG: ~1 ms in the decoder) keep the pool."""
-    if not n:
-        return 1
-    encoded = pc.sum(pc.binary_length(one_array(column))).as_py() or 0
-    return 1 if encoded / n < SMALL_IMAGE_BYTES else default_threads()
 
 
 def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -81,7 +67,7 @@ def decode_images(column, mode: str = "RGB", size: tuple[int, int] | None = None
     scale, offset = _normalisation(channels, mean, std)
     blobs = _blobs(column)
     n = len(blobs)
-    threads = threads or _threads_for(column, n)
+    threads = threads or default_threads()
     reasons = np.full(n, None, dtype=object)
     if size is not None:
         h, w = int(size[0]), int(size[1])

@@ -54,6 +54,7 @@ class LoadedModel:
     module: torch.nn.Module
     device: str
     progress: "Progress"
+    forward_rows: int | None = None  # rows per forward when not batch_size (see forward)
 
 
 class BatchFailed(Exception):
@@ -92,7 +93,11 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
         if device.startswith("cuda"):
             where = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
         _LOG.info("%s model %s loaded on %s", self._name, self._model.path, where)
-        return LoadedModel(module, device, Progress(self._name))
+        # images on this process's CPU: chunks that keep the activations in cache (not on a
+        # GPU, nor on the worker's shared copy, where a forward's fixed cost is larger)
+        rows = getattr(self._features, "forward_rows", None)
+        rows = rows(self._batch_size) if rows is not None and device == "cpu" else None
+        return LoadedModel(module, device, Progress(self._name), rows)
 
     def run_inference(self, batch: Sequence[pa.Table], model: LoadedModel,
                       inference_args=None) -> list[pa.Table]:
@@ -164,11 +169,15 @@ class ArrowModelHandler(ModelHandler[pa.Table, pa.Table, LoadedModel]):
 
     def forward(self, model: LoadedModel, x: np.ndarray) -> np.ndarray:
         """float32 logits [rows, outputs] of the model, at most batch_size rows per forward."""
-        y = forward_in_chunks(model.module, x, self._batch_size, model.device)
+        y = forward_in_chunks(model.module, x, self.forward_chunk(model), model.device)
         if y.dim() != 2 or y.shape[0] != len(x):
             raise ValueError(f"expected logits [{len(x)}, classes], got {tuple(y.shape)}")
-        Metrics.counter("titans", f"{self._name}_forward_calls").inc(-(-len(x) // self._batch_size))
+        Metrics.counter("titans", f"{self._name}_forward_calls").inc(-(-len(x) // self.forward_chunk(model)))
         return y.numpy()
+
+    def forward_chunk(self, model: LoadedModel) -> int:
+        """Rows per forward pass of ``model``."""
+        return model.forward_rows or self._batch_size
 
     def get_num_bytes(self, batch: Sequence[pa.Table]) -> int:
         # the default pickles every batch just to measure it

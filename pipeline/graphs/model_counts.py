@@ -39,7 +39,7 @@ class CountingHandler(ArrowModelHandler):
 
     def forward(self, model, x):
         y = super().forward(model, x)  # raises on failure: a failed call is not counted
-        self._tally().calls += -(-len(x) // self._batch_size)
+        self._tally().calls += -(-len(x) // self.forward_chunk(model))
         return y
 
     def _tally(self) -> threading.local:
