@@ -74,21 +74,26 @@ class State:
     student_path: str | None
     pool_path: str | None
     token: object = dataclasses.field(default=None, repr=False, compare=False)  # pointer's
+    _read: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def folder(self) -> str:
         return _name(self.path)
 
     def read_pool(self) -> pa.Table | None:
-        """The pool's rows (None when this generation keeps none), checked against its hash."""
+        """The pool's rows (None when this generation keeps none), checked against its hash;
+        read once per State (a warm run uses it for the fine-tune and again for the next pool;
+        Arrow tables are immutable, so sharing it is safe)."""
         if self.pool_path is None:
             return None
-        data = _read(self.pool_path)
-        _check_sha(data, self.meta["pool"].get("sha256"), self.pool_path)
-        try:
-            return pq.read_table(pa.BufferReader(data))
-        except Exception as e:  # noqa: BLE001 - any Arrow error is a damaged file here
-            raise StateError(_damaged(self.pool_path, f"not Parquet ({e})")) from e
+        if "pool" not in self._read:
+            data = _read(self.pool_path)
+            _check_sha(data, self.meta["pool"].get("sha256"), self.pool_path)
+            try:
+                self._read["pool"] = pq.read_table(pa.BufferReader(data))
+            except Exception as e:  # noqa: BLE001 - any Arrow error is a damaged file here
+                raise StateError(_damaged(self.pool_path, f"not Parquet ({e})")) from e
+        return self._read["pool"]
 
 
 @dataclasses.dataclass(frozen=True)
