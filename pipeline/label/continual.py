@@ -142,11 +142,13 @@ def _load(path: str):
     return load_model_file(path, "cpu")
 
 
-def pool_arrays(pool: pa.Table | None, features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(models' input, teacher probabilities, fine-tune weights: HARD_WEIGHT for hard rows)
-    of the pool rows."""
+def pool_arrays(pool: pa.Table | None, features) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                         np.ndarray]:
+    """(models' input, teacher probabilities, fine-tune weights: HARD_WEIGHT for hard rows,
+    the hard rows' mask) of the pool rows."""
     if pool is None or pool.num_rows == 0:
-        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros((2, 0))
+        return (np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros((2, 0)),
+                np.zeros(0, bool))
     x, reasons = feature_matrix(pool, features)
     probs = np.stack(pool.column(PROBS).to_numpy(zero_copy_only=False)).astype(np.float32)
     hard = pc.equal(pool.column("origin"), "hard").to_numpy(zero_copy_only=False)
@@ -155,8 +157,8 @@ def pool_arrays(pool: pa.Table | None, features) -> tuple[np.ndarray, np.ndarray
     weights = np.stack([np.where(hard, mc.HARD_WEIGHT, 1.0), mc.row_weights(hard, age, True)])
     if reasons is not None:
         ok = np.array([r is None for r in reasons])
-        x, probs, weights = x[ok], probs[ok], weights[:, ok]
-    return x.reshape(len(x), -1), probs, weights  # weights: [plain, after a shift]
+        x, probs, weights, hard = x[ok], probs[ok], weights[:, ok], hard[ok]
+    return x.reshape(len(x), -1), probs, weights, hard  # weights: [plain, after a shift]
 
 
 def _previous_heldout(pool: pa.Table | None, history: list[dict]) -> pa.Table | None:
@@ -185,7 +187,7 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     x = s.x.reshape(len(s.x), -1)
     tpred = s.teacher_pred
     pool = base.read_pool() if cont.pool_rows > 0 else None
-    x_pool, p_pool, w_pool = pool_arrays(pool, plan.features)
+    x_pool, p_pool, w_pool, hard_pool = pool_arrays(pool, plan.features)
 
     # drift: yesterday's student on today's fresh rows (it never saw them), against its
     # agreement on yesterday's held-out rows and their deferral scores
@@ -206,6 +208,7 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     ft = mc.fine_tune(challenger, x_pool, p_pool, x[split.train], s.probs[split.train],
                       pool_weights=w_pool[1 if after_shift else 0],
                       today_share=mc.SHIFT_TODAY_SHARE if after_shift else None,
+                      pool_hard=hard_pool, seconds=mc.fine_tune_seconds(cont.history),
                       seed=c.job.seed + len(cont.history))
     ft["after_shift"] = after_shift
     target = (mc.Target(deferral_rate=c.deferral_rate) if c.eps is None else
@@ -213,20 +216,23 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     flops, _ = flops_per_row(champion, x[:8])
     share = flops / plan.teacher_flops
     rules = (c.rule,) if c.rule else CONFIDENCE_RULES
-    scored = {name: mc.score(m, x[split.val], tpred[split.val], target, rules, c.audit_rate, share)
+    scored = {name: mc.score(m, x[split.val], tpred[split.val], target, rules, c.audit_rate, share,
+                             s.probs[split.val])
               for name, m in (("champion", champion), ("challenger", challenger))}
     kept = mc.champion_challenger(scored["champion"], scored["challenger"], len(split.val))
     best, model = scored[kept], (champion if kept == "champion" else challenger)
     report(f"    champion (yesterday's student): teacher share needed {scored['champion'].deferral:.1%}"
-           f", validation agreement {scored['champion'].val_agreement:.2%}; challenger (fine-"
-           f"tuned {ft['steps']} steps on {ft['rows_pool']:,} pool + {ft['rows_today']:,} fresh "
-           f"rows, {ft['seconds']:.1f} s): {scored['challenger'].deferral:.1%}, "
-           f"{scored['challenger'].val_agreement:.2%} -> {kept} kept")
+           f", validation agreement {scored['champion'].val_agreement:.2%}, KL "
+           f"{_num(scored['champion'].kl)}; challenger (fine-tuned {ft['steps']} steps on "
+           f"{ft['rows_pool']:,} pool + {ft['rows_today']:,} fresh rows, {ft['seconds']:.1f} s):"
+           f" {scored['challenger'].deferral:.1%}, {scored['challenger'].val_agreement:.2%}, KL "
+           f"{_num(scored['challenger'].kl)} -> {kept} kept")
     arch = meta.get("arch") or config.get("arch", "?")
     parameters = int(sum(p.numel() for p in model.parameters()))
     candidates = []
     for name, cand in scored.items():
         rec = cand.record()
+        rec.update(smooth=getattr(cand, "smooth", None), kl=getattr(cand, "kl", None))
         rec.update(arch=f"{arch} ({name})", flops_per_row=flops, parameters=parameters,
                    train_seconds=ft["seconds"] if name == "challenger" else 0.0)
         candidates.append(rec)
@@ -249,6 +255,10 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
         "train_rows": len(x_pool) + len(split.train), "val_rows": len(split.val),
         "rule": best.rule, "titans_label": {k: v for k, v in facts.items() if k != "candidates"}})
     return facts
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def drift_line(d: dict) -> str:

@@ -87,8 +87,10 @@ class State:
         if self.pool_path is None:
             return None
         if "pool" not in self._read:
-            data = _read(self.pool_path)
-            _check_sha(data, self.meta["pool"].get("sha256"), self.pool_path)
+            data = self._read.pop("pool_bytes", None)  # current() read and checked it already
+            if data is None:
+                data = _read(self.pool_path)
+                _check_sha(data, self.meta["pool"].get("sha256"), self.pool_path)
             try:
                 self._read["pool"] = pq.read_table(pa.BufferReader(data))
             except Exception as e:  # noqa: BLE001 - any Arrow error is a damaged file here
@@ -179,10 +181,13 @@ class StateDir:
         _check_sha(None, meta["student"].get("sha256"), student)
         pool_file = meta["pool"].get("file")
         pool_path = storage.join(path, pool_file) if pool_file else None
-        if pool_path:
-            _check_sha(None, meta["pool"].get("sha256"), pool_path)
-        return State(self.root, int(meta["generation"]), path, meta, hist, student, pool_path,
-                     token)
+        state = State(self.root, int(meta["generation"]), path, meta, hist, student, pool_path,
+                      token)
+        if pool_path:  # read once: checked here, parsed by read_pool (no second download)
+            data = _read(pool_path)
+            _check_sha(data, meta["pool"].get("sha256"), pool_path)
+            state._read["pool_bytes"] = data
+        return state
 
     def check_compatible(self, state: State, teacher_sha256: str, feature_schema: dict) -> None:
         """StateError (one line, naming --state-reset) unless ``state`` was written for this
