@@ -15,7 +15,8 @@ default 1M-row groups:
 With --base-ref REV, (b) of commit REV (a git worktree under --workdir) runs interleaved with
 (b) too, and its ratio to (b) is printed: a change's "no slowdown" check, measured in one run.
 (a), (b) and (c) are whole processes (importing Beam and torch is part of the cost). Runs of
-each comparison are interleaved (a, b, a, b, ...) so drifting load hits both sides alike;
+each comparison are interleaved (a, b, b0, then b, b0, a, ...: the order rotates, and the page
+cache is flushed before each run) so drifting load hits all sides alike;
 the medians are compared and the minimum and maximum printed with them. Marginal rows/s
 (start-up excluded) come from the medians at --rows and --memory-rows.
 """
@@ -162,7 +163,11 @@ def base_titans(ref: str, workdir: str) -> list[str]:
 
 
 def timed(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in MiB of the process and its children, stdout), fresh process."""
+    """(wall seconds, peak RSS in MiB of the process and its children, stdout), fresh process.
+    The page cache is flushed first (not timed): otherwise the write-back of the previous
+    run's output (1 GB at 4M rows) lands in this run's time, a 0.1-0.7 s penalty measured on
+    whichever side always comes second."""
+    os.sync()
     wrapper = [sys.executable, __file__, "measure", "--"] + cmd
     out = subprocess.run(wrapper, check=True, capture_output=True, text=True)
     last = json.loads(out.stdout.strip().splitlines()[-1])
@@ -256,20 +261,29 @@ def main() -> None:
         a = {rows: Runs(f"(a) hand-written loop, {rows:,} rows") for rows in sizes}
         b = {rows: Runs(f"(b) titans run, {rows:,} rows") for rows in sizes}
         b0 = {rows: Runs(f"(b0) titans run of {args.base_ref}, {rows:,} rows") for rows in sizes}
-        for _ in range(r):
+        def side_a(rows):
+            a[rows].add(timed([sys.executable, __file__, "handwritten", w(f"data-{rows}.parquet"),
+                               student, teacher, w(f"out-a-{rows}.parquet")]))
+
+        def side_b(rows):
+            out = w(f"out-b-{pair}-{rows}")
+            b[rows].add(timed(titans + [
+                "--input", w(f"data-{rows}.parquet"), "--output", out, "--student", student,
+                "--teacher", teacher, "--overwrite", "--deferral-rate", str(RATE)]
+                + args.beam_args.split()), os.path.join(out, "report.json"))
+
+        def side_b0(rows):
+            b0[rows].add(timed(base_titans(args.base_ref, args.workdir) + [
+                "--input", w(f"data-{rows}.parquet"), "--output", w(f"out-b-{pair}-{rows}-base"),
+                "--student", student, "--teacher", teacher, "--overwrite",
+                "--deferral-rate", str(RATE)] + args.beam_args.split()))
+
+        sides = [side_a, side_b] + ([side_b0] if args.base_ref else [])
+        for i in range(r):
             for rows in sizes:
-                a[rows].add(timed([sys.executable, __file__, "handwritten", w(f"data-{rows}.parquet"),
-                                   student, teacher, w(f"out-a-{rows}.parquet")]))
-                out = w(f"out-b-{pair}-{rows}")
-                b[rows].add(timed(titans + [
-                    "--input", w(f"data-{rows}.parquet"), "--output", out, "--student", student,
-                    "--teacher", teacher, "--overwrite", "--deferral-rate", str(RATE)]
-                    + args.beam_args.split()), os.path.join(out, "report.json"))
-                if args.base_ref:
-                    b0[rows].add(timed(base_titans(args.base_ref, args.workdir) + [
-                        "--input", w(f"data-{rows}.parquet"), "--output", out + "-base",
-                        "--student", student, "--teacher", teacher, "--overwrite",
-                        "--deferral-rate", str(RATE)] + args.beam_args.split()))
+                # the order rotates each round: no side always runs right after the same one
+                for side in sides[i % len(sides):] + sides[:i % len(sides)]:
+                    side(rows)
         bound = statistics.median(json.loads(subprocess.run(
             [sys.executable, __file__, "compute", student, teacher, str(n)], check=True,
             capture_output=True, text=True).stdout.strip().splitlines()[-1])["rows_per_second"]

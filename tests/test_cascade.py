@@ -152,3 +152,24 @@ def test_two_parallel_workers_label_every_row_once(tmp_path, models):
                                             "--direct_running_mode", "multi_threading"])
     assert sorted(read_labels(tmp_path / "out").column("id").to_pylist()) == list(range(4000))
     assert report["conservation_ok"] and report["metrics"]["teacher_rows"] == report["rows_hard"]
+
+
+def test_no_batch_is_pickled(tmp_path, models, monkeypatch):
+    """Tables travel and are sized with the Arrow coder: a PCollection left untyped falls back
+    to pickle, and Beam then pickles a whole batch every time it samples an element's size
+    (745 MB pickled in a 4M-row run when RunInference's outputs were untyped)."""
+    import pickle
+
+    pickled = []
+    dumps = pickle.dumps
+
+    def spy(obj, *args, **kwargs):
+        if isinstance(obj, pa.Table):
+            pickled.append(obj.num_rows)
+        return dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(pickle, "dumps", spy)
+    write_dataset(tmp_path / "data", 3000, files=2, row_group_size=1000)
+    report = _run(str(tmp_path / "data"), tmp_path / "out", models, deferral_rate=0.25)
+    assert report["rows_in"] == 3000
+    assert pickled == []

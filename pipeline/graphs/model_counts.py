@@ -74,6 +74,9 @@ class _Counted(beam.DoFn):
 
 
 def counted(scored, model: str, label: str):
-    """(RunInference's tables, as they were; their (metric key, n) count pairs)."""
+    """(RunInference's tables, as they were; their (metric key, n) count pairs). The tables
+    are declared pa.Table on the way in too: untyped, Beam pickles a whole batch each time
+    it samples an element's size (745 MB pickled in a 4M-row run)."""
+    scored.element_type = pa.Table
     out = scored | label >> beam.ParDo(_Counted(model)).with_outputs(_Counted.PAIRS, main="tables")
     return out.tables, out[_Counted.PAIRS]
