@@ -3,6 +3,7 @@ teacher's share, with the guarantee re-certified every day, under a stationary s
 under a shift?
 
     python benchmarks/continual.py [--rows 12000] [--days 5] [--shift-from 4] [--out DIR]
+                                   [--seed 0] [--repeat 1]
 
 Data (scikit-learn's bundled 8x8 digits; nothing is downloaded). The images are split in
 seeded halves: the teacher, an MLP(256,256), is trained on augmented copies of the first
@@ -20,6 +21,11 @@ across the days; the shift stream continues the stationary state after the day b
   disagreement    share of the rows outside the sample whose label differs from the teacher's
                   (the teacher run here on every row): the guarantee says <= EPS w.p. >= 0.9
   wall            the process's wall time; peak RSS (os.wait4) ; the state's size on disk
+With --repeat N each cell runs N times, interleaved (no state, --state, no state, ...; every
+--state repeat starts from a copy of the same state, the first one's result goes on to the next
+day): the wall times are medians with min-max, the shares the first repeat's (a run is
+deterministic but for the fine-tune's time cap). --seed S draws other data (the teacher's
+images, the day groups, the augmentations) and passes --seed S to titans (another sample).
 Then the issue's targets, each with its figure: by the last stationary day the share with
 --state <= 0.6x (aim 0.3x) the share without it on the same rows; misses of EPS counted
 against delta; the shift's drift line on its first day and a falling share the day after;
@@ -153,7 +159,10 @@ def run(day: dict, teacher: str, out: str, state: str | None, pool_rows: int | N
     outside = ~np.isin(ids, sample)
     truth = day["teacher_pred"][ids[outside] - day["first_id"]]
     st = report.get("state") or {}
+    phases = {k: v.get("seconds") for k, v in (report.get("phases") or {}).items()
+              if isinstance(v, dict)}
     return {"share": report["rows_to_teacher_share"], "rows": report["rows_in"],
+            "phases": phases,
             "teacher_rows": report["rows_to_teacher"], "sample": int(sample.size),
             "hard": report["rows_hard"],
             "disagreement": float(np.mean(label[outside] != truth)),
@@ -172,8 +181,8 @@ def dir_bytes(path: str) -> int:
 
 def table(results: dict, days: int, shift_from: int) -> str:
     lines = ["| stream | day | teacher share (no state) | teacher share (--state) | ratio | "
-             "disagreement outside the sample (no state / --state) | wall s (no state / "
-             "--state) | peak RSS MB (--state) | state MB | student kept | drift |",
+             "disagreement outside the sample (no state / --state) | wall s, median (min-max) "
+             "(no state / --state) | peak RSS MB (--state) | state MB | student kept | drift |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stream, d in sorted(results, key=lambda k: (k[0] != "stationary", k[1])):
         r = results[(stream, d)]
@@ -185,7 +194,8 @@ def table(results: dict, days: int, shift_from: int) -> str:
                  + ")")
         lines.append(
             f"| {stream} | {d} | {a['share']:.1%} | {b['share']:.1%} | {b['share'] / a['share']:.2f}x "
-            f"| {a['disagreement']:.2%} / {b['disagreement']:.2%} | {a['wall']:.0f} / {b['wall']:.0f} "
+            f"| {a['disagreement']:.2%} / {b['disagreement']:.2%} | {spread(a['walls'])} / "
+            f"{spread(b['walls'])} "
             f"| {b['rss_mb']:.0f} | {b['state_bytes'] / 1e6:.1f} | {b['kept'] or 'cold'} | {drift} |")
     return "\n".join(lines)
 
@@ -204,8 +214,21 @@ def targets(results: dict, days: int, shift_from: int, runs_total: int) -> list[
            f"disagreement > EPS {EPS} in {misses} of {runs_total} runs (delta {DELTA} allows "
            f"about {DELTA * runs_total:.1f} in expectation)"]
     walls = [st[d]["state"]["wall"] for d in st]
-    out.append(f"wall time with --state by day: {', '.join(f'{w:.0f}' for w in walls)} s; "
-               f"day N <= day 1: {'MET' if max(walls[1:]) <= walls[0] else 'NOT MET'}")
+    reps = len(st[1]["state"]["walls"])
+    out.append(f"wall time with --state by day (median of {reps} interleaved run(s), min-max): "
+               + ", ".join(spread(st[d]["state"]["walls"]) for d in st)
+               + f" s; day N <= day 1 (medians): "
+               + ("MET" if max(walls[1:]) <= walls[0] else
+                  "NOT MET (days " + ", ".join(str(d) for d in list(st)[1:]
+                                               if st[d]["state"]["wall"] > walls[0]) + ")"))
+    keys = [k for k in ("sample", "teacher labels", "distil", "calibrate", "cascade")
+            if k in st[1]["state"]["phase_medians"]]
+    for d in st:
+        ph = st[d]["state"]["phase_medians"]
+        out.append(f"  day {d} --state phases (median s): "
+                   + ", ".join(f"{k} {ph.get(k, 0):.2f}" for k in keys)
+                   + f"; sum {sum(ph.get(k, 0) for k in keys):.2f}; process wall "
+                   f"{st[d]['state']['wall']:.2f} vs no state {st[d]['plain']['wall']:.2f}")
     if ("shift", shift_from) in results:
         s4, s5 = results[("shift", shift_from)]["state"], results.get(("shift", shift_from + 1),
                                                                       {}).get("state")
@@ -237,19 +260,28 @@ def main() -> int:
                          "the first two stationary days, counting the runs whose disagreement "
                          "outside the sample is over EPS (the guarantee allows a share DELTA); "
                          "the schedule's runs all draw with one seed, so they are one draw")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="data seed (the teacher's images, the day groups, the augmentations), "
+                         "also passed to titans as --seed when not 0 (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="runs per cell and side, interleaved; wall times as medians with "
+                         "min-max (default: %(default)s)")
     a = ap.parse_args()
+    if a.repeat < 1:
+        ap.error("--repeat must be 1 or more")
     work = a.out or tempfile.mkdtemp(prefix="titans-continual-")
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    data = make_days(work, a.rows, a.days, a.shift_from)
+    data = make_days(work, a.rows, a.days, a.shift_from, a.seed)
     for name in os.listdir(work):  # a reused --out: the previous runs' outputs and states go
-        if name.startswith(("out-", "state-")):
+        if name.startswith(("out-", "state-")) and os.path.isdir(os.path.join(work, name)):
             shutil.rmtree(os.path.join(work, name))
     print(f"data: {a.days} days x {a.rows:,} rows in {work} ({time.time() - t0:.0f} s)", flush=True)
     if a.cold_seeds:
         return cold_seeds(data, work, a.cold_seeds)
     results: dict = {}
     state = os.path.join(work, "state-stationary")
+    seed = a.seed or None
     for d in range(1, a.days + 1):
         if d == a.shift_from:  # the shift stream goes on from the state before its first day
             shutil.copytree(state, os.path.join(work, "state-shift"))
@@ -258,16 +290,14 @@ def main() -> int:
                 continue
             day = data["days"][(stream, d)]
             st = state if stream == "stationary" else os.path.join(work, "state-shift")
-            # interleaved: the run without state, then the one with it, on the same rows
-            plain = run(day, data["teacher"], os.path.join(work, f"out-{stream}-{d}-plain"), None,
-                        None)
-            with_state = run(day, data["teacher"], os.path.join(work, f"out-{stream}-{d}-state"),
-                             st, a.pool_rows)
-            results[(stream, d)] = {"plain": plain, "state": with_state}
+            cell = repeated(day, data["teacher"], os.path.join(work, f"out-{stream}-{d}"), st,
+                            a.pool_rows, seed, a.repeat)
+            results[(stream, d)] = cell
+            plain, with_state = cell["plain"], cell["state"]
             print(f"{stream} day {d}: share {plain['share']:.1%} -> {with_state['share']:.1%} "
                   f"with --state, disagreement {plain['disagreement']:.2%} / "
-                  f"{with_state['disagreement']:.2%}, wall {plain['wall']:.0f} / "
-                  f"{with_state['wall']:.0f} s"
+                  f"{with_state['disagreement']:.2%}, wall {spread(plain['walls'])} / "
+                  f"{spread(with_state['walls'])} s"
                   + (f"; {with_state['drift_line']}" if with_state["drift_line"] else ""),
                   flush=True)
     print()
@@ -278,6 +308,51 @@ def main() -> int:
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({f"{s}-{d}": r for (s, d), r in results.items()}, f, indent=1, default=float)
     return 0
+
+
+def repeated(day: dict, teacher: str, out: str, state: str, pool_rows: int | None,
+             seed: int | None, repeat: int) -> dict:
+    """One cell: ``repeat`` runs per side, interleaved (no state, then --state, ...). Every
+    --state repeat starts from a copy of the state as it was before the cell; the first one's
+    run writes the real state (it goes on to the next day). Figures of the first repeat, with
+    the wall times (and phase times) of all."""
+    before = state + ".before"
+    if repeat > 1:
+        if os.path.exists(before):
+            shutil.rmtree(before)
+        shutil.copytree(state, before) if os.path.exists(state) else os.makedirs(before)
+    sides: dict = {"plain": [], "state": []}
+    for r in range(repeat):
+        sides["plain"].append(run(day, teacher, f"{out}-plain" + (f"-r{r}" if r else ""), None,
+                                  None, seed))
+        st = state
+        if r:  # a copy of the state before the cell: the same warm start as repeat 0
+            st = f"{state}.r{r}"
+            shutil.copytree(before, st)
+        sides["state"].append(run(day, teacher, f"{out}-state" + (f"-r{r}" if r else ""), st,
+                                  pool_rows, seed))
+        if r:
+            shutil.rmtree(st)
+            for side in ("plain", "state"):
+                shutil.rmtree(f"{out}-{side}-r{r}")
+    if repeat > 1:
+        shutil.rmtree(before)
+    cell = {}
+    for side, runs in sides.items():
+        first = dict(runs[0])
+        first["walls"] = [x["wall"] for x in runs]
+        first["wall"] = float(np.median(first["walls"]))
+        first["phase_medians"] = {k: float(np.median([x["phases"].get(k) or 0.0 for x in runs]))
+                                  for k in runs[0]["phases"]}
+        cell[side] = first
+    return cell
+
+
+def spread(values: list[float]) -> str:
+    """median (min-max) of a list of seconds; one value alone."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def cold_seeds(data: dict, work: str, seeds: int) -> int:

@@ -51,8 +51,10 @@ TODAY_SHARE = 0.3        # at least this share of each batch's draws are today's
 TEMPERATURE = 4.0        # as the cold search's kd
 # the pool's hard rows are drawn at this weight against its sample rows: they are the rows the
 # cascade sends to the teacher anyway (the easy loss's floor, losses.FLOOR), and their
-# probabilities are rebuilt from a label and a confidence, so they are fitted at T=1 (softened
-# at TEMPERATURE the rebuilt rest is nearly uniform). benchmarks/continual.py, day 4's state
+# probabilities are rebuilt from a label and a confidence, the rest spread evenly: they are
+# fitted at T=1, where the loss turns on the label and confidence (the teacher's), not at
+# TEMPERATURE, where it weighs the made-up even rest as much as the sample rows' real one
+# (tests/test_continual_learning.py). benchmarks/continual.py, day 4's state
 # fine-tuned on day 5's rows, deferral needed on the ~10,000 rows outside the sample (mean
 # of 4 draws): shift 31.0% at T=4, 28.8% at T=1 (29.6% without hard rows, 28.7% at weight
 # 0.3, 29.4% at 1); stationary 10.2% at T=4, 9.6% at T=1 (10.3% at weight 0.3)

@@ -1,0 +1,124 @@
+"""The learning side of `titans label --state` (issue 18): how the warm start is fine-tuned on
+the pool's hard rows, how yesterday's student is kept or replaced, the fine-tune's time cap
+from the history, and the pool read once per run. Real torch models, the real state store on
+disk; no mocks."""
+import os
+
+import numpy as np
+import torch
+
+from titans.models import continual as mc
+from titans.models import losses
+from titans.models.architectures import MLP
+from titans.models.student_search import Candidate
+from titans.pipeline.state.store import StateDir
+from titans.transforms.io.models import save_torchscript
+
+from state_runs import write_run
+
+DIM, CLASSES = 8, 4
+
+
+def _rebuilt(probs: np.ndarray) -> np.ndarray:
+    """Probabilities as the pool keeps them for hard rows: the teacher's label and confidence,
+    the rest spread evenly (pipeline.label.continual.pool_rows)."""
+    label, conf = probs.argmax(1), probs.max(1)
+    p = np.repeat(((1 - conf) / (CLASSES - 1))[:, None], CLASSES, 1).astype(np.float32)
+    p[np.arange(len(label)), label] = conf
+    return p
+
+
+def test_hard_rows_fitted_at_t1_bring_the_student_closer_to_the_teacher():
+    """300 sample rows with the teacher's probabilities and 900 hard rows with rebuilt ones:
+    at T=4 the loss weighs the rebuilt rows' made-up even tail as much as the sample rows'
+    real one; at T=1 it is dominated by the label and confidence, which are the teacher's."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    teacher = MLP(DIM, CLASSES, (32,))
+
+    def probs(x):
+        with torch.no_grad():
+            return torch.softmax(2 * teacher(torch.from_numpy(x)), -1).numpy()
+
+    xs, xh, xe = (rng.normal(size=(n, DIM)).astype(np.float32) for n in (300, 900, 2000))
+    x, p = np.concatenate([xs, xh]), np.concatenate([probs(xs), _rebuilt(probs(xh))])
+    hard = np.r_[np.zeros(len(xs), bool), np.ones(len(xh), bool)]
+    kl = {}
+    for name, mask in (("T=1", hard), ("T=4", None)):
+        torch.manual_seed(0)
+        student = MLP(DIM, CLASSES, (32,))
+        mc.fine_tune(student, x, p, np.zeros((0, DIM)), np.zeros((0, CLASSES)),
+                     pool_hard=mask, steps=600, seed=0)
+        with torch.no_grad():
+            logits = student(torch.from_numpy(xe))
+        kl[name] = float(losses.student_disagreement(logits, torch.from_numpy(probs(xe))).mean())
+    assert kl["T=1"] < 0.95 * kl["T=4"], kl  # 0.019 vs 0.021 when written
+
+
+def _cand(smooth: float, kl: float | None) -> Candidate:
+    c = Candidate((), 0.0, 0.0, 0, 0.0)
+    c.objective, c.smooth, c.kl = smooth, smooth, kl
+    return c
+
+
+def test_champion_challenger_on_kl_with_a_deferral_veto():
+    n = 300
+    step = 1.0 / n
+    # clearly fewer teacher rows: the challenger, whatever its KL
+    assert mc.champion_challenger(_cand(0.30, 0.1), _cand(0.25, 0.2), n) == "challenger"
+    # the same deferral within noise: the one closer to the teacher
+    assert mc.champion_challenger(_cand(0.30, 0.10), _cand(0.30, 0.08), n) == "challenger"
+    assert mc.champion_challenger(_cand(0.30, 0.08), _cand(0.30, 0.10), n) == "champion"
+    # closer to the teacher but needing more rows than the slack allows: yesterday's
+    worse = 0.30 + (mc.KL_SLACK + 1) * step
+    assert mc.champion_challenger(_cand(0.30, 0.10), _cand(worse, 0.05), n) == "champion"
+    # ties keep yesterday's student; without KL the deferral alone decides
+    assert mc.champion_challenger(_cand(0.30, 0.10), _cand(0.30, 0.10), n) == "champion"
+    assert mc.champion_challenger(_cand(0.30, None), _cand(0.30, 0.01), n) == "champion"
+
+
+def test_score_measures_kl_to_the_teacher_on_the_validation_rows():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, DIM)).astype(np.float32)
+    teacher = MLP(DIM, CLASSES, (16,))
+    with torch.no_grad():
+        p = torch.softmax(teacher(torch.from_numpy(x)), -1).numpy()
+    target = mc.Target(bar=0.01)
+    same = mc.score(teacher, x, p.argmax(1), target, teacher_val_probs=p)
+    other = mc.score(MLP(DIM, CLASSES, (16,)), x, p.argmax(1), target, teacher_val_probs=p)
+    assert abs(same.kl) < 1e-5 and other.kl > 0.01
+    assert mc.score(teacher, x, p.argmax(1), target).kl is None
+
+
+def test_fine_tune_seconds_is_bounded_by_the_cold_runs_distil_phase():
+    history = [{"mode": "cold", "phase_seconds": {"distil": 3.0}},
+               {"mode": "warm", "phase_seconds": {"distil": 0.5}}]
+    assert mc.fine_tune_seconds(history) == mc.COLD_DISTIL_SHARE * 3.0
+    assert mc.fine_tune_seconds([]) == mc.FINE_TUNE_SECONDS  # no cold run recorded
+    assert mc.fine_tune_seconds([{"mode": "cold", "phase_seconds": {"distil": 10 ** 6}}]) \
+        == mc.FINE_TUNE_SECONDS
+    # and the fine-tune stops at its cap: 10**6 steps in at most about the cap
+    student = MLP(DIM, CLASSES, (8,))
+    x = np.random.default_rng(2).normal(size=(100, DIM)).astype(np.float32)
+    done = mc.fine_tune(student, x, np.full((100, CLASSES), 0.25, np.float32), x[:10],
+                        np.full((10, CLASSES), 0.25, np.float32), steps=10 ** 6,
+                        seconds=mc.fine_tune_seconds([{"mode": "cold",
+                                                       "phase_seconds": {"distil": 0.4}}]))
+    assert done["steps"] < 10 ** 6 and done["seconds"] < 2.0
+
+
+def test_the_pool_is_read_once_per_run(tmp_path):
+    """current() reads and checks the pool; read_pool() parses those bytes: the file is not
+    read again (on gs:// a second download of the whole pool)."""
+    root = str(tmp_path / "state")
+    sd = StateDir(root)
+    student = str(tmp_path / "s.pt")
+    save_torchscript(MLP(8, 4, (16,)), student, {"arch": "MLP 8-16-4"})
+    with sd.lock():
+        sd.commit(write_run(sd, None, 0, student))
+    state = StateDir(root).current()
+    expected_rows = state.meta["pool"]["rows"]
+    os.remove(state.pool_path)  # gone after current(): read_pool must not need the file
+    pool = state.read_pool()
+    assert pool.num_rows == expected_rows == 200
+    assert state.read_pool() is pool
