@@ -122,3 +122,23 @@ def test_the_pool_is_read_once_per_run(tmp_path):
     pool = state.read_pool()
     assert pool.num_rows == expected_rows == 200
     assert state.read_pool() is pool
+
+
+def test_a_pickled_state_leaves_its_pool_behind(tmp_path):
+    """The cascade's last step carries the run's State (for the history entry) and Beam
+    pickles it into every bundle: the pool read into it must not travel along."""
+    import pickle
+
+    root = str(tmp_path / "state")
+    sd = StateDir(root)
+    student = str(tmp_path / "s.pt")
+    save_torchscript(MLP(8, 4, (16,)), student, {"arch": "MLP 8-16-4"})
+    with sd.lock():
+        sd.commit(write_run(sd, None, 0, student, new_rows=5000, cap=5000))
+    state = StateDir(root).current()
+    pool = state.read_pool()
+    size = os.path.getsize(state.pool_path)
+    data = pickle.dumps(state)
+    assert len(data) < size / 4, (len(data), size)
+    copy = pickle.loads(data)
+    assert copy == state and copy.read_pool().equals(pool)  # read again from its file
