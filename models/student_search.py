@@ -356,7 +356,7 @@ def search_student(x_train: np.ndarray, p_train: np.ndarray, x_val: np.ndarray,
     try:
         runs = _train(students, epochs=settings["epochs"], lr=settings["lr"], **stage)
         done = [_score(embed, hidden, student, run, x_val, teacher_val_pred, teacher_flops,
-                       target, rules, audit_rate)
+                       target, rules, audit_rate, classes)
                 for (embed, hidden), student, run in zip(archs, students, runs)]
         hit = any(r["stopped"] == "time budget" for r in runs)
         finalists = sorted(range(len(done)), key=lambda i: (done[i].objective, i))[:FINALISTS]
@@ -372,7 +372,7 @@ def search_student(x_train: np.ndarray, p_train: np.ndarray, x_val: np.ndarray,
                        "best_epoch": first["epochs"] + run["best_epoch"]}
                 embed, hidden = archs[i]
                 done[i] = _score(embed, hidden, students[i], run, x_val, teacher_val_pred,
-                                 teacher_flops, target, rules, audit_rate)
+                                 teacher_flops, target, rules, audit_rate, classes)
         best_i = pool[0]
         for i in pool:  # ties (within a validation row) go to the cheaper one
             if done[i].objective < done[best_i].objective - 0.5 / max(1, len(x_val)):
@@ -394,8 +394,11 @@ def _train(students, *, x_train, p_train, **kwargs) -> list[dict]:
 
 
 def _score(embed, hidden, student, run, x_val, teacher_val_pred, teacher_flops, target, rules,
-           audit_rate) -> Candidate:
-    flops, _ = flops_per_row(student, x_val[:8])
+           audit_rate, classes) -> Candidate:
+    # a vector student is an MLP of known shape: counted, not run under FlopCounterMode,
+    # whose first use imports torch._dynamo (~0.8 s of every titans label run)
+    flops = (float(mlp_flops(x_val.shape[1], hidden, classes)) if embed is None
+             else flops_per_row(student, x_val[:8])[0])
     c = Candidate(hidden, flops, flops / teacher_flops,
                   int(sum(p.numel() for p in student.parameters())), 0.0, embed=embed,
                   epochs=run["epochs"], best_epoch=run["best_epoch"], stopped=run["stopped"])

@@ -17,6 +17,13 @@ DIM, CLASSES = 8, 4
 RUNNER = ["--runner", "FnApiRunner"]
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path, monkeypatch):
+    """Every test starts with an empty titans cache (the teacher FLOPs `titans label`
+    counts once per teacher file): no test sees what an earlier one counted."""
+    monkeypatch.setenv("TITANS_CACHE_DIR", str(tmp_path / "titans-cache"))
+
+
 def features_table(ids: np.ndarray, x: np.ndarray, fixed: bool = True) -> pa.Table:
     values = pa.array(x.reshape(-1).astype(np.float32))
     vec = (pa.FixedSizeListArray.from_arrays(values, x.shape[1]) if fixed else

@@ -79,6 +79,32 @@ def test_flops_proxy_counts_an_mlp_like_its_formula_and_a_conv_net_beyond_its_we
     assert flops == 2 * (64 * 16 * 9 + 1024 * 10) > 2 * weights
 
 
+def test_the_search_counts_its_students_flops_as_measured():
+    """The search counts a vector student's FLOPs by formula (no FlopCounterMode, whose
+    first use costs ~0.8 s): the formula must be what the counter measures on that student."""
+    from titans.models.distill import build_student
+
+    for hidden in [(), (32,), (64, 16)]:
+        student = build_student(hidden, 64, 10, np.zeros(64, np.float32), np.ones(64, np.float32))
+        assert flops_per_row(student, np.zeros((4, 64), np.float32))[0] == mlp_flops(64, hidden, 10)
+
+
+def test_teacher_flops_are_counted_once_per_teacher_file(tmp_path, monkeypatch):
+    from titans.pipeline.label import flops_cache
+
+    monkeypatch.setenv("TITANS_CACHE_DIR", str(tmp_path / "cache"))
+    teacher, x = MLP(64, 10, (256, 256)), np.zeros((8, 64), np.float32)
+    assert flops_cache.teacher_flops(teacher, x, "abc")[::2] == (168_960, 8)  # counted on 8 rows
+    other = MLP(64, 10, (16,))  # as if the file "abc" were this one: the cache answers
+    assert flops_cache.teacher_flops(other, x, "abc")[::2] == (168_960, 0)
+    assert flops_cache.teacher_flops(other, x, "def")[0] == mlp_flops(64, (16,), 10)
+    narrow = MLP(32, 10, (16,))
+    assert flops_cache.teacher_flops(narrow, x[:, :32], "abc")[0] == mlp_flops(32, (16,), 10)
+    open(flops_cache.cache_path(), "w").write("{not json")  # a damaged cache: counted again
+    assert flops_cache.teacher_flops(teacher, x, "abc")[::2] == (168_960, 8)
+    assert flops_cache.teacher_flops(teacher, x, None)[2] == 8  # no hash: never cached
+
+
 def test_candidates_fit_the_budget():
     budget = 0.1 * mlp_flops(64, (256, 256), 10)
     archs = candidate_architectures(64, 10, budget)

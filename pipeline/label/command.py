@@ -124,7 +124,7 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
 def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock, store) -> int:
     from titans.pipeline.job import prepare_output
 
-    plan = launch.plan_launch(c)
+    plan = launch.plan_launch(c, jd.teacher_key(c.job.teacher.path)["sha256"])
     prepare_output(c.output, overwrite=False)  # the write probe; deletes nothing
     cont = None
     if store is not None:

@@ -51,6 +51,7 @@ class JobDir:
         self.output = output
         self.manifest: dict = {"version": 1, "phases": {}}
         self.content: dict | None = None  # {"files": {path: key}, "teacher": key}
+        self._teacher_key: dict | None = None
         self.lock: output_lock.Lock | None = None
 
     # ------------------------------------------------------------------ paths
@@ -156,8 +157,14 @@ class JobDir:
         another key next time."""
         if self.content is None:
             self.content = {"files": content_keys.file_keys(files),
-                            "teacher": content_keys.model_key(teacher)}
+                            "teacher": self.teacher_key(teacher)}
         return self.content
+
+    def teacher_key(self, teacher: str) -> dict:
+        """The teacher file's content key, taken once per command (the launch asks first)."""
+        if self._teacher_key is None:
+            self._teacher_key = content_keys.model_key(teacher)
+        return self._teacher_key
 
     def phase_keys(self, c, launch) -> dict[str, dict]:
         """What each phase's artifacts depend on, as JSON values: the contents of the input

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from titans.models.student_search import (candidate_architectures, flops_per_row,
-                                          teacher_vocab, token_candidates)
+from titans.models.student_search import candidate_architectures, teacher_vocab, token_candidates
 from titans.pipeline import plan
 from titans.pipeline.label import defaults as ld
+from titans.pipeline.label.flops_cache import teacher_flops as counted_flops
 from titans.pipeline.label.sample import FILE_COL, ROW_COL, count_records
 from titans.pipeline.model_checks import Tally
 from titans.transforms.features import TokenSpec
@@ -86,8 +86,10 @@ def default_sample_rows(rows: int) -> int:
     return min(n, rows // 2)
 
 
-def plan_launch(c) -> Launch:
-    """The launch plan of the LabelConfig ``c``; ValueError saying what to fix."""
+def plan_launch(c, teacher_sha256: str | None = None) -> Launch:
+    """The launch plan of the LabelConfig ``c``; ValueError saying what to fix. With the
+    teacher file's ``teacher_sha256``, its FLOPs per row come from the cache when counted
+    before (``flops_cache``)."""
     job = dataclasses.replace(c.job, sample_rows=CHECK_ROWS, skip_rows={}, skip_labeled=None)
     source, check, features = plan.plan_source(job)
     clash = [name for name in (FILE_COL, ROW_COL) if name in source.schema.names]
@@ -107,8 +109,8 @@ def plan_launch(c) -> Launch:
     k, parameters, teacher, _ = plan.check_teacher(job.teacher, features, x, checks, keep=True)
     if k < 2:
         raise ValueError(f"--teacher has {k} output; a classifier needs at least 2 classes")
-    teacher_flops, proxy = flops_per_row(teacher, x[:FLOPS_ROWS])
-    checks.add(len(x[:FLOPS_ROWS]))
+    teacher_flops, proxy, counted_on = counted_flops(teacher, x[:FLOPS_ROWS], teacher_sha256)
+    checks.add(counted_on)
     vocab = None
     if isinstance(features, TokenSpec):
         token_candidates(k, c.student_budget * teacher_flops)  # budget too small?
