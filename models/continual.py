@@ -10,15 +10,18 @@ Why each piece is shaped as it is:
     cascade must defer most rows however good the student is); validation and fine-tune
     shares are fractions of it.
   * ``fine_tune``: kd from the teacher's probabilities, starting from yesterday's weights, with
-    a fixed step budget and a wall-clock cap, so a warm run never trains longer than a cold
+    a fixed step budget and a wall-clock cap (at most half the cold run's distil phase, from
+    the history: ``fine_tune_seconds``), so a warm run never trains longer than a cold
     search (one model, ``FINE_TUNE_STEPS`` steps of 256 rows; the cold search trains several
     candidates; on benchmarks/continual.py 2,000 steps made a warm distil phase 2.5 s against
     the cold search's 2.0 s, 1,000 steps keep it below). Today's
     rows are drawn at least ``TODAY_SHARE`` of the time, so a shift is learnt even when the
     pool is much larger than today's share.
   * ``champion_challenger``: both students scored on today's validation rows (neither was
-    trained on them) by the teacher share the cascade would need (``score_candidate``); the
-    challenger replaces the champion only if it is better by more than one validation row.
+    trained on them) by the teacher share the cascade would need (``score_candidate``) and by
+    their KL divergence from the teacher; the challenger replaces the champion only if it
+    needs fewer teacher rows by more than one validation row, or is closer to the teacher
+    without needing more than a few rows more.
   * ``drift``: yesterday's student on today's fresh rows against the agreement it had on
     yesterday's held-out rows, and a two-sample Kolmogorov-Smirnov test of its deferral
     scores on both sets of rows.
