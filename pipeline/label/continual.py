@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -180,6 +181,7 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     from titans.models.student_search import flops_per_row, ltt_bar
     from titans.transforms.io.models import save_torchscript
 
+    started = time.time()  # the phase's budget (mc.fine_tune_seconds) counts from here
     base = cont.base
     meta = base.meta.get("student", {})
     config = meta.get("config", {})
@@ -208,7 +210,8 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     ft = mc.fine_tune(challenger, x_pool, p_pool, x[split.train], s.probs[split.train],
                       pool_weights=w_pool[1 if after_shift else 0],
                       today_share=mc.SHIFT_TODAY_SHARE if after_shift else None,
-                      pool_hard=hard_pool, seconds=mc.fine_tune_seconds(cont.history),
+                      pool_hard=hard_pool,
+                      seconds=max(0.0, mc.fine_tune_seconds(cont.history) - (time.time() - started)),
                       seed=c.job.seed + len(cont.history))
     ft["after_shift"] = after_shift
     target = (mc.Target(deferral_rate=c.deferral_rate) if c.eps is None else
