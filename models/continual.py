@@ -249,8 +249,9 @@ def champion_challenger(champion: Candidate, challenger: Candidate, n_val: int) 
     few the bar turns on, so it is far less noisy. On benchmarks/continual.py (day 4 of the
     state against day 5's rows, 10 draws of the sample each, the truth measured on the ~10,000
     rows outside the sample) the KL alone picked the student that truly needed fewer teacher
-    rows in 20 of 20 draws, the smoothed deferral in 18, and the benchmark's own day 5 (shift) had
-    kept a champion that needed 35% of the rows against the challenger's 31%."""
+    rows in 20 of 20 draws, the smoothed deferral in 18; the benchmark's own day 5 (shift) had kept
+    a champion that needed 35% of the rows outside the sample at the teacher against the
+    challenger's 31%."""
     a, b = (getattr(champion, "smooth", champion.objective),
             getattr(challenger, "smooth", challenger.objective))
     step = 1.0 / max(1, n_val)
