@@ -91,9 +91,12 @@ def _under(directory: str):
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
-    """Local files are memory-mapped; anything else goes through Beam's filesystems."""
+    """Local files are memory-mapped, without pre-buffering (which coalesces reads for
+    object stores; on a mapped file it only copies: 3,000 files of 500 rows read in 1.1 s
+    with it, 0.67 s without, with one reading thread); anything else goes through Beam's
+    filesystems, pre-buffered."""
     if not storage.is_url(path):
-        return pq.ParquetFile(path, memory_map=True)
+        return pq.ParquetFile(path, memory_map=True, pre_buffer=False)
     return pq.ParquetFile(storage.open_read(path))
 
 
@@ -309,7 +312,11 @@ def _group_tables(group: list[Unit], batch_size: int):
         for group_index in range(unit.first, min(unit.end, len(sizes))):
             done = 0
             try:
-                for batch in pf.iter_batches(batch_size=batch_size, row_groups=[group_index]):
+                # one thread: this runs beside the models (read_ahead), and a thread pool per
+                # row group cost more than it decoded in parallel (1.1 s against 0.67 s for
+                # 3,000 small files; the same on a 4M-row file)
+                for batch in pf.iter_batches(batch_size=batch_size, row_groups=[group_index],
+                                             use_threads=False):
                     table = _without(pa.Table.from_batches([batch]), first + done, unit.skip)
                     done += batch.num_rows
                     if table.num_rows:
