@@ -9,14 +9,13 @@ a cache: the count is made again, the job goes on.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 
 from titans.models.student_search import flops_per_row
+from titans.transforms.io import storage
 
 _LOG = logging.getLogger("titans")
 FILE = "teacher_flops.json"
@@ -45,8 +44,7 @@ def teacher_flops(teacher, x: np.ndarray, teacher_sha256: str | None) -> tuple[f
 
 def _read(path: str) -> dict:
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = storage.read_json(path)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -55,9 +53,6 @@ def _read(path: str) -> dict:
 def _write(path: str, data: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".flops-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)  # whole or not at all: two jobs at once each write a valid file
+        storage.write_json(path, data)  # whole or not at all: written beside, then renamed
     except OSError as e:
         _LOG.info("teacher FLOPs not cached (%s): counted again next time", e)
