@@ -16,7 +16,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from titans.pipeline.graphs.stages import METRIC
+from titans.pipeline.graphs.stages import METRIC, tables_typed
 from titans.transforms.dead_letter import VALIDATE
 from titans.transforms.inference import ArrowModelHandler
 from titans.transforms.labels import ERROR_STAGE
@@ -77,6 +77,5 @@ def counted(scored, model: str, label: str):
     """(RunInference's tables, as they were; their (metric key, n) count pairs). The tables
     are declared pa.Table on the way in too: untyped, Beam pickles a whole batch each time
     it samples an element's size (745 MB pickled in a 4M-row run)."""
-    scored.element_type = pa.Table
-    out = scored | label >> beam.ParDo(_Counted(model)).with_outputs(_Counted.PAIRS, main="tables")
+    out = tables_typed(scored) | label >> beam.ParDo(_Counted(model)).with_outputs(_Counted.PAIRS, main="tables")
     return out.tables, out[_Counted.PAIRS]
