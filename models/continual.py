@@ -310,4 +310,5 @@ def drift(agree_today: np.ndarray, reference: float | None, scores_today: np.nda
 
 
 __all__ = ["fresh_sample_sizes", "calibration_rows_needed", "split_fresh", "fine_tune", "score",
-           "champion_challenger", "row_weights", "fine_tune_seconds", "rule_scores", "drift", "Drift", "Target", "CAL_BAR"]
+           "champion_challenger", "row_weights", "fine_tune_seconds", "rule_scores", "drift",
+           "Drift", "Target", "CAL_BAR"]

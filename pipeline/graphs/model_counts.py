@@ -77,5 +77,6 @@ def counted(scored, model: str, label: str):
     """(RunInference's tables, as they were; their (metric key, n) count pairs). The tables
     are declared pa.Table on the way in too: untyped, Beam pickles a whole batch each time
     it samples an element's size (745 MB pickled in a 4M-row run)."""
-    out = tables_typed(scored) | label >> beam.ParDo(_Counted(model)).with_outputs(_Counted.PAIRS, main="tables")
+    out = tables_typed(scored) | label >> beam.ParDo(_Counted(model)).with_outputs(
+        _Counted.PAIRS, main="tables")
     return out.tables, out[_Counted.PAIRS]
