@@ -188,6 +188,60 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
             "lr": lr, "batch_size": batch_size, "temperature": TEMPERATURE}
 
 
+def widen(student: torch.nn.Module, factor: float, seed: int = 0,
+          noise: float = 0.01) -> tuple[torch.nn.Module, str] | None:
+    """A wider copy of a vector student (``StandardizedMLP``, loaded from TorchScript or not)
+    computing the same function (Net2WiderNet, Chen et al. 2016): every hidden layer grows to
+    ``ceil(factor x width)`` units, each new unit a copy of a random old one whose outgoing
+    weights are shared among its copies; a little noise on the copies' incoming weights lets
+    them part. (module, arch) or None when ``student`` is not such an MLP."""
+    from titans.models.distill import build_student
+
+    sd = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    keys = sorted((k for k in sd if k.startswith("mlp.net.") and k.endswith(".weight")),
+                  key=lambda k: int(k.split(".")[2]))
+    if "scale.mean" not in sd or len(keys) < 2:  # no hidden layer to widen
+        return None
+    widths = [int(sd[k].shape[0]) for k in keys[:-1]]
+    new = [max(w + 1, int(math.ceil(factor * w))) for w in widths]
+    gen = torch.Generator().manual_seed(seed)
+    for i, (w, n) in enumerate(zip(widths, new)):
+        pick = torch.cat([torch.arange(w), torch.randint(0, w, (n - w,), generator=gen)])
+        count = torch.bincount(pick, minlength=w).float()
+        wi, bi = keys[i], keys[i].replace(".weight", ".bias")
+        w_in, b_in = sd[wi][pick].clone(), sd[bi][pick].clone()
+        w_in[w:] += noise * w_in[w:].std() * torch.randn(w_in[w:].shape, generator=gen)
+        sd[wi], sd[bi] = w_in, b_in
+        nxt = keys[i + 1]
+        sd[nxt] = sd[nxt][:, pick] / count[pick]
+    arch = ",".join(str(n) for n in new)
+    out = build_student(arch, int(sd["scale.mean"].numel()), int(sd[keys[-1]].shape[0]),
+                        sd["scale.mean"].numpy(), np.ones(sd["scale.mean"].numel(), np.float32))
+    out.load_state_dict(sd)
+    return out, arch
+
+
+def grow(student: torch.nn.Module, x_probe: np.ndarray, budget_flops: float,
+         seed: int = 0) -> tuple[torch.nn.Module, str, float] | None:
+    """The challenger one size up after a detected shift: ``student`` widened by GROW_FACTOR
+    (``widen``), less if that would cost more than ``budget_flops`` per row (the
+    --student-budget the cold search obeyed). (module, arch, FLOPs per row), or None when
+    there is no room (at least MIN_GROW x wider) or the student is not a vector MLP."""
+    from titans.models.student_search import flops_per_row
+
+    f0 = flops_per_row(student, x_probe)[0]
+    factor = min(GROW_FACTOR, budget_flops / max(f0, 1.0))
+    while factor >= MIN_GROW:
+        wide = widen(student, factor, seed)
+        if wide is None:
+            return None
+        flops = flops_per_row(wide[0], x_probe)[0]
+        if flops <= budget_flops:
+            return wide[0], wide[1], flops
+        factor *= 0.9  # the output layer and biases: a little more than linear in the width
+    return None
+
+
 def fine_tune_seconds(history: list[dict]) -> float:
     """The warm distil phase's wall-clock budget up to the fine-tune's end: FINE_TUNE_SECONDS,
     and at most COLD_DISTIL_SHARE of the distil phase of the newest cold run in ``history``
@@ -207,6 +261,13 @@ def row_weights(hard: np.ndarray, age: np.ndarray, after_shift: bool) -> np.ndar
     w = np.where(np.asarray(hard, bool), HARD_WEIGHT, 1.0)
     return w * SHIFT_DECAY ** np.asarray(age, np.float64) if after_shift else w
 
+
+# a shift's new rows need more capacity than the student the cold search sized on the old stream:
+# benchmarks/continual.py, day 3's state fine-tuned on the shifted day 4 (day 4's on day 5), 1,000
+# steps, rows outside the sample needing the teacher (mean of 4 draws): the 38-unit student
+# 28.3% (28.2%), widened to 76 units 23.9% (24.7%), to 114 23.4% (23.0%); trained on 4,000 more
+# of today's rows the 38-unit student still needed 23.2%, a fresh 128-unit one 14.4%
+GROW_FACTOR, MIN_GROW = 2.0, 1.25
 
 SMOOTH_BARS = (1, 2, 3, 4)  # champion / challenger: deferral needed at these multiples of the bar
 KL_SLACK = 3               # a challenger closer to the teacher may need up to this many rows more
@@ -228,9 +289,11 @@ def score(student: torch.nn.Module, x_val: np.ndarray, teacher_val_pred: np.ndar
         p = torch.as_tensor(np.asarray(teacher_val_probs, np.float32))
         p = p / p.sum(dim=-1, keepdim=True)
         c.kl = float(losses.student_disagreement(logits.float(), p).mean())
+    c.cost = 0.0  # the student's own compute, in teacher units: compared with a deferral only
     if target.bar is None or target.bar < 0:
         c.smooth = c.objective
         return c
+    c.cost = flops_share
     probs = torch.softmax(logits.float(), dim=-1)
     scores = make_rule(c.rule).score(probs).numpy()
     disagree = probs.argmax(dim=-1).numpy() != np.asarray(teacher_val_pred)
@@ -252,8 +315,9 @@ def champion_challenger(champion: Candidate, challenger: Candidate, n_val: int) 
     rows in 20 of 20 draws, the smoothed deferral in 18; the benchmark's own day 5 (shift) had kept
     a champion that needed 35% of the rows outside the sample at the teacher against the
     challenger's 31%."""
-    a, b = (getattr(champion, "smooth", champion.objective),
-            getattr(challenger, "smooth", challenger.objective))
+    # a wider challenger also pays its compute on every row, as in the cold search's objective
+    a, b = (getattr(champion, "smooth", champion.objective) + getattr(champion, "cost", 0.0),
+            getattr(challenger, "smooth", challenger.objective) + getattr(challenger, "cost", 0.0))
     step = 1.0 / max(1, n_val)
     if b < a - step:
         return "challenger"
@@ -310,5 +374,5 @@ def drift(agree_today: np.ndarray, reference: float | None, scores_today: np.nda
 
 
 __all__ = ["fresh_sample_sizes", "calibration_rows_needed", "split_fresh", "fine_tune", "score",
-           "champion_challenger", "row_weights", "fine_tune_seconds", "rule_scores", "drift",
-           "Drift", "Target", "CAL_BAR"]
+           "champion_challenger", "row_weights", "widen", "grow", "fine_tune_seconds",
+           "rule_scores", "drift", "Drift", "Target", "CAL_BAR"]

@@ -207,6 +207,17 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     # after a shift (today's, or the previous run's) recent rows weigh more
     after_shift = d.shifted or bool((cont.history[-1].get("drift") or {}).get("shifted")
                                     if cont.history else False)
+    arch = meta.get("arch") or config.get("arch", "?")
+    flops, _ = flops_per_row(champion, x[:8])
+    archs, flops_of = {"champion": arch, "challenger": arch}, {"champion": flops,
+                                                              "challenger": flops}
+    grown = (mc.grow(champion, x[:8], c.student_budget * plan.teacher_flops,
+                     seed=c.job.seed + len(cont.history)) if d.shifted else None)
+    if grown is not None:  # a shift detected today: the challenger is one size up
+        challenger, archs["challenger"], flops_of["challenger"] = grown
+        report(f"    shift: the challenger is yesterday's student widened to {grown[1]} units "
+               f"({grown[2]:,.0f} FLOPs per row, budget "
+               f"{c.student_budget * plan.teacher_flops:,.0f})")
     ft = mc.fine_tune(challenger, x_pool, p_pool, x[split.train], s.probs[split.train],
                       pool_weights=w_pool[1 if after_shift else 0],
                       today_share=mc.SHIFT_TODAY_SHARE if after_shift else None,
@@ -214,29 +225,32 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
                       seconds=max(0.0, mc.fine_tune_seconds(cont.history) - (time.time() - started)),
                       seed=c.job.seed + len(cont.history))
     ft["after_shift"] = after_shift
+    ft["grown_to"] = None if grown is None else grown[1]
     target = (mc.Target(deferral_rate=c.deferral_rate) if c.eps is None else
               mc.Target(bar=ltt_bar(len(split.cal), c.eps, c.level)))
-    flops, _ = flops_per_row(champion, x[:8])
-    share = flops / plan.teacher_flops
     rules = (c.rule,) if c.rule else CONFIDENCE_RULES
-    scored = {name: mc.score(m, x[split.val], tpred[split.val], target, rules, c.audit_rate, share,
-                             s.probs[split.val])
+    scored = {name: mc.score(m, x[split.val], tpred[split.val], target, rules, c.audit_rate,
+                             flops_of[name] / plan.teacher_flops, s.probs[split.val])
               for name, m in (("champion", champion), ("challenger", challenger))}
     kept = mc.champion_challenger(scored["champion"], scored["challenger"], len(split.val))
     best, model = scored[kept], (champion if kept == "champion" else challenger)
+    arch, flops = archs[kept], flops_of[kept]
+    share = flops / plan.teacher_flops
     report(f"    champion (yesterday's student): teacher share needed {scored['champion'].deferral:.1%}"
            f", validation agreement {scored['champion'].val_agreement:.2%}, KL "
-           f"{_num(scored['champion'].kl)}; challenger (fine-tuned {ft['steps']} steps on "
+           f"{_num(scored['champion'].kl)}; challenger ({archs['challenger']}, fine-tuned "
+           f"{ft['steps']} steps on "
            f"{ft['rows_pool']:,} pool + {ft['rows_today']:,} fresh rows, {ft['seconds']:.1f} s):"
            f" {scored['challenger'].deferral:.1%}, {scored['challenger'].val_agreement:.2%}, KL "
            f"{_num(scored['challenger'].kl)} -> {kept} kept")
-    arch = meta.get("arch") or config.get("arch", "?")
     parameters = int(sum(p.numel() for p in model.parameters()))
     candidates = []
     for name, cand in scored.items():
+        m = champion if name == "champion" else challenger
         rec = cand.record()
         rec.update(smooth=getattr(cand, "smooth", None), kl=getattr(cand, "kl", None))
-        rec.update(arch=f"{arch} ({name})", flops_per_row=flops, parameters=parameters,
+        rec.update(arch=f"{archs[name]} ({name})", flops_per_row=flops_of[name],
+                   parameters=int(sum(p.numel() for p in m.parameters())),
                    train_seconds=ft["seconds"] if name == "challenger" else 0.0)
         candidates.append(rec)
     facts = {"arch": arch, "rule": best.rule, "flops_per_row": flops, "flops_share": share,
