@@ -160,7 +160,7 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
     gen = torch.Generator().manual_seed(seed)
     for param in student.parameters():  # a loaded model may come frozen
         param.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+    opt = _AdamW([q for q in student.parameters()], lr=lr, weight_decay=1e-4)
     done, total = 0, 0.0
     student.train()
     with torch.random.fork_rng(devices=[]):
@@ -173,7 +173,7 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
                 per_row = torch.where(ft[idx], losses.kd_per_example(logits, pt[idx], 1.0),
                                       per_row)
             loss = per_row.mean()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach())
@@ -221,25 +221,80 @@ def widen(student: torch.nn.Module, factor: float, seed: int = 0,
     return out, arch
 
 
-def grow(student: torch.nn.Module, x_probe: np.ndarray, budget_flops: float,
+def grow(student: torch.nn.Module, budget_flops: float,
          seed: int = 0) -> tuple[torch.nn.Module, str, float] | None:
     """The challenger one size up after a detected shift: ``student`` widened by GROW_FACTOR
     (``widen``), less if that would cost more than ``budget_flops`` per row (the
     --student-budget the cold search obeyed). (module, arch, FLOPs per row), or None when
-    there is no room (at least MIN_GROW x wider) or the student is not a vector MLP."""
-    from titans.models.student_search import flops_per_row
+    there is no room (at least MIN_GROW x wider) or the student is not a vector MLP. FLOPs
+    by formula (``mlp_flops``, what FlopCounterMode counts): counting them with the counter
+    imports ~1 s of torch, out of the fine-tune's budget."""
+    from titans.models.student_search import mlp_flops
 
-    f0 = flops_per_row(student, x_probe)[0]
-    factor = min(GROW_FACTOR, budget_flops / max(f0, 1.0))
-    while factor >= MIN_GROW:
-        wide = widen(student, factor, seed)
-        if wide is None:
-            return None
-        flops = flops_per_row(wide[0], x_probe)[0]
-        if flops <= budget_flops:
-            return wide[0], wide[1], flops
-        factor *= 0.9  # the output layer and biases: a little more than linear in the width
-    return None
+    all_widths = _mlp_widths(student.state_dict())
+    if all_widths is None or len(all_widths) < 3:  # not a vector MLP, or no hidden layer
+        return None
+    dim, widths, classes = all_widths[0], list(all_widths[1:-1]), all_widths[-1]
+
+    def flops(f: float) -> int:
+        return mlp_flops(dim, tuple(max(w + 1, int(math.ceil(f * w))) for w in widths), classes)
+
+    factor = min(GROW_FACTOR, budget_flops / max(1, mlp_flops(dim, tuple(widths), classes)))
+    while factor >= MIN_GROW and flops(factor) > budget_flops:
+        factor *= 0.97  # the output layer: a little more than linear in the width
+    if factor < MIN_GROW:
+        return None
+    wide = widen(student, factor, seed)
+    return None if wide is None else (wide[0], wide[1], float(flops(factor)))
+
+
+class _AdamW:
+    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments) in a few
+    tensor ops: constructing torch.optim.AdamW imports torch._dynamo, ~0.8 s of a warm run's
+    ~2 s fine-tune budget (benchmarks/continual.py: 321 steps done on a shifted day of 1,000)."""
+
+    def __init__(self, params: list, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(q) for q in params]
+        self.v = [torch.zeros_like(q) for q in params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for q in self.params:
+            q.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for q, m, v in zip(self.params, self.m, self.v):
+            if q.grad is None:
+                continue
+            q.mul_(1 - self.lr * self.wd)
+            m.mul_(b1).add_(q.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(q.grad, q.grad, value=1 - b2)
+            q.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
+
+
+def vector_flops(student: torch.nn.Module) -> float | None:
+    """FLOPs per row of a vector student (``StandardizedMLP``) by formula (``mlp_flops``, what
+    FlopCounterMode counts: counting them imports torch._dynamo, ~1 s); None for another
+    model."""
+    from titans.models.student_search import mlp_flops
+
+    widths = _mlp_widths(student.state_dict())
+    return None if widths is None else float(mlp_flops(widths[0], widths[1:-1], widths[-1]))
+
+
+def _mlp_widths(sd: dict) -> tuple[int, ...] | None:
+    """(input, hidden..., output) widths of a StandardizedMLP's state dict, else None."""
+    keys = sorted((k for k in sd if k.startswith("mlp.net.") and k.endswith(".weight")),
+                  key=lambda k: int(k.split(".")[2]))
+    if "scale.mean" not in sd or not keys:
+        return None
+    return (int(sd[keys[0]].shape[1]), *(int(sd[k].shape[0]) for k in keys))
 
 
 def fine_tune_seconds(history: list[dict]) -> float:

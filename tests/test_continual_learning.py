@@ -142,3 +142,73 @@ def test_a_pickled_state_leaves_its_pool_behind(tmp_path):
     assert len(data) < size / 4, (len(data), size)
     copy = pickle.loads(data)
     assert copy == state and copy.read_pool().equals(pool)  # read again from its file
+
+
+def _vector_student(hidden, seed=0):
+    from titans.models.distill import build_student
+
+    rng = np.random.default_rng(seed)
+    return build_student(hidden, DIM, CLASSES, rng.normal(size=DIM), 0.5 + rng.random(DIM),
+                         seed=seed)
+
+
+def test_widen_keeps_the_function_and_grow_stays_within_the_budget():
+    """After a shift the challenger is yesterday's student one size up: the same answers at
+    the start (so the fine-tune starts where the champion is), every hidden layer wider,
+    and never more FLOPs per row than the --student-budget allows."""
+    from titans.models.student_search import flops_per_row
+
+    x = np.random.default_rng(2).normal(size=(64, DIM)).astype(np.float32)
+    student = _vector_student("6,5")
+    wide, arch = mc.widen(student, 2.0, noise=0.0)
+    assert arch == "12,10"
+    with torch.no_grad():
+        a, b = student(torch.from_numpy(x)), wide(torch.from_numpy(x))
+    assert torch.allclose(a, b, atol=1e-5)
+    # with the default noise the copies part, and the answers stay close
+    noisy, _ = mc.widen(student, 2.0, seed=1)
+    with torch.no_grad():
+        assert (noisy(torch.from_numpy(x)).argmax(1) == a.argmax(1)).float().mean() > 0.9
+    f0 = flops_per_row(student, x[:8])[0]
+    assert mc.vector_flops(student) == f0 and mc.vector_flops(MLP(DIM, CLASSES, (4,))) is None
+    grown = mc.grow(student, 10 * f0)
+    assert grown is not None and grown[1] == "12,10" and grown[2] <= 10 * f0
+    assert grown[2] == flops_per_row(grown[0], x[:8])[0]  # the formula is the counter's count
+    tight = mc.grow(student, 1.6 * f0)  # room for less than 2x: as wide as fits
+    assert tight is not None and tight[2] <= 1.6 * f0 and tight[1] != "12,10"
+    assert tight[2] == flops_per_row(tight[0], x[:8])[0]
+    assert mc.grow(student, 1.1 * f0) is None  # no room: no challenger one size up
+    assert mc.widen(_vector_student("linear"), 2.0) is None
+
+
+def test_the_fine_tunes_adamw_is_torchs():
+    """The fine-tune's own AdamW (torch.optim.AdamW imports torch._dynamo, ~0.8 s of the
+    budget) makes the same updates as torch's."""
+    torch.manual_seed(0)
+    a, b = MLP(DIM, CLASSES, (6,)), MLP(DIM, CLASSES, (6,))
+    b.load_state_dict(a.state_dict())
+    ours = mc._AdamW(list(b.parameters()), lr=3e-3, weight_decay=1e-4)
+    theirs = torch.optim.AdamW(a.parameters(), lr=3e-3, weight_decay=1e-4)
+    x = torch.randn(32, DIM)
+    for _ in range(40):
+        for model, opt in ((a, theirs), (b, ours)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not torch.allclose(a.net[0].weight, MLP(DIM, CLASSES, (6,)).net[0].weight)
+
+
+def test_champion_challenger_counts_a_wider_challengers_compute():
+    """A wider challenger runs on every row: it must save more teacher rows than its own
+    extra FLOPs (in teacher units), as in the cold search's objective."""
+    n = 300
+    champ = _cand(0.30, 0.10)
+    champ.cost = 0.03
+    cheap_gain = _cand(0.28, 0.08)   # two points fewer rows, four points more compute
+    cheap_gain.cost = 0.07
+    assert mc.champion_challenger(champ, cheap_gain, n) == "champion"
+    big_gain = _cand(0.22, 0.08)     # eight points fewer rows
+    big_gain.cost = 0.07
+    assert mc.champion_challenger(champ, big_gain, n) == "challenger"

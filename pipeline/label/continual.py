@@ -208,10 +208,8 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     after_shift = d.shifted or bool((cont.history[-1].get("drift") or {}).get("shifted")
                                     if cont.history else False)
     arch = meta.get("arch") or config.get("arch", "?")
-    flops, _ = flops_per_row(champion, x[:8])
-    archs, flops_of = {"champion": arch, "challenger": arch}, {"champion": flops,
-                                                              "challenger": flops}
-    grown = (mc.grow(champion, x[:8], c.student_budget * plan.teacher_flops,
+    archs, flops_of = {"champion": arch, "challenger": arch}, {}
+    grown = (mc.grow(champion, c.student_budget * plan.teacher_flops,
                      seed=c.job.seed + len(cont.history)) if d.shifted else None)
     if grown is not None:  # a shift detected today: the challenger is one size up
         challenger, archs["challenger"], flops_of["challenger"] = grown
@@ -226,6 +224,8 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
                       seed=c.job.seed + len(cont.history))
     ft["after_shift"] = after_shift
     ft["grown_to"] = None if grown is None else grown[1]
+    flops_of["champion"] = mc.vector_flops(champion) or flops_per_row(champion, x[:8])[0]
+    flops_of.setdefault("challenger", flops_of["champion"])
     target = (mc.Target(deferral_rate=c.deferral_rate) if c.eps is None else
               mc.Target(bar=ltt_bar(len(split.cal), c.eps, c.level)))
     rules = (c.rule,) if c.rule else CONFIDENCE_RULES
