@@ -31,6 +31,72 @@ def test_beam_imported_by_the_command_leaves_out_what_it_hides_and_can_still_loa
     assert done.stdout.split() == ["[]", "ok"]
 
 
+def _imported_by(code: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+LOCAL_ONLY = "from titans.pipeline.cli.startup import HIDDEN_LOCAL\n"
+SHOW = ("import sys\n"
+        "print(','.join(sorted(m.rsplit('.', 1)[-1] for m in HIDDEN_LOCAL if m in sys.modules))"
+        " or '-')\n")
+
+
+def test_a_local_job_leaves_out_the_url_filesystems_and_loads_them_on_a_url():
+    out = _imported_by(
+        LOCAL_ONLY + "from titans.pipeline.cli.startup import import_beam\n"
+        "import_beam(local=True)\n" + SHOW +
+        "from apache_beam.runners.dataflow import dataflow_runner\n"
+        "print(dataflow_runner.dataflow_api is None)\n"
+        "from titans.transforms.io import storage\n"
+        "fs = storage.filesystems().get_filesystem('gs://bucket/x')\n"
+        "print(type(fs).__name__)\n" + SHOW)
+    assert out == ["-", "True", "GCSFileSystem", "blobstoragefilesystem,gcsfilesystem,s3filesystem"]
+
+
+def test_the_command_hides_them_only_for_an_in_process_job_that_names_no_url(tmp_path):
+    def parsed(*flags):
+        return _imported_by(
+            LOCAL_ONLY + "from titans.pipeline.cli.main import parse\n"
+            f"parse({['run', '--student', 's.pt', '--teacher', 't.pt', *flags]!r})\n" + SHOW)
+
+    every = ["blobstoragefilesystem,dataflow,gcsfilesystem,s3filesystem"]
+    assert parsed("--input", "in", "--output", "out") == ["-"]
+    assert parsed("--input", "gs://b/in", "--output", "out") == every
+    assert parsed("--input", "in", "--output", "out", "--temp_location", "gs://b/t") == every
+    assert parsed("--input", "in", "--output", "out", "--runner", "DataflowRunner") == every
+
+
+def test_dofn_specs_are_asked_once_per_dofn_and_answered_as_beam_would():
+    out = _imported_by(
+        "import apache_beam as beam\n"
+        "from apache_beam.coders import VarIntCoder\n"
+        "from apache_beam.transforms import userstate\n"
+        "from titans.pipeline.cli.startup import memoize_dofn_specs\n"
+        "beams, calls = userstate.get_dofn_specs, []\n"
+        "userstate.get_dofn_specs = lambda fn: calls.append(fn) or beams(fn)\n"
+        "memoize_dofn_specs()\n"
+        "class Plain(beam.DoFn):\n"
+        "    def process(self, x):\n"
+        "        yield x\n"
+        "class Stateful(beam.DoFn):\n"
+        "    SUM = userstate.ReadModifyWriteStateSpec('sum', VarIntCoder())\n"
+        "    def process(self, kv, s=beam.DoFn.StateParam(SUM)):\n"
+        "        yield kv\n"
+        "for fn in (Plain(), Stateful()):\n"
+        "    memo = [userstate.get_dofn_specs(fn) for _ in range(3)]\n"
+        "    assert all(m == beams(fn) for m in memo), (memo, beams(fn))\n"
+        "    memo[0][0].add('x')  # a caller's change is its own\n"
+        "    assert userstate.get_dofn_specs(fn) == beams(fn)\n"
+        "    print(userstate.is_stateful_dofn(fn), len([c for c in calls if c is fn]))\n"
+        "p = beam.Pipeline(runner='FnApiRunner')\n"
+        "_ = p | beam.Create([('a', 1), ('a', 2)]) | beam.ParDo(Stateful())\n"
+        "p.run().wait_until_finish()\n"
+        "print('ran')\n")
+    assert out == ["False", "1", "True", "1", "ran"]
+
+
 def test_the_helper_draws_the_same_png_as_the_command_would(tmp_path):
     report_plot.start_helper()
     try:

@@ -28,11 +28,13 @@ __all__ = ["build_parser", "check_beam_args", "entry_point", "fast_exit_is_safe"
            "main", "parse"]
 
 
-def check_beam_args(parser: argparse.ArgumentParser, command: str, args: list[str]) -> None:
-    """Fail on flags that are neither ours nor a Beam option, instead of Beam dropping them."""
+def check_beam_args(parser: argparse.ArgumentParser, command: str, args: list[str],
+                    local: bool = False) -> None:
+    """Fail on flags that are neither ours nor a Beam option, instead of Beam dropping them.
+    ``local``: the job runs in this process and names no URL (see startup.import_beam)."""
     from titans.pipeline.cli.startup import import_beam
 
-    import_beam()  # the first Beam import of a command
+    import_beam(local)  # the first Beam import of a command
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
     beam_parser = _BeamArgumentParser(allow_abbrev=False)
@@ -63,10 +65,11 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     """(titans flags, Beam pipeline options). Only run, teacher-label and demo take Beam
     options; for the other commands an unknown flag is an error (exit code 2)."""
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(_minus_inf_as_value(
-        sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args, beam_args = parser.parse_known_args(_minus_inf_as_value(argv))
     if args.command in BEAM_COMMANDS:
-        check_beam_args(parser, args.command, beam_args)
+        local = _starts_nothing_outside(args, beam_args) and not any("://" in a for a in argv)
+        check_beam_args(parser, args.command, beam_args, local)
     elif beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)} (titans {args.command} "
                      f"starts no Beam pipeline; see titans {args.command} --help)")

@@ -23,6 +23,7 @@ model loading, which must stay cheap to import.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import re
@@ -44,9 +45,25 @@ def absolute(path: str) -> str:
     return path if is_url(path) else os.path.abspath(path)
 
 
-def _beam_fs():
+# the filesystems the `titans` command leaves out of its start-up when no argument names a URL
+# (titans.pipeline.cli.startup.HIDDEN_LOCAL); Beam finds a filesystem by its class, once imported
+_URL_FILESYSTEMS = ("apache_beam.io.gcp.gcsfilesystem", "apache_beam.io.aws.s3filesystem",
+                    "apache_beam.io.azure.blobstoragefilesystem")
+_filesystems_loaded = False
+
+
+def filesystems():
+    """Beam's FileSystems, with every filesystem for URLs it can load (see _URL_FILESYSTEMS)."""
+    global _filesystems_loaded
     from apache_beam.io.filesystems import FileSystems
 
+    if not _filesystems_loaded:
+        for name in _URL_FILESYSTEMS:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # its client library is not installed, as Beam allows
+                pass
+        _filesystems_loaded = True
     _anonymous_on_a_local_gcs_api()
     return FileSystems
 
@@ -67,7 +84,7 @@ def _beam_knows(path: str) -> bool:
     if not is_url(path):
         return True
     try:
-        _beam_fs().get_filesystem(path)
+        filesystems().get_filesystem(path)
         return True
     except ValueError:  # "Unable to get filesystem from specified path"
         return False
@@ -78,7 +95,7 @@ def open_read(path: str):
     if not is_url(path):
         return open(path, "rb")
     if _beam_knows(path):
-        return _beam_fs().open(path, compression_type="uncompressed")
+        return filesystems().open(path, compression_type="uncompressed")
     import fsspec
 
     return fsspec.open(path, "rb").open()
@@ -90,7 +107,7 @@ def open_write(path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return open(path, "wb")
     if _beam_knows(path):
-        return _beam_fs().create(path, compression_type="uncompressed")
+        return filesystems().create(path, compression_type="uncompressed")
     import fsspec
 
     return fsspec.open(path, "wb").open()
@@ -101,7 +118,7 @@ def rename(src: str, dst: str) -> None:
     if not is_url(src):
         os.replace(src, dst)
     elif _beam_knows(src):
-        _beam_fs().rename([src], [dst])
+        filesystems().rename([src], [dst])
     else:
         import fsspec
 
@@ -123,7 +140,7 @@ def write_bytes(path: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     elif _beam_knows(path):
-        with _beam_fs().create(path, compression_type="uncompressed") as f:
+        with filesystems().create(path, compression_type="uncompressed") as f:
             f.write(data)
     else:
         import fsspec
@@ -145,7 +162,7 @@ def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
     if _beam_knows(path):
-        return _beam_fs().exists(path)  # GCS, S3: a lookup of that one name
+        return filesystems().exists(path)  # GCS, S3: a lookup of that one name
     import fsspec
 
     fs, p = fsspec.core.url_to_fs(path)
@@ -256,7 +273,7 @@ def _size(path: str) -> int | None:
         except OSError:
             return None
     if _beam_knows(path):
-        fs = _beam_fs().get_filesystem(path)
+        fs = filesystems().get_filesystem(path)
         if not fs.exists(path):  # one lookup of that name
             return None
         return fs.metadata(path).size_in_bytes
@@ -272,7 +289,7 @@ def _is_gcs(fs) -> bool:
 
 def _gcsio(fs=None):
     """The GcsIO of Beam's GCS filesystem ``fs`` (with the options Beam was given)."""
-    fs = _beam_fs().get_filesystem("gs://b/o") if fs is None else fs
+    fs = filesystems().get_filesystem("gs://b/o") if fs is None else fs
     make = getattr(fs, "_gcsIO", None)
     if make is not None:
         return make()
@@ -313,7 +330,7 @@ def _list_prefix(prefix: str):
     """(path, size) of every object whose name starts with the string ``prefix`` (a URL), by
     the object store's own prefix listing: nothing in ``prefix`` is a pattern."""
     if _beam_knows(prefix):
-        fs = _beam_fs().get_filesystem(prefix)
+        fs = filesystems().get_filesystem(prefix)
         if _is_gcs(fs):
             for path, (size, _) in _gcsio(fs).list_files(prefix, with_metadata=True):
                 yield path, size
@@ -325,7 +342,7 @@ def _list_prefix(prefix: str):
             return
         # a filesystem with directories (HDFS): Beam's match, the prefix escaped
         top = prefix if prefix.endswith("/") else prefix.rsplit("/", 1)[0] + "/"
-        for m in _beam_fs().match([glob_escape(top) + "**"])[0].metadata_list:
+        for m in filesystems().match([glob_escape(top) + "**"])[0].metadata_list:
             if m.path.startswith(prefix):
                 yield m.path, m.size_in_bytes
         return
@@ -382,7 +399,7 @@ def _delete_exactly(paths: list[str]) -> None:
     if not paths:
         return
     if _beam_knows(paths[0]):
-        fs = _beam_fs().get_filesystem(paths[0])
+        fs = filesystems().get_filesystem(paths[0])
         if _is_gcs(fs):
             failed = [f"{p}: {e}" for p, e in _gcsio(fs).delete_batch(paths) if e is not None]
             if failed:

@@ -33,10 +33,10 @@ import google_crc32c
 import numpy as np
 import pyarrow as pa
 from apache_beam.io import fileio, filesystem
-from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms import arrow_coder  # noqa: F401  registers the pa.Table coder
 from titans.transforms.dead_letter import READ, DeadLetter
+from titans.transforms.io import storage
 from titans.transforms.io.example_codec import encode_examples_array, kind_of, parse_with_rejects
 from titans.transforms.overlap import BackgroundWriter
 from titans.transforms.io.parquet import input_pattern
@@ -111,7 +111,8 @@ def is_gzip(path: str, compression: str = AUTO) -> bool:
         return compression == GZIP
     if path.endswith(".gz") or path.endswith(".gzip"):
         return True
-    with FileSystems.open(path, compression_type=filesystem.CompressionTypes.UNCOMPRESSED) as f:
+    fs = storage.filesystems()
+    with fs.open(path, compression_type=filesystem.CompressionTypes.UNCOMPRESSED) as f:
         head = f.read(12)
     if head[:2] != b"\x1f\x8b":
         return False
@@ -182,7 +183,7 @@ class _SplitIntoUnits(beam.DoFn):
             if self._file_keys is not None:
                 for key in self._file_keys([file]).items():
                     yield beam.pvalue.TaggedOutput(self.KEYS, key)
-            file = FileSystems.get_filesystem(file).metadata(file)  # that name, not a glob
+            file = storage.filesystems().get_filesystem(file).metadata(file)  # that name only
         if file.size_in_bytes > 0:
             yield from split_file(file.path, file.size_in_bytes, self._split_bytes,
                                   self._compression)

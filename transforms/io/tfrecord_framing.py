@@ -39,9 +39,9 @@ import google_crc32c
 import numpy as np
 import pyarrow as pa
 from apache_beam.io import filesystem
-from apache_beam.io.filesystems import FileSystems
 
 from titans.transforms.dead_letter import READ, DeadLetter
+from titans.transforms.io import storage
 from titans.transforms.overlap import read_ahead
 
 # the largest record read (pipeline/defaults.py holds the command line's copy of it)
@@ -112,7 +112,7 @@ class _Source:
     def __init__(self, unit: Unit, chunk: int):
         self.unit = unit
         self.error: str | None = None  # why the stream ended early (GZIP), if it did
-        raw = self._raw = FileSystems.open(
+        raw = self._raw = storage.filesystems().open(
             unit.path, compression_type=filesystem.CompressionTypes.UNCOMPRESSED)
         if unit.gzip:
             self._handle = gzip.GzipFile(fileobj=raw, mode="rb")
