@@ -210,8 +210,8 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     arch = meta.get("arch") or config.get("arch", "?")
     archs, flops_of = {"champion": arch, "challenger": arch}, {}
     grown = (mc.grow(champion, c.student_budget * plan.teacher_flops,
-                     seed=c.job.seed + len(cont.history)) if d.shifted else None)
-    if grown is not None:  # a shift detected today: the challenger is one size up
+                     seed=c.job.seed + len(cont.history)) if after_shift else None)
+    if grown is not None:  # a shifted stream (today or the run before): one size up
         challenger, archs["challenger"], flops_of["challenger"] = grown
         report(f"    shift: the challenger is yesterday's student widened to {grown[1]} units "
                f"({grown[2]:,.0f} FLOPs per row, budget "
@@ -220,6 +220,7 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
                       pool_weights=w_pool[1 if after_shift else 0],
                       today_share=mc.SHIFT_TODAY_SHARE if after_shift else None,
                       pool_hard=hard_pool,
+                      steps=mc.FINE_TUNE_STEPS * (mc.SHIFT_STEPS_FACTOR if after_shift else 1),
                       seconds=max(0.0, mc.fine_tune_seconds(cont.history) - (time.time() - started)),
                       seed=c.job.seed + len(cont.history))
     ft["after_shift"] = after_shift
