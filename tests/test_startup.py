@@ -97,6 +97,25 @@ def test_dofn_specs_are_asked_once_per_dofn_and_answered_as_beam_would():
     assert out == ["False", "1", "True", "1", "ran"]
 
 
+def test_the_command_takes_arrow_buffers_from_jemalloc_unless_told_otherwise():
+    code = ("import os, sys\n"
+            "from titans.pipeline.cli.main import main\n"
+            "try:\n"
+            "    main(['run', '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "import pyarrow as pa\n"
+            "print(pa.default_memory_pool().backend_name)\n")
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    for pool, expected in ((None, "jemalloc"), ("system", "system")):
+        if pool:
+            env["ARROW_DEFAULT_MEMORY_POOL"] = pool
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == expected
+
+
 def test_the_helper_draws_the_same_png_as_the_command_would(tmp_path):
     report_plot.start_helper()
     try:

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     # writer threads on a small machine that spinning cost 5-11% of a run (4M rows, 2 CPUs,
     # measured). Read when torch loads, so set before any import; the user's setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    startup.choose_arrow_allocator()
     args, beam_args = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("titans").setLevel(args.log_level)
