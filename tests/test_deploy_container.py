@@ -85,6 +85,7 @@ def test_boot_entrypoint_comes_from_the_same_beam_sdk_image(dockerfile):
     assert "python${PYTHON_VERSION} -m venv /opt/venv" in run_lines
     env = " ".join(rest for k, rest in inst if k == "ENV")
     assert "PATH=/opt/venv/bin:$PATH" in env and "RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in env
+    assert "ARROW_DEFAULT_MEMORY_POOL=jemalloc" in env  # as the titans command (cli/startup.py)
 
 
 def test_flex_template_launcher_matches_python_and_runs_launch_py(dockerfile):
