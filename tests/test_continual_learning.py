@@ -212,3 +212,19 @@ def test_champion_challenger_counts_a_wider_challengers_compute():
     big_gain = _cand(0.22, 0.08)     # eight points fewer rows
     big_gain.cost = 0.07
     assert mc.champion_challenger(champ, big_gain, n) == "challenger"
+
+
+def test_the_fine_tunes_loss_is_kd_at_t4_and_hard_rows_at_t1():
+    """The fine-tune computes each row's softened target once (not per step): its loss is
+    still losses.kd_per_example's, at TEMPERATURE for sample rows and at T=1 for hard rows."""
+    torch.manual_seed(3)
+    student = MLP(DIM, CLASSES, (8,))
+    x = np.repeat(np.random.default_rng(3).normal(size=(1, DIM)).astype(np.float32), 40, 0)
+    p = np.repeat(np.array([[0.7, 0.2, 0.06, 0.04]], np.float32), 40, 0)
+    with torch.no_grad():
+        logits = student(torch.from_numpy(x[:1]))
+    for hard, temperature in ((False, mc.TEMPERATURE), (True, 1.0)):
+        done = mc.fine_tune(student, x, p, np.zeros((0, DIM)), np.zeros((0, CLASSES)),
+                            pool_hard=np.full(40, hard), steps=1, lr=0.0)
+        want = float(losses.kd_per_example(logits, torch.from_numpy(p[:1]), temperature)[0])
+        assert abs(done["final_loss"] - want) < 1e-4, (hard, done["final_loss"], want)
