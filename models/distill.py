@@ -31,6 +31,7 @@ from titans.models import defaults, losses
 from titans.models.architectures import MLP, StandardizedMLP, TokenMLP, parse_hidden
 from titans.models.defaults import METHODS
 from titans.models.forward import forward_in_chunks
+from titans.models.optim import AdamW, OneCycle
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,8 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
     target = losses.soften(P, temperature)
     Xv, yv = _features(val[0], ids), torch.as_tensor(np.asarray(val[1]), dtype=torch.int64)
     params = [p for m in students for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = -(-n // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
-                                                steps_per_epoch=steps_per_epoch,
-                                                pct_start=PCT_START)
+    opt = AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = OneCycle(opt, max_lr=lr, total_steps=epochs * -(-n // batch_size), pct_start=PCT_START)
     gen = torch.Generator().manual_seed(seed)
     state = [{"epochs": 0, "best_epoch": 0, "val_agreement": -1.0, "stopped": "schedule",
               "best": None, "stale": 0} for _ in students]
@@ -250,7 +248,7 @@ def distill_together(students: list[nn.Module], X: np.ndarray, teacher_probs: np
                 xb, pb = Xt[idx], target[idx]
                 loss = sum(nn.functional.cross_entropy(students[i](xb) / temperature, pb)
                            for i in active) * t2
-                opt.zero_grad(set_to_none=True)  # a stopped student's grads stay None: no step
+                opt.zero_grad()  # a stopped student's grads stay None: no step
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -289,7 +287,7 @@ def _loop(model, n, step, evaluate, *, epochs, lr, batch_size, weight_decay, see
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
     gen = torch.Generator().manual_seed(seed)  # the shuffles
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     # dropout draws from the global generator: seed a fork of it, restored on the way out
@@ -304,7 +302,7 @@ def _loop(model, n, step, evaluate, *, epochs, lr, batch_size, weight_decay, see
             for start in range(0, n, batch_size):
                 idx = perm[start:start + batch_size]
                 loss = step(idx)
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
