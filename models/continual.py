@@ -20,8 +20,8 @@ Why each piece is shaped as it is:
     pool is much larger than today's share. On a shifted stream (a shift called today or on
     the previous run) the challenger is yesterday's student one size up (``grow``: widened,
     same answers at the start, within --student-budget) and may take SHIFT_STEPS_FACTOR x the
-    steps, the time cap unchanged. Its optimiser is ``_AdamW`` (torch's construction alone
-    costs ~0.8 s of imports, most of what used to be left of the budget).
+    steps, the time cap unchanged. Its optimiser is ``models.optim.AdamW`` (torch's
+    construction alone costs ~0.8 s of imports: a shifted day had done 321 of 1,000 steps).
   * ``champion_challenger``: both students scored on today's validation rows (neither was
     trained on them) by the teacher share the cascade would need (``score_candidate``) and by
     their KL divergence from the teacher; the challenger replaces the champion only if it
@@ -44,6 +44,7 @@ import torch
 from titans.models import losses
 from titans.models.deferral import CONFIDENCE_RULES, make_rule
 from titans.models.forward import forward_in_chunks
+from titans.models.optim import AdamW  # torch.optim's construction imports torch._dynamo (~0.8 s)
 from titans.models.student_search import Candidate, Target, ltt_bar, score_candidate
 
 CAL_BAR = 0.5            # the calibration part certifies a bar of at least this share of EPS
@@ -151,7 +152,7 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
     drawn with replacement (pool rows in proportion to ``pool_weights``), today's at least
     TODAY_SHARE of the time; pool rows flagged in ``pool_hard`` are fitted at T=1 (see
     HARD_WEIGHT). What it did, as a dict."""
-    start = time.time()  # the cap counts the set-up too (the first AdamW costs ~1 s of imports)
+    start = time.time()  # the cap counts the set-up too
     steps = FINE_TUNE_STEPS if steps is None else steps  # read here: tests may lower them
     share = TODAY_SHARE if today_share is None else today_share
     seconds = FINE_TUNE_SECONDS if seconds is None else seconds
@@ -183,7 +184,7 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
     gen = torch.Generator().manual_seed(seed)
     for param in student.parameters():  # a loaded model may come frozen
         param.requires_grad_(True)
-    opt = _AdamW([q for q in student.parameters()], lr=lr, weight_decay=1e-4)
+    opt = AdamW([q for q in student.parameters()], lr=lr, weight_decay=1e-4)
     done, total = 0, 0.0
     batch = min(batch_size, len(x))
     student.train()
@@ -272,36 +273,6 @@ def grow(student: torch.nn.Module, budget_flops: float,
         return None
     wide = widen(student, factor, seed)
     return None if wide is None else (wide[0], wide[1], float(flops(factor)))
-
-
-class _AdamW:
-    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments) in a few
-    tensor ops: constructing torch.optim.AdamW imports torch._dynamo, ~0.8 s of a warm run's
-    ~2 s fine-tune budget (benchmarks/continual.py: 321 steps done on a shifted day of 1,000)."""
-
-    def __init__(self, params: list, lr: float, weight_decay: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
-        self.m = [torch.zeros_like(q) for q in params]
-        self.v = [torch.zeros_like(q) for q in params]
-        self.t = 0
-
-    def zero_grad(self) -> None:
-        for q in self.params:
-            q.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for q, m, v in zip(self.params, self.m, self.v):
-            if q.grad is None:
-                continue
-            q.mul_(1 - self.lr * self.wd)
-            m.mul_(b1).add_(q.grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(q.grad, q.grad, value=1 - b2)
-            q.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
 
 
 def vector_flops(student: torch.nn.Module) -> float | None:
