@@ -242,3 +242,41 @@ def test_a_second_run_on_a_held_state_is_refused_naming_the_holder(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in use by" in err[0] and str(os.getpid()) in err[0]
     assert not (tmp_path / "out1").exists()  # refused before the output was touched
+
+
+def test_a_shifted_day_fine_tunes_a_wider_challenger_for_longer(tmp_path, monkeypatch, capsys):
+    """Day 2's rows moved (features N(2, 1) instead of N(0, 1)): the drift line calls a shift,
+    and the fine-tune gets the shifted stream's share of today's rows and its larger step
+    budget, on a challenger one size up (within --student-budget) when the student has a
+    hidden layer to widen; champion / challenger still decides, on today's rows."""
+    calls = []
+    fine_tune = mc.fine_tune
+
+    def spy(student, *args, **kw):
+        calls.append({"steps": kw.get("steps"), "today_share": kw.get("today_share"),
+                      "hidden": [m.out_features for m in student.modules()
+                                 if isinstance(m, torch.nn.Linear)][:-1]})
+        return fine_tune(student, *args, **kw)
+
+    monkeypatch.setattr(mc, "fine_tune", spy)
+    from titans.models import student_search  # the cold start's student: one hidden layer
+    monkeypatch.setattr(student_search, "candidate_architectures", lambda *a: [(16,)])
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    state = tmp_path / "state"
+    write_day(tmp_path / "day1", 1)
+    write_day(tmp_path / "day2", 2, shift=2.0)
+    for d in (1, 2):
+        assert label_day(tmp_path, d, teacher, state, "--student-budget", "1.0") == 0
+    printed = capsys.readouterr().out
+    assert "-> SHIFT" in printed
+    assert calls[-1]["steps"] == mc.FINE_TUNE_STEPS * mc.SHIFT_STEPS_FACTOR
+    assert calls[-1]["today_share"] == mc.SHIFT_TODAY_SHARE
+    report = report_of(tmp_path, 2)
+    facts = json.loads((tmp_path / "out2" / "_label" / "phases.json").read_text())
+    training = json.dumps(facts)
+    assert report["state"]["history"][0]["student"]["arch"] == "16"
+    assert '"grown_to": "32"' in training and "widened to 32 units" in printed
+    assert calls[-1]["hidden"] == [32]  # the challenger fine-tuned is the wider one
+    kept = report["state"]["history"][-1]["student"]
+    assert kept["kept"] in ("champion", "challenger")
+    assert kept["arch"] == ("32" if kept["kept"] == "challenger" else "16")
