@@ -307,6 +307,30 @@ def fine_tune_seconds(history: list[dict]) -> float:
     return min(FINE_TUNE_SECONDS, COLD_DISTIL_SHARE * float(seconds))
 
 
+# what a warm run does after its fine-tune and a cold run does not, or does for fewer rows:
+# two students scored and saved, a larger pool written with the state (benchmarks/continual.py:
+# a warm day's state commit ~0.2 s, the cold day's ~0.1 s)
+WARM_TAIL_SECONDS = 0.3
+
+
+def fine_tune_end(history: list[dict]) -> float | None:
+    """Seconds from the job's start by which a warm run's fine-tune must end: when the newest
+    cold run's distil phase ended (its job wall time less its calibrate and cascade phases),
+    less WARM_TAIL_SECONDS. A warm run pays things before its fine-tune that a cold run pays
+    inside its distil phase, or not at all (the state read, drift, scipy.stats imported to
+    size the sample), so a cap on the distil phase alone (``fine_tune_seconds``) did not keep
+    it from being slower than the cold run once cold runs got faster; this one does, whatever
+    came before. None without the cold run's times."""
+    cold = [e for e in history if e.get("mode") == "cold"]
+    if not cold:
+        return None
+    wall, phases = cold[-1].get("job_wall_seconds"), cold[-1].get("phase_seconds") or {}
+    after = [phases.get(name) for name in ("calibrate", "cascade")]
+    if not isinstance(wall, (int, float)) or not all(isinstance(v, (int, float)) for v in after):
+        return None
+    return float(wall) - sum(after) - WARM_TAIL_SECONDS
+
+
 def row_weights(hard: np.ndarray, age: np.ndarray, after_shift: bool) -> np.ndarray:
     """Fine-tune weights of the pool rows: HARD_WEIGHT for hard rows, and after a shift
     SHIFT_DECAY per run of ``age`` (0: the previous run)."""

@@ -5,6 +5,7 @@ disk; no mocks."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from titans.models import continual as mc
@@ -105,6 +106,36 @@ def test_fine_tune_seconds_is_bounded_by_the_cold_runs_distil_phase():
                         seconds=mc.fine_tune_seconds([{"mode": "cold",
                                                        "phase_seconds": {"distil": 0.4}}]))
     assert done["steps"] < 10 ** 6 and done["seconds"] < 2.0
+
+
+def test_the_fine_tune_ends_when_the_cold_runs_distil_phase_ended():
+    """A warm run's fine-tune must end, counted from the job's start, when the cold run's
+    distil phase ended (its wall time less calibrate and cascade), less the warm tail."""
+    import time
+
+    from titans.pipeline.label.continual import Continual, _fine_tune_budget
+
+    cold = {"mode": "cold", "job_wall_seconds": 5.0,
+            "phase_seconds": {"distil": 3.0, "calibrate": 0.2, "cascade": 0.8}}
+    history = [cold, {"mode": "warm", "job_wall_seconds": 4.0, "phase_seconds": {}}]
+    assert mc.fine_tune_end(history) == pytest.approx(5.0 - 1.0 - mc.WARM_TAIL_SECONDS)
+    assert mc.fine_tune_end([{"mode": "cold", "phase_seconds": {"distil": 3.0}}]) is None
+    assert mc.fine_tune_end([]) is None
+
+    class Base:  # the State a warm run starts from: only its history matters here
+        pass
+
+    base = Base()
+    base.history = history
+    cont = Continual(store=None, base=base, teacher={}, schema={}, pool_rows=0)
+    now = time.time()
+    # no job start known: the distil-phase cap alone (0.6 x 3.0 s)
+    assert _fine_tune_budget(cont, now) == pytest.approx(mc.COLD_DISTIL_SHARE * 3.0, abs=0.05)
+    cont.job_start = now - 3.0  # 3 s into the job: 0.7 s left before the deadline
+    assert _fine_tune_budget(cont, now) == pytest.approx(5.0 - 1.0 - mc.WARM_TAIL_SECONDS - 3.0,
+                                                         abs=0.05)
+    cont.job_start = now - 10.0  # past it: no fine-tune
+    assert _fine_tune_budget(cont, now) == 0.0
 
 
 def test_the_pool_is_read_once_per_run(tmp_path):

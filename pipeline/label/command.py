@@ -130,6 +130,7 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock,
     if store is not None:
         teacher_sha = jd.content_keys(plan.files, c.job.teacher.path)["teacher"]["sha256"]
         cont = continual.begin(c, plan, store, teacher_sha)  # a warm run: a smaller sample
+        cont.job_start = start
         taken = continual.taken_by_state(jd, cont) if c.resume else None
         if taken is not None:
             print(f"titans label: {c.output} is complete already and the state {c.state} took "

@@ -66,6 +66,7 @@ class Continual:
     pool_rows: int
     sizes: dict | None = None      # warm: the fresh sample's parts
     heldout_agreement: float | None = None
+    job_start: float | None = None  # the command's start: the fine-tune's deadline counts from it
 
     @property
     def warm(self) -> bool:
@@ -174,6 +175,17 @@ def _previous_heldout(pool: pa.Table | None, history: list[dict]) -> pa.Table | 
     return rows if rows.num_rows else None
 
 
+def _fine_tune_budget(cont: Continual, started: float) -> float:
+    """Seconds left for the fine-tune: within the distil phase's cap (mc.fine_tune_seconds,
+    from ``started``) and the job's deadline (mc.fine_tune_end, from the command's start)."""
+    now = time.time()
+    left = mc.fine_tune_seconds(cont.history) - (now - started)
+    end = mc.fine_tune_end(cont.history)
+    if end is not None and cont.job_start is not None:
+        left = min(left, end - (now - cont.job_start))
+    return max(0.0, left)
+
+
 def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> dict:
     """Phase 3 of a warm run: drift, fine-tune, champion / challenger -> DIR/student.pt; the
     facts phases.json and report.json keep (the fields distil.run gives, plus ``continual``)."""
@@ -221,7 +233,7 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
                       today_share=mc.SHIFT_TODAY_SHARE if after_shift else None,
                       pool_hard=hard_pool,
                       steps=mc.FINE_TUNE_STEPS * (mc.SHIFT_STEPS_FACTOR if after_shift else 1),
-                      seconds=max(0.0, mc.fine_tune_seconds(cont.history) - (time.time() - started)),
+                      seconds=_fine_tune_budget(cont, started),
                       seed=c.job.seed + len(cont.history))
     ft["after_shift"] = after_shift
     ft["grown_to"] = None if grown is None else grown[1]
