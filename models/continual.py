@@ -12,7 +12,8 @@ Why each piece is shaped as it is:
   * ``fine_tune``: kd from the teacher's probabilities, starting from yesterday's weights, with
     a fixed step budget and a wall-clock cap (the warm distil phase up to the fine-tune's end
     at most COLD_DISTIL_SHARE of the cold run's distil phase, from the history:
-    ``fine_tune_seconds``), so a warm run never trains longer than a cold
+    ``fine_tune_seconds``; and ended, from the job's start, by when the cold run's distil
+    phase ended: ``fine_tune_end``), so a warm run never trains longer than a cold
     search (one model, ``FINE_TUNE_STEPS`` steps of 256 rows; the cold search trains several
     candidates; on benchmarks/continual.py 2,000 steps made a warm distil phase 2.5 s against
     the cold search's 2.0 s, 1,000 steps keep it below). Today's
