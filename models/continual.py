@@ -226,12 +226,11 @@ def widen(student: torch.nn.Module, factor: float, seed: int = 0,
     from titans.models.distill import build_student
 
     sd = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    keys = sorted((k for k in sd if k.startswith("mlp.net.") and k.endswith(".weight")),
-                  key=lambda k: int(k.split(".")[2]))
+    keys = _weight_keys(sd)
     if "scale.mean" not in sd or len(keys) < 2:  # no hidden layer to widen
         return None
     widths = [int(sd[k].shape[0]) for k in keys[:-1]]
-    new = [max(w + 1, int(math.ceil(factor * w))) for w in widths]
+    new = _widened(widths, factor)
     gen = torch.Generator().manual_seed(seed)
     for i, (w, n) in enumerate(zip(widths, new)):
         pick = torch.cat([torch.arange(w), torch.randint(0, w, (n - w,), generator=gen)])
@@ -265,7 +264,7 @@ def grow(student: torch.nn.Module, budget_flops: float,
     dim, widths, classes = all_widths[0], list(all_widths[1:-1]), all_widths[-1]
 
     def flops(f: float) -> int:
-        return mlp_flops(dim, tuple(max(w + 1, int(math.ceil(f * w))) for w in widths), classes)
+        return mlp_flops(dim, _widened(widths, f), classes)
 
     factor = min(GROW_FACTOR, budget_flops / max(1, mlp_flops(dim, tuple(widths), classes)))
     while factor >= MIN_GROW and flops(factor) > budget_flops:
@@ -286,10 +285,20 @@ def vector_flops(student: torch.nn.Module) -> float | None:
     return None if widths is None else float(mlp_flops(widths[0], widths[1:-1], widths[-1]))
 
 
+def _widened(widths, factor: float) -> tuple[int, ...]:
+    """Hidden widths ``factor`` x wider, each at least one unit more (``widen``'s sizes)."""
+    return tuple(max(w + 1, int(math.ceil(factor * w))) for w in widths)
+
+
+def _weight_keys(sd: dict) -> list[str]:
+    """A StandardizedMLP's linear layers' weight keys, input layer first."""
+    return sorted((k for k in sd if k.startswith("mlp.net.") and k.endswith(".weight")),
+                  key=lambda k: int(k.split(".")[2]))
+
+
 def _mlp_widths(sd: dict) -> tuple[int, ...] | None:
     """(input, hidden..., output) widths of a StandardizedMLP's state dict, else None."""
-    keys = sorted((k for k in sd if k.startswith("mlp.net.") and k.endswith(".weight")),
-                  key=lambda k: int(k.split(".")[2]))
+    keys = _weight_keys(sd)
     if "scale.mean" not in sd or not keys:
         return None
     return (int(sd[keys[0]].shape[1]), *(int(sd[k].shape[0]) for k in keys))
