@@ -49,11 +49,12 @@ import gc
 import os
 import sys
 
+from titans.transforms.io.storage import URL_FILESYSTEMS
+
 
 HIDDEN = ("apache_beam.ml.inference.model_manager", "apache_beam.io.gcp.bigquery")
 # left out too when the job runs in this process and names no URL (``import_beam(local=True)``)
-HIDDEN_LOCAL = ("apache_beam.io.gcp.gcsfilesystem", "apache_beam.io.aws.s3filesystem",
-                "apache_beam.io.azure.blobstoragefilesystem", "google.cloud.dataflow")
+HIDDEN_LOCAL = URL_FILESYSTEMS + ("google.cloud.dataflow",)
 
 
 def import_beam(local: bool = False) -> None:

@@ -47,18 +47,18 @@ def absolute(path: str) -> str:
 
 # the filesystems the `titans` command leaves out of its start-up when no argument names a URL
 # (titans.pipeline.cli.startup.HIDDEN_LOCAL); Beam finds a filesystem by its class, once imported
-_URL_FILESYSTEMS = ("apache_beam.io.gcp.gcsfilesystem", "apache_beam.io.aws.s3filesystem",
-                    "apache_beam.io.azure.blobstoragefilesystem")
+URL_FILESYSTEMS = ("apache_beam.io.gcp.gcsfilesystem", "apache_beam.io.aws.s3filesystem",
+                   "apache_beam.io.azure.blobstoragefilesystem")
 _filesystems_loaded = False
 
 
 def filesystems():
-    """Beam's FileSystems, with every filesystem for URLs it can load (see _URL_FILESYSTEMS)."""
+    """Beam's FileSystems, with every filesystem for URLs it can load (see URL_FILESYSTEMS)."""
     global _filesystems_loaded
     from apache_beam.io.filesystems import FileSystems
 
     if not _filesystems_loaded:
-        for name in _URL_FILESYSTEMS:
+        for name in URL_FILESYSTEMS:
             try:
                 importlib.import_module(name)
             except ImportError:  # its client library is not installed, as Beam allows
