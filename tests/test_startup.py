@@ -203,3 +203,22 @@ def test_a_helper_that_cannot_start_changes_nothing(tmp_path, monkeypatch):
     assert report_plot._helper is None
     report_plot.plot_scores(REPORT, str(tmp_path / "report.png"))
     assert (tmp_path / "report.png").read_bytes() == report_plot.scores_png(REPORT)
+
+
+def test_the_command_samples_beams_step_states_every_few_ms_and_plain_beam_keeps_its_own():
+    code = ("import sys\n"
+            "from titans.pipeline.cli.startup import SAMPLING_MS, import_beam\n"
+            "if sys.argv[1] == 'command':\n"
+            "    import_beam()\n"
+            "from apache_beam.runners.worker import statesampler\n"
+            "from apache_beam.utils.counters import CounterFactory\n"
+            "print(statesampler.StateSampler('step', CounterFactory()).sampling_period_ms,"
+            " SAMPLING_MS)\n")
+    periods = {}
+    for how in ("command", "plain"):
+        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        periods[how] = [int(v) for v in done.stdout.split()]
+    assert periods["command"][0] == periods["command"][1] <= 20
+    assert periods["plain"][0] == 200  # Beam's default, what a worker or a library user gets

@@ -8,6 +8,7 @@ bought less than 0.1 s would not be here:
 | import Beam without its model manager and BigQuery/Pub/Sub re-exports (``import_beam``) | ~0.3 s every command | here |
 | ... and, for a job in this process that names no URL, without the GCS, S3 and Azure filesystems and the Dataflow API client (``HIDDEN_LOCAL``) | ~0.1 s | here; ``storage`` loads the filesystems on a URL |
 | DoFn introspection memoized (``memoize_dofn_specs``) | ~0.1 s of a run | here |
+| bundles end without waiting up to 200 ms for Beam's state sampler (``shorten_state_sampling``) | ~0.15 s of a 1M-row run | here |
 | the cyclic garbage collector paused during start-up (``pause_gc`` / ``resume_gc``) | ~0.4 s of a 1M-row run | here; ``run_job`` resumes it |
 | Arrow's buffers from jemalloc, not mimalloc (``choose_arrow_allocator``) | ~0.1 s of a 1M-row run | here |
 | report.png drawn by a helper process started first thing | ~0.2 s at the end of a run | ``titans.pipeline.report_plot`` (the helper is that module's ``__main__``) |
@@ -74,6 +75,7 @@ def import_beam(local: bool = False) -> None:
 
     base.resource = resource  # left out with the model manager by the same except clause
     memoize_dofn_specs()
+    shorten_state_sampling()
 
 
 def memoize_dofn_specs() -> None:
@@ -104,6 +106,21 @@ def memoize_dofn_specs() -> None:
 
     get_dofn_specs.memoized = True
     userstate.get_dofn_specs = get_dofn_specs  # userstate's own callers look it up here too
+
+
+SAMPLING_MS = 10
+
+
+def shorten_state_sampling() -> None:
+    """Beam's state sampler (time per step, for a runner's monitoring) runs a thread per
+    bundle that sleeps in steps growing from 2 to 200 ms, and a bundle ends only when that
+    thread wakes up to be stopped: 0-170 ms at the end of the 1-second bundle of a 1M-row job
+    (processing 1.13 s or 0.94 s by where the sleep fell; 0.92-1.01 s sampling every 10 ms,
+    measured). This process's bundles sample every SAMPLING_MS instead; a woken thread does a
+    few additions, so sampling more often costs nothing measurable."""
+    from apache_beam.runners.worker import statesampler
+
+    statesampler.StateSampler.__init__.__defaults__ = (SAMPLING_MS,)
 
 
 ARROW_POOL = "jemalloc"
