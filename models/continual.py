@@ -18,10 +18,10 @@ Why each piece is shaped as it is:
     candidates; on benchmarks/continual.py 2,000 steps made a warm distil phase 2.5 s against
     the cold search's 2.0 s, 1,000 steps keep it below). Today's
     rows are drawn at least ``TODAY_SHARE`` of the time, so a shift is learnt even when the
-    pool is much larger than today's share. On a shifted stream (a shift called today or on
-    the previous run) the challenger is yesterday's student one size up (``grow``: widened,
-    same answers at the start, within --student-budget) and may take SHIFT_STEPS_FACTOR x the
-    steps, the time cap unchanged. Its optimiser is ``models.optim.AdamW`` (torch's
+    pool is much larger than today's share. The challenger is yesterday's student one size
+    up while --student-budget has room (``grow``: widened, same answers at the start); on a
+    shifted stream (a shift called today or on the previous run) it may take
+    SHIFT_STEPS_FACTOR x the steps, the time cap unchanged. Its optimiser is ``models.optim.AdamW`` (torch's
     construction alone costs ~0.8 s of imports: a shifted day had done 321 of 1,000 steps).
   * ``champion_challenger``: both students scored on today's validation rows (neither was
     trained on them) by the teacher share the cascade would need (``score_candidate``) and by
@@ -250,7 +250,7 @@ def widen(student: torch.nn.Module, factor: float, seed: int = 0,
 
 def grow(student: torch.nn.Module, budget_flops: float,
          seed: int = 0) -> tuple[torch.nn.Module, str, float] | None:
-    """The challenger one size up on a shifted stream: ``student`` widened by GROW_FACTOR
+    """The challenger one size up: ``student`` widened by GROW_FACTOR
     (``widen``), less if that would cost more than ``budget_flops`` per row (the
     --student-budget the cold search obeyed). (module, arch, FLOPs per row), or None when
     there is no room (at least MIN_GROW x wider) or the student is not a vector MLP. FLOPs
@@ -348,9 +348,13 @@ def row_weights(hard: np.ndarray, age: np.ndarray, after_shift: bool) -> np.ndar
     return w * SHIFT_DECAY ** np.asarray(age, np.float64) if after_shift else w
 
 
-# a shift's new rows need more capacity than the student the cold search sized on the old stream
-# (the pool still holds the old one): while the stream is shifted (a shift called today or on
-# the previous run) the challenger is one size up, within --student-budget.
+# the cold search sizes the student on day 1's sample; the pool it learns from grows every run,
+# and a shift's new rows need more capacity still (the pool holds the old stream too): on every
+# warm run the challenger is one size up, within --student-budget (champion / challenger counts
+# its FLOPs). benchmarks/continual.py, stationary stream, teacher share on runs 3, 4, 5: --seed 0
+# widened only after a shift 25.5, 28.9, 26.7%, on every run 20.2, 19.3, 22.0%; --seed 1 21.8,
+# 22.2, 21.6% against 22.0, 18.7, 17.4% (38 -> 76 -> 111 units, the budget's cap); --seed 2
+# called a shift on run 2 and widened from there either way.
 # benchmarks/continual.py, day 3's state fine-tuned on the shifted day 4 (day 4's on day 5), 1,000
 # steps, rows outside the sample needing the teacher (mean of 4 draws): the 38-unit student
 # 28.3% (28.2%), widened to 76 units 23.9% (24.7%), to 114 23.4% (23.0%); trained on 4,000 more

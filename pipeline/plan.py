@@ -277,12 +277,12 @@ def plan_teacher_label(config: TeacherLabelConfig, phases: Phases | None = None,
 
 
 def check_teacher(ref: ModelRef, features, x: np.ndarray, checks: Tally,
-                  keep: bool = False):
-    """The teacher loaded and run on the sampled rows ``x`` (at most TEACHER_CHECK_ROWS of
-    them; ``checks`` counts the rows): (its number of classes, its parameter count), and with
+                  keep: bool = False, rows: int = TEACHER_CHECK_ROWS):
+    """The teacher loaded and run on the sampled rows ``x`` (at most ``rows`` of them;
+    ``checks`` counts the rows): (its number of classes, its parameter count), and with
     ``keep`` the loaded model and its outputs too."""
     teacher = load_checked("teacher", ref, features, checks)
-    logits = check_on_sample("teacher", teacher, x[:TEACHER_CHECK_ROWS], checks)
+    logits = check_on_sample("teacher", teacher, x[:rows], checks)
     found = (logits.shape[-1], count_parameters(teacher))
     return (*found, teacher, logits) if keep else found
 

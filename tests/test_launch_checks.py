@@ -118,6 +118,33 @@ def test_label_counts_every_teacher_row_of_the_job(tmp_path, counting_teacher, m
     assert f"teacher rows: {report['rows_to_teacher']:,}" in capsys.readouterr().out
 
 
+def test_a_warm_state_run_tries_the_teacher_it_ran_before_on_a_handful_of_rows(
+        tmp_path, counting_teacher, monkeypatch):
+    from titans.models import student_search
+    from titans.pipeline.label.launch import VOUCHED_CHECK_ROWS
+
+    monkeypatch.setattr(student_search, "TRAIN_STEPS", 1000)  # tiny students converge fast
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2400, DIM)).astype(np.float32)
+    os.makedirs(tmp_path / "data")
+    pq.write_table(features_table(np.arange(2400), x), tmp_path / "data" / "part-0.parquet")
+    checks = []
+    for run in ("cold", "warm"):
+        CountingTeacher.rows = 0
+        out = tmp_path / f"out-{run}"
+        assert main(["label", "--input", str(tmp_path / "data"), "--output", str(out),
+                     *counting_teacher, "--id-column", "id", "--sample-rows", "800",
+                     "--deferral-rate", "0.2", "--state", str(tmp_path / "state"),
+                     *RUNNER]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert CountingTeacher.rows == report["rows_to_teacher"]  # every row the teacher ran on
+        checks.append(report["rows_teacher_checks"])
+    # cold: model check 2 + sample check 256 (+ the FLOPs count, unless cached by another
+    # test's run of this teacher); warm: the state ran this teacher file: 2 + a handful
+    assert checks[0] in (2 + 256, 2 + 256 + 64)
+    assert checks[1] == 2 + VOUCHED_CHECK_ROWS
+
+
 class CountingStudent(MLP):
     """The student's counterpart of CountingTeacher."""
     rows = 0

@@ -124,12 +124,16 @@ def label(c: LabelConfig, beam_args: list[str], start: float | None = None) -> i
 def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock, store) -> int:
     from titans.pipeline.job import prepare_output
 
-    plan = launch.plan_launch(c, jd.teacher_key(c.job.teacher.path)["sha256"])
+    teacher_sha = jd.teacher_key(c.job.teacher.path)["sha256"]
+    base = None if store is None or c.state_reset else store.current()
+    vouched = base is not None and base.meta.get("teacher", {}).get("sha256") == teacher_sha
+    plan = launch.plan_launch(c, teacher_sha, vouched)
     prepare_output(c.output, overwrite=False)  # the write probe; deletes nothing
     cont = None
     if store is not None:
         teacher_sha = jd.content_keys(plan.files, c.job.teacher.path)["teacher"]["sha256"]
-        cont = continual.begin(c, plan, store, teacher_sha)  # a warm run: a smaller sample
+        # a warm run: a smaller sample; the state checked against this teacher and schema
+        cont = continual.begin(c, plan, store, teacher_sha, base)
         cont.job_start = start
         taken = continual.taken_by_state(jd, cont) if c.resume else None
         if taken is not None:

@@ -89,10 +89,12 @@ class Continual:
         return Split(parts["train"], parts["val"], parts["cal"])
 
 
-def begin(c, plan, store, teacher_sha256: str) -> Continual:
-    """The state this run starts from, checked; a warm run's fresh sample size set in
+def begin(c, plan, store, teacher_sha256: str, base=None) -> Continual:
+    """The state this run starts from (``base``, the store's current generation read by the
+    caller; None: read here), checked; a warm run's fresh sample size set in
     ``plan.sample_rows`` (unless --sample-rows was given). ValueError (StateError) in one line."""
-    base = None if c.state_reset else store.current()
+    if base is None and not c.state_reset:
+        base = store.current()
     teacher = {"path": storage.absolute(c.job.teacher.path), "sha256": teacher_sha256}
     schema = feature_schema(plan)
     if base is not None:
@@ -221,11 +223,13 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
                                     if cont.history else False)
     arch = meta.get("arch") or config.get("arch", "?")
     archs, flops_of = {"champion": arch, "challenger": arch}, {}
-    grown = (mc.grow(champion, c.student_budget * plan.teacher_flops,
-                     seed=c.job.seed + len(cont.history)) if after_shift else None)
-    if grown is not None:  # a shifted stream (today or the run before): one size up
+    # one size up while the budget has room: the pool outgrows the width the cold search
+    # picked on day 1's sample (models/continual.py, GROW_FACTOR)
+    grown = mc.grow(champion, c.student_budget * plan.teacher_flops,
+                    seed=c.job.seed + len(cont.history))
+    if grown is not None:
         challenger, archs["challenger"], flops_of["challenger"] = grown
-        report(f"    shift: the challenger is yesterday's student widened to {grown[1]} units "
+        report(f"    the challenger is yesterday's student widened to {grown[1]} units "
                f"({grown[2]:,.0f} FLOPs per row, budget "
                f"{c.student_budget * plan.teacher_flops:,.0f})")
     ft = mc.fine_tune(challenger, x_pool, p_pool, x[split.train], s.probs[split.train],

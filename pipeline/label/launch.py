@@ -36,6 +36,11 @@ from titans.transforms.labels import LabelColumns
 MIN_LABELED = 30        # labeled sample rows below which nothing can be learnt
 CHECK_ROWS = 1000       # rows read at launch to check the models and count the teacher's FLOPs
 FLOPS_ROWS = 64         # of them, the rows the teacher's FLOPs are counted on
+# a --state whose runs ran this very teacher file (its sha256) on this feature schema: the
+# launch tries it on a handful of today's rows, not plan.TEACHER_CHECK_ROWS. The teacher-label
+# phase runs it on the whole fresh sample next; on benchmarks/continual.py's 12,000-row days
+# the 256 rows were 2.1% of every warm day's teacher share
+VOUCHED_CHECK_ROWS = 16
 
 
 @dataclasses.dataclass
@@ -86,10 +91,12 @@ def default_sample_rows(rows: int) -> int:
     return min(n, rows // 2)
 
 
-def plan_launch(c, teacher_sha256: str | None = None) -> Launch:
+def plan_launch(c, teacher_sha256: str | None = None, vouched: bool = False) -> Launch:
     """The launch plan of the LabelConfig ``c``; ValueError saying what to fix. With the
     teacher file's ``teacher_sha256``, its FLOPs per row come from the cache when counted
-    before (``flops_cache``)."""
+    before (``flops_cache``). ``vouched``: the --state ran this teacher file before, on this
+    input's features (checked again once they are resolved): it is tried on
+    VOUCHED_CHECK_ROWS sampled rows."""
     job = dataclasses.replace(c.job, sample_rows=CHECK_ROWS, skip_rows={}, skip_labeled=None)
     source, check, features = plan.plan_source(job)
     clash = [name for name in (FILE_COL, ROW_COL) if name in source.schema.names]
@@ -106,7 +113,9 @@ def plan_launch(c, teacher_sha256: str | None = None) -> Launch:
                          f"label it all with `titans teacher-label`, or sample fewer rows")
     x = plan.usable_rows(check, features)
     checks = Tally()
-    k, parameters, teacher, _ = plan.check_teacher(job.teacher, features, x, checks, keep=True)
+    k, parameters, teacher, _ = plan.check_teacher(
+        job.teacher, features, x, checks, keep=True,
+        rows=VOUCHED_CHECK_ROWS if vouched else plan.TEACHER_CHECK_ROWS)
     if k < 2:
         raise ValueError(f"--teacher has {k} output; a classifier needs at least 2 classes")
     teacher_flops, proxy, counted_on = counted_flops(teacher, x[:FLOPS_ROWS], teacher_sha256)
