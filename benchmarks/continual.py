@@ -210,14 +210,17 @@ def targets(results: dict, days: int, shift_from: int, runs_total: int) -> list[
            f"{last['plain']['share']:.1%} without = {ratio:.2f}x (target <= 0.6x, aim 0.3x): "
            f"{'MET' if ratio <= 0.6 else 'NOT MET'}",
            "shares with --state by day: "
-           + ", ".join(f"{st[d]['state']['share']:.1%}" for d in st),
+           + ", ".join(f"{st[d]['state']['share']:.1%}" for d in st)
+           + (f"; day {days - 1} -> {days}: "
+              + ("falling or flat (MET)" if last["state"]["share"] <= st[days - 1]["state"]["share"]
+                 else "rising (NOT MET)") if days > 1 else ""),
            f"disagreement > EPS {EPS} in {misses} of {runs_total} runs (delta {DELTA} allows "
            f"about {DELTA * runs_total:.1f} in expectation)"]
     walls = [st[d]["state"]["wall"] for d in st]
     reps = len(st[1]["state"]["walls"])
     out.append(f"wall time with --state by day (median of {reps} interleaved run(s), min-max): "
                + ", ".join(spread(st[d]["state"]["walls"]) for d in st)
-               + f" s; day N <= day 1 (medians): "
+               + " s; day N <= day 1 (medians): "
                + ("MET" if max(walls[1:]) <= walls[0] else
                   "NOT MET (days " + ", ".join(str(d) for d in list(st)[1:]
                                                if st[d]["state"]["wall"] > walls[0]) + ")"))

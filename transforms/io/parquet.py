@@ -274,7 +274,7 @@ class _ReadGroup(beam.DoFn):
             for path, key in self._file_keys(sorted({u.path for u in group})).items():
                 yield beam.pvalue.TaggedOutput(self.KEYS, (path, key))
         for item in read_ahead(_conformed(_group_tables(group, self._batch_size), self._schema,
-                                          self._batch_size)):
+                                          self._batch_size), low=True):
             if isinstance(item, DeadLetter):
                 yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, item)
             else:
