@@ -23,8 +23,10 @@ across the days; the shift stream continues the stationary state after the day b
   wall            the process's wall time; peak RSS (os.wait4) ; the state's size on disk
 With --repeat N each cell runs N times, interleaved (no state, --state, no state, ...; every
 --state repeat starts from a copy of the same state, the first one's result goes on to the next
-day): the wall times are medians with min-max, the shares the first repeat's (a run is
-deterministic but for the fine-tune's time cap). --seed S draws other data (the teacher's
+day), repeat r > 0 drawing another sample (--seed S + 1000 r): the wall times are medians with
+min-max; the table's shares are the first repeat's, and a line gives each day's median over
+the draws, on which the trend from day to day is read (one draw moves a day's share by a few
+points). --seed S draws other data (the teacher's
 images, the day groups, the augmentations) and passes --seed S to titans (another sample).
 Then the issue's targets, each with its figure: by the last stationary day the share with
 --state <= 0.6x (aim 0.3x) the share without it on the same rows; misses of EPS counted
@@ -216,6 +218,20 @@ def targets(results: dict, days: int, shift_from: int, runs_total: int) -> list[
                  else "rising (NOT MET)") if days > 1 else ""),
            f"disagreement > EPS {EPS} in {misses} of {runs_total} runs (delta {DELTA} allows "
            f"about {DELTA * runs_total:.1f} in expectation)"]
+    reps = len(st[1]["state"]["shares"])
+    if reps > 1:  # the same states, other sample draws: medians, and every run's guarantee
+        med = {d: float(np.median(st[d]["state"]["shares"])) for d in st}
+        plain = float(np.median(last["plain"]["shares"]))
+        every = [v for r in results.values() for side in ("plain", "state")
+                 for v in r[side]["disagreements"]]
+        out.append(f"median share with --state over {reps} sample draws by day: "
+                   + ", ".join(f"{med[d]:.1%} ({spread_pct(st[d]['state']['shares'])})"
+                               for d in st)
+                   + f"; day {days}: {med[days] / plain:.2f}x the median without it; day "
+                   f"{days - 1} -> {days}: " + ("falling or flat (MET)" if med[days] <=
+                                                 med[days - 1] else "rising (NOT MET)"))
+        out.append(f"disagreement > EPS in {sum(v > EPS for v in every)} of {len(every)} runs, "
+                   f"every draw counted (delta {DELTA}: about {DELTA * len(every):.1f})")
     walls = [st[d]["state"]["wall"] for d in st]
     reps = len(st[1]["state"]["walls"])
     out.append(f"wall time with --state by day (median of {reps} interleaved run(s), min-max): "
@@ -330,14 +346,17 @@ def repeated(day: dict, teacher: str, out: str, state: str, pool_rows: int | Non
         shutil.copytree(state, before) if os.path.exists(state) else os.makedirs(before)
     sides: dict = {"plain": [], "state": []}
     for r in range(repeat):
+        # a repeat draws another sample (--seed): a day's share varies with the draw, and the
+        # median over the draws is what the trend across days is read on
+        seed_r = seed if r == 0 else (seed or 0) + 1000 * r
         sides["plain"].append(run(day, teacher, f"{out}-plain" + (f"-r{r}" if r else ""), None,
-                                  None, seed))
+                                  None, seed_r))
         st = state
         if r:  # a copy of the state before the cell: the same warm start as repeat 0
             st = f"{state}.r{r}"
             shutil.copytree(before, st)
         sides["state"].append(run(day, teacher, f"{out}-state" + (f"-r{r}" if r else ""), st,
-                                  pool_rows, seed))
+                                  pool_rows, seed_r))
         if r:
             shutil.rmtree(st)
             for side in ("plain", "state"):
@@ -348,11 +367,18 @@ def repeated(day: dict, teacher: str, out: str, state: str, pool_rows: int | Non
     for side, runs in sides.items():
         first = dict(runs[0])
         first["walls"] = [x["wall"] for x in runs]
+        first["shares"] = [x["share"] for x in runs]
+        first["disagreements"] = [x["disagreement"] for x in runs]
         first["wall"] = float(np.median(first["walls"]))
         first["phase_medians"] = {k: float(np.median([x["phases"].get(k) or 0.0 for x in runs]))
                                   for k in runs[0]["phases"]}
         cell[side] = first
     return cell
+
+
+def spread_pct(values: list[float]) -> str:
+    """min-max of shares, as percentages."""
+    return f"{min(values):.1%}-{max(values):.1%}"
 
 
 def spread(values: list[float]) -> str:
