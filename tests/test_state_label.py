@@ -244,38 +244,9 @@ def test_a_second_run_on_a_held_state_is_refused_naming_the_holder(tmp_path, cap
     assert not (tmp_path / "out1").exists()  # refused before the output was touched
 
 
-def test_a_stationary_warm_day_fine_tunes_a_challenger_one_size_up(tmp_path, monkeypatch,
-                                                                   capsys):
-    """No shift: the fine-tune keeps the stationary step budget, on yesterday's student widened
-    (within --student-budget): the pool has outgrown the width chosen on day 1's sample."""
-    calls = []
-    fine_tune = mc.fine_tune
-
-    def spy(student, *args, **kw):
-        calls.append({"steps": kw.get("steps"),
-                      "hidden": [m.out_features for m in student.modules()
-                                 if isinstance(m, torch.nn.Linear)][:-1]})
-        return fine_tune(student, *args, **kw)
-
-    monkeypatch.setattr(mc, "fine_tune", spy)
-    from titans.models import student_search
-    monkeypatch.setattr(student_search, "candidate_architectures", lambda *a: [(16,)])
-    teacher = save_teacher(tmp_path / "teacher.pt")
-    for d in (1, 2):
-        write_day(tmp_path / f"day{d}", d)
-        assert label_day(tmp_path, d, teacher, tmp_path / "state", "--student-budget", "1.0") == 0
-    printed = capsys.readouterr().out
-    assert "-> SHIFT" not in printed and "widened to 32 units" in printed
-    assert calls[-1] == {"steps": mc.FINE_TUNE_STEPS, "hidden": [32]}
-    kept = report_of(tmp_path, 2)["state"]["history"][-1]["student"]
-    assert kept["arch"] == ("32" if kept["kept"] == "challenger" else "16")
-
-
-def test_a_shifted_day_fine_tunes_a_wider_challenger_for_longer(tmp_path, monkeypatch, capsys):
-    """Day 2's rows moved (features N(2, 1) instead of N(0, 1)): the drift line calls a shift,
-    and the fine-tune gets the shifted stream's share of today's rows and its larger step
-    budget, on a challenger one size up (within --student-budget) when the student has a
-    hidden layer to widen; champion / challenger still decides, on today's rows."""
+def _fine_tunes_of_a_16_unit_student(monkeypatch) -> list[dict]:
+    """The cold start picks a 16-unit MLP; each fine-tune's steps, share of today's rows and
+    hidden widths are recorded in the list returned."""
     calls = []
     fine_tune = mc.fine_tune
 
@@ -288,6 +259,32 @@ def test_a_shifted_day_fine_tunes_a_wider_challenger_for_longer(tmp_path, monkey
     monkeypatch.setattr(mc, "fine_tune", spy)
     from titans.models import student_search  # the cold start's student: one hidden layer
     monkeypatch.setattr(student_search, "candidate_architectures", lambda *a: [(16,)])
+    return calls
+
+
+def test_a_stationary_warm_day_fine_tunes_a_challenger_one_size_up(tmp_path, monkeypatch,
+                                                                   capsys):
+    """No shift: the fine-tune keeps the stationary step budget, on yesterday's student widened
+    (within --student-budget): the pool has outgrown the width chosen on day 1's sample."""
+    calls = _fine_tunes_of_a_16_unit_student(monkeypatch)
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    for d in (1, 2):
+        write_day(tmp_path / f"day{d}", d)
+        assert label_day(tmp_path, d, teacher, tmp_path / "state", "--student-budget", "1.0") == 0
+    printed = capsys.readouterr().out
+    assert "-> SHIFT" not in printed and "widened to 32 units" in printed
+    assert calls[-1]["steps"] == mc.FINE_TUNE_STEPS and calls[-1]["hidden"] == [32]
+    assert calls[-1]["today_share"] is None  # the stationary draw of today's rows
+    kept = report_of(tmp_path, 2)["state"]["history"][-1]["student"]
+    assert kept["arch"] == ("32" if kept["kept"] == "challenger" else "16")
+
+
+def test_a_shifted_day_fine_tunes_a_wider_challenger_for_longer(tmp_path, monkeypatch, capsys):
+    """Day 2's rows moved (features N(2, 1) instead of N(0, 1)): the drift line calls a shift,
+    and the fine-tune gets the shifted stream's share of today's rows and its larger step
+    budget, on a challenger one size up (within --student-budget) when the student has a
+    hidden layer to widen; champion / challenger still decides, on today's rows."""
+    calls = _fine_tunes_of_a_16_unit_student(monkeypatch)
     teacher = save_teacher(tmp_path / "teacher.pt")
     state = tmp_path / "state"
     write_day(tmp_path / "day1", 1)
