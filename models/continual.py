@@ -21,8 +21,9 @@ Why each piece is shaped as it is:
     pool is much larger than today's share. The challenger is yesterday's student one size
     up while --student-budget has room (``grow``: widened, same answers at the start); on a
     shifted stream (a shift called today or on the previous run) it may take
-    SHIFT_STEPS_FACTOR x the steps, the time cap unchanged. Its optimiser is ``models.optim.AdamW`` (torch's
-    construction alone costs ~0.8 s of imports: a shifted day had done 321 of 1,000 steps).
+    SHIFT_STEPS_FACTOR x the steps, the time cap unchanged. Its optimiser is
+    ``models.optim.AdamW`` (torch's construction alone costs ~0.8 s of imports: a shifted day
+    had done 321 of 1,000 steps).
   * ``champion_challenger``: both students scored on today's validation rows (neither was
     trained on them) by the teacher share the cascade would need (``score_candidate``) and by
     their KL divergence from the teacher; the challenger replaces the champion only if it

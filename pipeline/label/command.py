@@ -131,7 +131,6 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock,
     prepare_output(c.output, overwrite=False)  # the write probe; deletes nothing
     cont = None
     if store is not None:
-        teacher_sha = jd.content_keys(plan.files, c.job.teacher.path)["teacher"]["sha256"]
         # a warm run: a smaller sample; the state checked against this teacher and schema
         cont = continual.begin(c, plan, store, teacher_sha, base)
         cont.job_start = start
