@@ -173,7 +173,7 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
     xt, pt = torch.from_numpy(x), torch.from_numpy(p / p.sum(axis=1, keepdims=True))
     # hard rows' probabilities are rebuilt from a label and a confidence: softened at
     # TEMPERATURE their flat rest makes an almost uniform target, so they are fitted at T=1.
-    # Each row's softened target, temperature and entropy are computed once here, not per
+    # Each row's softened target, temperature and sum p log p are computed once here, not per
     # step (losses.kd_per_example twice a step was ~40% of a step)
     flat = np.zeros(len(x), bool)
     if n_pool and pool_hard is not None:
@@ -181,7 +181,7 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
     temp = torch.from_numpy(np.where(flat, 1.0, TEMPERATURE).astype(np.float32))
     target = torch.where(torch.from_numpy(flat)[:, None], losses.soften(pt, 1.0),
                          losses.soften(pt, TEMPERATURE))
-    entropy = torch.xlogy(target, target).sum(dim=-1)
+    p_log_p = torch.xlogy(target, target).sum(dim=-1)
     wt = torch.from_numpy(weights / weights.sum())
     gen = torch.Generator().manual_seed(seed)
     for param in student.parameters():  # a loaded model may come frozen
@@ -197,11 +197,8 @@ def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
                 draws = torch.multinomial(wt, 256 * batch, replacement=True,
                                           generator=gen).view(256, batch)
             idx = draws[(done - 1) % 256]
-            t = temp[idx]
-            log_q = torch.log_softmax(student(xt[idx]) / t[:, None], dim=-1)
-            # kd: T^2 KL(p_T || softmax(s/T)) per row (losses.kd_per_example)
-            per_row = t * t * (entropy[idx] - (target[idx] * log_q).sum(dim=-1))
-            loss = per_row.mean()
+            loss = losses.kd_softened(student(xt[idx]), target[idx], temp[idx],
+                                      p_log_p[idx]).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -44,6 +44,24 @@ def soften(teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(torch.log(teacher_probs.clamp_min(1e-30)) / temperature, dim=-1)
 
 
+def kd_softened(student_logits: torch.Tensor, p_t: torch.Tensor, temperature,
+                p_log_p: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(p_t || softmax(s / T)) per row [B], for teacher probabilities already softened
+    at T (``soften``). ``temperature``: a number, or one per row [B]; ``p_log_p``: each row's
+    sum_k p_t log p_t, when one computes it once for many calls (a fine-tune's every step)."""
+    if isinstance(temperature, (int, float)):
+        log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+        scale = temperature ** 2
+    else:
+        log_q = torch.log_softmax(student_logits / temperature[:, None], dim=-1)
+        scale = temperature * temperature
+    if p_log_p is None:
+        p_log_p = torch.xlogy(p_t, p_t).sum(dim=-1)  # xlogy makes 0 * log 0 = 0
+    # KL(p || q) = sum_k p_k (log p_k - log q_k); T^2 keeps the gradient scale independent of T
+    # (Hinton et al.)
+    return scale * (p_log_p - (p_t * log_q).sum(dim=-1))
+
+
 def kd_per_example(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                    temperature: float = 2.0, labels: torch.Tensor | None = None,
                    alpha: float = 0.5) -> torch.Tensor:
@@ -51,11 +69,7 @@ def kd_per_example(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     _check_pair(student_logits, teacher_probs)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    p_t = soften(teacher_probs, temperature)
-    log_q_t = torch.log_softmax(student_logits / temperature, dim=-1)
-    # KL(p || q) = sum_k p_k (log p_k - log q_k); xlogy makes 0 * log 0 = 0
-    kl = (torch.xlogy(p_t, p_t) - p_t * log_q_t).sum(dim=-1)
-    kd = temperature ** 2 * kl  # T^2 keeps the gradient scale independent of T (Hinton et al.)
+    kd = kd_softened(student_logits, soften(teacher_probs, temperature), temperature)
     if labels is None:
         return kd
     if not 0.0 <= alpha <= 1.0:
