@@ -1,14 +1,9 @@
-"""A student that keeps learning from the teacher across runs (`titans label --state`):
-how big today's fresh sample must be, the bounded warm-start fine-tune, champion against
-challenger, and the drift statistics. Torch, numpy and scipy only: no Beam, no files.
+"""A student that keeps learning from the teacher across runs (`titans label --state`): the
+bounded warm-start fine-tune, champion against challenger, and the drift statistics (how big
+today's fresh sample is: ``models/fresh_sample.py``). Torch, numpy and scipy only: no Beam, no
+files.
 
 Why each piece is shaped as it is:
-  * ``fresh_sample_sizes``: a warm run still calibrates on today's rows only (the guarantee is
-    about today's rows, so yesterday's are not exchangeable with them), but it needs no large
-    training share: the student already exists. The calibration part is the fewest rows at
-    which Learn then Test can certify a disagreement bar of ``CAL_BAR`` x EPS (below that the
-    cascade must defer most rows however good the student is); validation and fine-tune
-    shares are fractions of it.
   * ``fine_tune``: kd from the teacher's probabilities, starting from yesterday's weights, with
     a fixed step budget and a wall-clock cap (the warm distil phase up to the fine-tune's end
     at most COLD_DISTIL_SHARE of the cold run's distil phase, from the history:
@@ -47,13 +42,8 @@ from titans.models import losses
 from titans.models.deferral import CONFIDENCE_RULES, make_rule
 from titans.models.forward import forward_in_chunks
 from titans.models.optim import AdamW  # torch.optim's construction imports torch._dynamo (~0.8 s)
-from titans.models.student_search import Candidate, Target, ltt_bar, score_candidate
+from titans.models.student_search import Candidate, Target, score_candidate
 
-CAL_BAR = 0.5            # the calibration part certifies a bar of at least this share of EPS
-VAL_SHARE = 0.3          # validation rows (champion/challenger, rule) per calibration row
-TRAIN_SHARE = 0.5        # today's fine-tune rows per calibration row
-MIN_CAL, MIN_VAL = 200, 100
-RATE_CAL = 1000          # calibration rows for a --deferral-rate budget (a quantile, no bar)
 FINE_TUNE_STEPS = 1000   # AdamW steps of the fine-tune: a warm run must not be slower than a cold one
 FINE_TUNE_SECONDS = 60.0  # and at most this long,
 # the warm distil phase up to the fine-tune's end: at most this share of the cold run's distil
@@ -98,49 +88,6 @@ SHIFT_STEPS_FACTOR = 4
 DRIFT_P = 1e-3           # KS p-value below which, with DRIFT_KS, the scores are called shifted
 DRIFT_KS = 0.15          # the smallest KS statistic called a shift
 DRIFT_DROP = 0.05        # agreement drop (beyond 3 standard errors) called a shift
-
-
-def calibration_rows_needed(eps: float, delta: float, cap: int = 200_000) -> int:
-    """The fewest calibration rows n with ``ltt_bar(n, eps, delta) >= CAL_BAR * eps``
-    (bisection; ltt_bar grows with n up to the rounding of k/n)."""
-    want = CAL_BAR * eps
-    lo, hi = 1, max(2, int(math.ceil(10.0 / eps)))
-    while ltt_bar(hi, eps, delta) < want and hi < cap:
-        hi *= 2
-    while lo < hi:
-        mid = (lo + hi) // 2
-        # the bar is not monotone in n row by row (k/n steps): ask for it at mid and mid+1..+3
-        if max(ltt_bar(m, eps, delta) for m in range(mid, mid + 4)) >= want:
-            hi = mid
-        else:
-            lo = mid + 1
-    return max(MIN_CAL, lo + 3)
-
-
-def fresh_sample_sizes(rows: int, eps: float | None, delta: float, cap: int) -> dict:
-    """{"cal", "val", "train", "total"} of a warm run's fresh sample on ``rows`` input rows,
-    at most ``cap`` rows in all (the cold start's sample): see the module doc."""
-    n_cal = RATE_CAL if eps is None else calibration_rows_needed(eps, delta)
-    n_val = max(MIN_VAL, int(round(VAL_SHARE * n_cal)))
-    n_train = int(round(TRAIN_SHARE * n_cal))
-    total = n_cal + n_val + n_train
-    if total > cap:  # a small input: the cold start's sample, in the same proportions
-        scale = cap / total
-        n_cal, n_val = int(n_cal * scale), int(n_val * scale)
-        n_train = cap - n_cal - n_val
-        total = cap
-    return {"cal": n_cal, "val": n_val, "train": n_train, "total": total}
-
-
-def split_fresh(n: int, sizes: dict, seed: int) -> dict[str, np.ndarray]:
-    """Seeded split of the ``n`` labeled fresh rows into train / val / cal in the proportions of
-    ``sizes`` (fewer labeled rows than drawn shrink each part alike); sorted indices."""
-    perm = np.random.default_rng([seed, 3]).permutation(n)
-    drawn = max(1, sizes["total"])
-    n_cal = int(round(sizes["cal"] * n / drawn))
-    n_val = int(round(sizes["val"] * n / drawn))
-    return {"cal": np.sort(perm[:n_cal]), "val": np.sort(perm[n_cal:n_cal + n_val]),
-            "train": np.sort(perm[n_cal + n_val:])}
 
 
 def fine_tune(student: torch.nn.Module, x_pool: np.ndarray, p_pool: np.ndarray,
@@ -465,6 +412,5 @@ def drift(agree_today: np.ndarray, reference: float | None, scores_today: np.nda
     return Drift(agreement, reference, drop, ks, pv, shifted)
 
 
-__all__ = ["fresh_sample_sizes", "calibration_rows_needed", "split_fresh", "fine_tune", "score",
-           "champion_challenger", "row_weights", "widen", "grow", "fine_tune_seconds",
-           "rule_scores", "drift", "Drift", "Target", "CAL_BAR"]
+__all__ = ["fine_tune", "score", "champion_challenger", "row_weights", "widen", "grow",
+           "fine_tune_seconds", "rule_scores", "drift", "Drift", "Target"]

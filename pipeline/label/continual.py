@@ -5,9 +5,11 @@ history files, is ``pipeline/state/``; the training arithmetic is ``models/conti
 A run with --state:
   * ``begin``: reads the state's current generation (none, or --state-reset: a cold start,
     i.e. today's plain `titans label`), refuses a state written for another teacher or
-    feature schema, and for a warm run shrinks the fresh sample to what today needs
-    (``models.continual.fresh_sample_sizes``); the generation it starts from goes into every
-    phase key, so --resume reuses phases only while the state is still that generation;
+    feature schema, and for a warm run sizes the fresh sample for today: the size that
+    minimises the run's expected teacher rows, predicted from yesterday's student on the
+    previous run's held-out rows (``models.fresh_sample``); the generation it starts from goes
+    into every phase key, so --resume reuses phases only while the state is still that
+    generation;
   * ``split``: today's fresh rows into fine-tune / validation / calibration parts;
   * ``warm_distil`` (phase 3 of a warm run): yesterday's student measured on today's fresh
     rows (drift), copied and fine-tuned on the pool plus today's fine-tune part, and kept
@@ -32,6 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from titans.models import continual as mc
+from titans.models import fresh_sample
+from titans.models.deferral import CONFIDENCE_RULES
 from titans.pipeline.label.distil import Split
 from titans.transforms.features import ImageSpec, feature_matrix
 from titans.transforms.io import storage
@@ -65,8 +69,14 @@ class Continual:
     schema: dict
     pool_rows: int
     sizes: dict | None = None      # warm: the fresh sample's parts
+    _pool: pa.Table | None = dataclasses.field(default=None, repr=False)
+    _heldout: tuple | None = dataclasses.field(default=None, repr=False)
     heldout_agreement: float | None = None
     job_start: float | None = None  # the command's start: the fine-tune's deadline counts from it
+
+    def __getstate__(self) -> dict:
+        # the cascade's last step carries this object (the history entry): not the pool
+        return {**self.__dict__, "_pool": None, "_heldout": None}
 
     @property
     def warm(self) -> bool:
@@ -85,8 +95,36 @@ class Continual:
         return list(self.base.history) if self.base is not None else []
 
     def split(self, n: int, seed: int) -> Split:
-        parts = mc.split_fresh(n, self.sizes, seed)
+        parts = fresh_sample.split_fresh(n, self.sizes, seed)
         return Split(parts["train"], parts["val"], parts["cal"])
+
+    def pool(self) -> pa.Table | None:
+        """The pool of the generation started from (read once; None: none kept)."""
+        if self.base is None or self.pool_rows <= 0:
+            return None
+        if self._pool is None:
+            self._pool = self.base.read_pool()
+        return self._pool
+
+    @property
+    def rule(self) -> str:
+        """The deferral rule of the student started from."""
+        config = self.base.meta.get("student", {}).get("config", {}) if self.base else {}
+        return config.get("rule") or CONFIDENCE_RULES[0]
+
+    def heldout(self, features) -> tuple[np.ndarray, np.ndarray] | None:
+        """(deferral scores, disagreement with the teacher) of yesterday's student, under its
+        rule, on the previous run's fresh rows it was not trained on (validation and
+        calibration, from the pool); None: none there. Computed once."""
+        if self._heldout is None:
+            rows = _previous_heldout(self.pool(), self.history)
+            x, probs = pool_arrays(rows, features)[:2] if rows is not None else ((), None)
+            if not len(x):
+                self._heldout = (None,)
+            else:
+                scores, pred = mc.rule_scores(_load(self.base.student_path), x, self.rule)
+                self._heldout = (scores, pred != probs.argmax(axis=1))
+        return None if self._heldout[0] is None else self._heldout
 
 
 def begin(c, plan, store, teacher_sha256: str, base=None) -> Continual:
@@ -103,13 +141,14 @@ def begin(c, plan, store, teacher_sha256: str, base=None) -> Continual:
     if cont.warm:
         cap = plan.sample_rows  # the cold start's size on these rows
         if c.sample_rows is not None:  # the user's size, in the warm run's proportions
-            sizes = mc.fresh_sample_sizes(plan.rows, c.eps, c.level, 10 ** 12)
+            sizes = fresh_sample.fresh_sample_sizes(plan.rows, c.eps, c.level, 10 ** 12)
             scale = c.sample_rows / sizes["total"]
-            cont.sizes = {k: int(v * scale) for k, v in sizes.items()}
-            cont.sizes["train"] = c.sample_rows - cont.sizes["cal"] - cont.sizes["val"]
-            cont.sizes["total"] = c.sample_rows
+            cont.sizes = {k: int(sizes[k] * scale) for k in ("cal", "val")}
+            cont.sizes.update(train=c.sample_rows - cont.sizes["cal"] - cont.sizes["val"],
+                              total=c.sample_rows, predicted_deferral=None)
         else:
-            cont.sizes = mc.fresh_sample_sizes(plan.rows, c.eps, c.level, cap)
+            cont.sizes = fresh_sample.fresh_sample_sizes(plan.rows, c.eps, c.level, cap,
+                                                         cont.heldout(plan.features))
         plan.sample_rows = cont.sizes["total"]
     return cont
 
@@ -118,10 +157,14 @@ def describe(cont: Continual, state: str) -> str:
     if cont.base is None:
         return f"state {state}: empty (or --state-reset): a cold start; generation 1 is written"
     s = cont.sizes or {}
+    predicted = s.get("predicted_deferral")
     return (f"state {state}: generation {cont.base.generation} ({len(cont.history)} run(s), pool "
             f"{cont.base.meta.get('pool', {}).get('rows', 0):,} rows); warm start: fresh sample "
             f"{s.get('total', 0):,} = {s.get('cal', 0):,} calibration + {s.get('val', 0):,} "
-            f"validation + {s.get('train', 0):,} fine-tune rows")
+            f"validation + {s.get('train', 0):,} fine-tune rows"
+            + ("" if predicted is None else
+               f" (the fewest expected teacher rows: yesterday's student, on the previous run's "
+               f"held-out rows, predicts {predicted:.1%} of the other rows deferred)"))
 
 
 def taken_by_state(jd, cont: Continual) -> int | None:
@@ -191,7 +234,6 @@ def _fine_tune_budget(cont: Continual, started: float) -> float:
 def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> dict:
     """Phase 3 of a warm run: drift, fine-tune, champion / challenger -> DIR/student.pt; the
     facts phases.json and report.json keep (the fields distil.run gives, plus ``continual``)."""
-    from titans.models.deferral import CONFIDENCE_RULES
     from titans.models.student_search import flops_per_row, ltt_bar
     from titans.transforms.io.models import save_torchscript
 
@@ -202,18 +244,14 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     champion, challenger = _load(base.student_path), _load(base.student_path)
     x = s.x.reshape(len(s.x), -1)
     tpred = s.teacher_pred
-    pool = base.read_pool() if cont.pool_rows > 0 else None
+    pool = cont.pool()
     x_pool, p_pool, w_pool, hard_pool = pool_arrays(pool, plan.features)
 
     # drift: yesterday's student on today's fresh rows (it never saw them), against its
     # agreement on yesterday's held-out rows and their deferral scores
-    rule0 = config.get("rule") or CONFIDENCE_RULES[0]
-    scores_today, pred_today = mc.rule_scores(champion, x, rule0)
-    before = _previous_heldout(pool, cont.history)
-    scores_before = None
-    if before is not None:
-        xb = pool_arrays(before, plan.features)[0]
-        scores_before = mc.rule_scores(champion, xb, rule0)[0]
+    scores_today, pred_today = mc.rule_scores(champion, x, cont.rule)
+    before = cont.heldout(plan.features)
+    scores_before = None if before is None else before[0]
     reference = (cont.history[-1].get("student_agreement") if cont.history else None)
     d = mc.drift(pred_today == tpred, reference, scores_today, scores_before)
     report(drift_line(d.record()))
@@ -343,6 +381,8 @@ def history_entry(c, cont: Continual, report: dict, student: dict, cal: dict,
         "teacher_share": report.get("rows_to_teacher_share"),
         "sample_rows": report.get("rows_sample_drawn"),
         "split_rows": student.get("split_rows"),
+        # what the fresh sample was sized on: the deferral of the other rows it predicted
+        "predicted_deferral": (cont.sizes or {}).get("predicted_deferral"),
         "threshold": cal.get("threshold"), "rule": cal.get("rule"),
         "guarantee": cal.get("guarantee_text"), "certified": cal.get("certified"),
         "eps": c.eps, "delta": None if c.eps is None else c.level,
