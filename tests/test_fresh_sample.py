@@ -27,11 +27,14 @@ def test_fallback_without_a_prediction_certifies_half_eps_and_is_smaller_than_a_
     assert small["total"] == 500 and small["cal"] > small["val"] > 0
 
 
-def test_ltt_count_is_the_closed_form_at_zero():
+def test_ltt_count_and_fewest_rows_agree_with_the_closed_form():
     # LTT certifies anything once (1 - eps)^n <= delta: 230 rows at eps 0.01, delta 0.1
     assert fs.ltt_count(229, EPS, DELTA) == -1 and fs.ltt_count(230, EPS, DELTA) == 0
     assert fs.ltt_count(925, EPS, DELTA) == 4  # ltt_bar x n
-    assert fs._fewest_certifying(EPS, DELTA) == 230
+    assert fs.fewest_rows(0, EPS, DELTA) == 230 == int(np.ceil(np.log(DELTA) / np.log1p(-EPS)))
+    for k in (1, 2, 5):  # the first n at which k disagreements pass, by ltt_count
+        n = fs.fewest_rows(k, EPS, DELTA)
+        assert fs.ltt_count(n, EPS, DELTA) >= k > fs.ltt_count(n - 1, EPS, DELTA)
 
 
 @pytest.mark.parametrize("n_cal", [230, 500, 925])
@@ -62,6 +65,8 @@ def test_a_small_day_takes_few_calibration_rows_and_a_large_day_more():
         total = sum(fs._parts(n))
         return total + (rows - total) * fs.expected_deferral(*heldout, n, EPS, DELTA)
     for rows, sizes, cap in ((12_000, small, 5_000), (1_000_000, large, 20_000)):
-        others = [cost(rows, n) for n in range(230, 12_000, 37) if sum(fs._parts(n)) <= cap]
+        lo = fs.fewest_rows(fs.MIN_K, EPS, DELTA)
+        assert sizes["cal"] >= lo
+        others = [cost(rows, n) for n in range(lo, 12_000, 37) if sum(fs._parts(n)) <= cap]
         assert cost(rows, sizes["cal"]) <= 1.01 * min(others)
     assert small["total"] == small["cal"] + small["val"] + small["train"] <= 5_000

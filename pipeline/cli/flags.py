@@ -418,7 +418,8 @@ def add_label_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sample-rows", type=int, metavar="N",
                    help="rows the teacher labels to train and calibrate the student, drawn at "
                         "random over every input file (default: "
-                        + ld.SAMPLE_RULE.replace("%", "%%") + ")")
+                        + ld.SAMPLE_RULE.replace("%", "%%") + "; a warm --state run: the size "
+                        "with the fewest expected teacher rows in all)")
     p.add_argument("--rule", choices=("max_prob", "margin", "entropy"),
                    help="deferral rule (default: the one that needs the fewest teacher rows on "
                         "the validation part of the sample)")
@@ -436,8 +437,9 @@ def add_label_parser(sub) -> argparse.ArgumentParser:
                    help="keep learning across scheduled runs (local path or gs://): the first "
                         "run with an empty STATE_DIR is a plain titans label run, later ones "
                         "warm-start yesterday's student, fine-tune it on a pool of teacher-"
-                        "labelled rows plus a smaller fresh sample of today's rows, and "
-                        "calibrate on today's rows only, so the guarantee holds for every run. "
+                        "labelled rows plus a smaller fresh sample of today's rows (sized for "
+                        "the fewest expected teacher rows, predicted from yesterday's student), "
+                        "and calibrate on today's rows only, so the guarantee holds every run. "
                         "The pool COPIES INPUT ROWS (their model columns) into STATE_DIR; a "
                         "generation is committed only after the run's _SUCCESS")
     p.add_argument("--state-pool-rows", type=int, default=ld.STATE_POOL_ROWS, metavar="N",
