@@ -26,7 +26,9 @@ With --repeat N each cell runs N times, interleaved (no state, --state, no state
 day), repeat r > 0 drawing another sample (--seed S + 1000 r): the wall times are medians with
 min-max; the table's shares are the first repeat's, and a line gives each day's median over
 the draws, on which the trend from day to day is read (one draw moves a day's share by a few
-points). --seed S draws other data (the teacher's
+points). The days are different images, and one day's can be harder for every student than
+another's: the last day's rows are also labelled from the state one run older than its own
+(the same sample seeds), which measures the last run's learning on the same rows. --seed S draws other data (the teacher's
 images, the day groups, the augmentations) and passes --seed S to titans (another sample).
 Then the issue's targets, each with its figure: by the last stationary day the share with
 --state <= 0.6x (aim 0.3x) the share without it on the same rows; misses of EPS counted
@@ -305,9 +307,12 @@ def main() -> int:
     results: dict = {}
     state = os.path.join(work, "state-stationary")
     seed = a.seed or None
+    older = os.path.join(work, "state-stationary-older")  # the state before the day before last
     for d in range(1, a.days + 1):
         if d == a.shift_from:  # the shift stream goes on from the state before its first day
             shutil.copytree(state, os.path.join(work, "state-shift"))
+        if d == a.days - 1 and d > 1:
+            shutil.copytree(state, older)
         for stream in ("stationary", "shift"):
             if (stream, d) not in data["days"]:
                 continue
@@ -323,11 +328,18 @@ def main() -> int:
                   f"{spread(with_state['walls'])} s"
                   + (f"; {with_state['drift_line']}" if with_state["drift_line"] else ""),
                   flush=True)
+    learning = None
+    if os.path.exists(older):
+        learning = same_rows(data["days"][("stationary", a.days)], data["teacher"], work, older,
+                             a.pool_rows, seed, a.repeat)
+        shutil.rmtree(older)
     print()
     print(table(results, a.days, a.shift_from))
     print()
     for line in targets(results, a.days, a.shift_from, 2 * len(results)):
         print(line)
+    if learning is not None:
+        print(learning_line(results, learning, a.days))
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({f"{s}-{d}": r for (s, d), r in results.items()}, f, indent=1, default=float)
     return 0
@@ -374,6 +386,33 @@ def repeated(day: dict, teacher: str, out: str, state: str, pool_rows: int | Non
                                   for k in runs[0]["phases"]}
         cell[side] = first
     return cell
+
+
+def same_rows(day: dict, teacher: str, work: str, older: str, pool_rows: int | None,
+              seed: int | None, repeat: int) -> list[float]:
+    """The last day's rows labelled from the state one run older than its own (the state
+    before the day before), with the cell's sample seeds: its shares. Beside the last day's
+    own shares this is the learning of the last run on the same rows: the days are different
+    images, and one day's rows can be harder than another's for every student."""
+    shares = []
+    for r in range(repeat):
+        st = os.path.join(work, f"state-older-r{r}")
+        shutil.copytree(older, st)
+        out = os.path.join(work, f"out-older-r{r}")
+        shares.append(run(day, teacher, out, st, pool_rows,
+                          seed if r == 0 else (seed or 0) + 1000 * r)["share"])
+        shutil.rmtree(st)
+        shutil.rmtree(out)
+    return shares
+
+
+def learning_line(results: dict, older: list[float], days: int) -> str:
+    new = results[("stationary", days)]["state"]["shares"]
+    a, b = float(np.median(older)), float(np.median(new))
+    return (f"day {days}'s rows, the same {len(new)} sample seed(s), from the state before run "
+            f"{days - 1} vs before run {days}: median teacher share {a:.1%} ({spread_pct(older)}) "
+            f"-> {b:.1%} ({spread_pct(new)}): "
+            + ("falling or flat on the same rows (MET)" if b <= a else "rising (NOT MET)"))
 
 
 def spread_pct(values: list[float]) -> str:

@@ -449,11 +449,13 @@ def test_history_table_and_plot(tmp_path, capsys):
     runs[2]["student"] = {"sha256": "f" * 64, "kept": "champion"}
     runs[2]["guarantee"] = "disagreement <= 5% with probability >= 90%"
     runs[2].update(mode="warm", sample_rows=1234, job_wall_seconds=41.6, audit_disagreement=0.004)
+    runs[1].update(mode="warm", sample_rows=500, predicted_deferral=0.04)  # 50 hard of 500 rows
     text = history.table(runs)
     lines = text.splitlines()
     header = lines[0].split()
-    for column in ("mode", "drawn", "dis.", "seconds"):
+    for column in ("mode", "drawn", "dis.", "seconds", "pred.", "deferred"):
         assert column in header
+    assert "4.0%" in lines[2] and "10.0%" in lines[2]  # predicted, then what was deferred
     assert "warm" in lines[3] and "1,234" in lines[3] and "0.4%" in lines[3]
     assert lines[3].rstrip().endswith("42") and lines[2].rstrip().endswith("3")  # wall / phases
     assert lines[0].split()[:3] == ["run", "run", "id"] and len(lines) == 6

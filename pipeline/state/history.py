@@ -2,8 +2,8 @@
 
 The history is a list of dicts, one per run, written by the label job (``history.json`` in a
 generation folder). Every field is optional here: a column or a panel shows what the entries
-carry. The fields read: run_id, time, mode, rows, sample_rows, teacher_rows {sample, hard,
-audit, checks, total}, teacher_share, threshold, rule, eps, delta, guarantee,
+carry. The fields read: run_id, time, mode, rows, sample_rows, predicted_deferral,
+teacher_rows {sample, hard, audit, checks, total}, teacher_share, threshold, rule, eps, delta, guarantee,
 audit_disagreement, fresh_agreement, drift {agreement_drop, ks_statistic, ks_pvalue,
 shifted}, student {sha256, parent_sha256, kept}, job_wall_seconds or phase_seconds {...}.
 """
@@ -42,6 +42,14 @@ def _drift(entry: dict) -> str:
     return " ".join(parts)
 
 
+def _deferred(entry: dict) -> str:
+    """The share of the rows outside the sample that the cascade sent to the teacher."""
+    hard, rows, drawn = _get(entry, "teacher_rows", "hard"), entry.get("rows"), entry.get(
+        "sample_rows")
+    ok = all(isinstance(v, (int, float)) for v in (hard, rows, drawn)) and rows > drawn
+    return _pct(hard / (rows - drawn)) if ok else ""
+
+
 def _seconds(entry: dict) -> str:
     if isinstance(entry.get("job_wall_seconds"), (int, float)):
         return _num(entry["job_wall_seconds"], ".0f")
@@ -59,6 +67,9 @@ COLUMNS = (
     ("mode", lambda i, e: str(e.get("mode") or "")),
     ("rows", lambda i, e: _num(e.get("rows"), ",d")),
     ("drawn", lambda i, e: _num(e.get("sample_rows"), ",d")),
+    # what the warm run sized its sample on, beside what the cascade then deferred
+    ("pred. def.", lambda i, e: _pct(e.get("predicted_deferral"))),
+    ("deferred", lambda i, e: _deferred(e)),
     ("sample", lambda i, e: _num(_get(e, "teacher_rows", "sample"), ",d")),
     ("hard", lambda i, e: _num(_get(e, "teacher_rows", "hard"), ",d")),
     ("audit", lambda i, e: _num(_get(e, "teacher_rows", "audit"), ",d")),
