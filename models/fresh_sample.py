@@ -8,9 +8,9 @@ defers; a larger calibration part lets Learn then Test certify a higher disagree
 fewer rows are deferred. ``fresh_sample_sizes`` picks the calibration part that minimises the
 expected teacher rows of the whole run, predicted from yesterday's student on yesterday's
 held-out rows (``expected_deferral``), between the fewest rows at which LTT allows one
-disagreement (``MIN_K``) and the cold start's sample. Without held-out rows to predict from (an empty pool),
-it takes the fewest rows that certify a bar of ``CAL_BAR`` x EPS. Validation and fine-tune
-parts are fractions of the calibration part.
+disagreement (``MIN_K``) and the cold start's sample. Without held-out rows to predict from
+(an empty pool), it takes the fewest rows that certify a bar of ``CAL_BAR`` x EPS. Validation
+and fine-tune parts are fractions of the calibration part.
 
 Why a prediction and not a fixed bar: the best size depends on the rows of the day. On
 benchmarks/continual.py (12,000 rows a day, EPS 0.01, delta 0.1), day 5's student, 200 draws
@@ -171,4 +171,4 @@ def split_fresh(n: int, sizes: dict, seed: int) -> dict[str, np.ndarray]:
 
 
 __all__ = ["fresh_sample_sizes", "cheapest_calibration", "expected_deferral", "ltt_count",
-           "calibration_rows_needed", "split_fresh", "CAL_BAR"]
+           "fewest_rows", "calibration_rows_needed", "split_fresh", "CAL_BAR", "MIN_K"]

@@ -3,9 +3,10 @@
 The history is a list of dicts, one per run, written by the label job (``history.json`` in a
 generation folder). Every field is optional here: a column or a panel shows what the entries
 carry. The fields read: run_id, time, mode, rows, sample_rows, predicted_deferral,
-teacher_rows {sample, hard, audit, checks, total}, teacher_share, threshold, rule, eps, delta, guarantee,
-audit_disagreement, fresh_agreement, drift {agreement_drop, ks_statistic, ks_pvalue,
-shifted}, student {sha256, parent_sha256, kept}, job_wall_seconds or phase_seconds {...}.
+teacher_rows {sample, hard, audit, checks, total}, teacher_share, threshold, rule, eps, delta,
+guarantee, audit_disagreement, fresh_agreement, drift {agreement_drop, ks_statistic,
+ks_pvalue, shifted}, student {sha256, parent_sha256, kept}, job_wall_seconds or
+phase_seconds {...}.
 """
 from __future__ import annotations
 
