@@ -397,20 +397,28 @@ def drift(agree_today: np.ndarray, reference: float | None, scores_today: np.nda
     KS test of its scores today against ``scores_before`` (yesterday's held-out rows; None or
     empty: no test). Shifted: the KS p-value below DRIFT_P with a statistic of at least
     DRIFT_KS, or an agreement drop beyond both DRIFT_DROP and three standard errors."""
-    from scipy.stats import ks_2samp
-
     agree_today = np.asarray(agree_today, bool)
     agreement = float(agree_today.mean()) if agree_today.size else float("nan")
     drop = None if reference is None else float(reference) - agreement
-    ks = pv = None
-    if scores_before is not None and len(scores_before) >= 20 and len(scores_today) >= 20:
-        res = ks_2samp(np.asarray(scores_today, np.float64), np.asarray(scores_before, np.float64))
-        ks, pv = float(res.statistic), float(res.pvalue)
+    ks, pv, scores_moved = scores_shift(scores_today, scores_before)
     se = math.sqrt(max(agreement * (1 - agreement), 1e-6) / max(1, agree_today.size))
-    shifted = bool((pv is not None and pv < DRIFT_P and ks >= DRIFT_KS)
-                   or (drop is not None and drop > max(DRIFT_DROP, 3 * se)))
+    shifted = bool(scores_moved or (drop is not None and drop > max(DRIFT_DROP, 3 * se)))
     return Drift(agreement, reference, drop, ks, pv, shifted)
 
 
+def scores_shift(scores_today: np.ndarray, scores_before: np.ndarray | None
+                 ) -> tuple[float | None, float | None, bool]:
+    """(KS statistic, p-value, shifted) of a two-sample KS test of a student's deferral
+    scores on today's rows against ``scores_before``; (None, None, False) with fewer than 20
+    rows on a side. Shifted: p below DRIFT_P with a statistic of at least DRIFT_KS."""
+    from scipy.stats import ks_2samp
+
+    if scores_before is None or len(scores_before) < 20 or len(scores_today) < 20:
+        return None, None, False
+    res = ks_2samp(np.asarray(scores_today, np.float64), np.asarray(scores_before, np.float64))
+    ks, pv = float(res.statistic), float(res.pvalue)
+    return ks, pv, bool(pv < DRIFT_P and ks >= DRIFT_KS)
+
+
 __all__ = ["fine_tune", "score", "champion_challenger", "row_weights", "widen", "grow",
-           "fine_tune_seconds", "rule_scores", "drift", "Drift", "Target"]
+           "fine_tune_seconds", "rule_scores", "drift", "scores_shift", "Drift", "Target"]

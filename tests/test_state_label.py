@@ -305,3 +305,20 @@ def test_a_shifted_day_fine_tunes_a_wider_challenger_for_longer(tmp_path, monkey
     kept = report["state"]["history"][-1]["student"]
     assert kept["kept"] in ("champion", "challenger")
     assert kept["arch"] == ("32" if kept["kept"] == "challenger" else "16")
+
+
+def test_rows_that_look_shifted_at_launch_get_the_fixed_sample_not_a_prediction(tmp_path,
+                                                                                capsys):
+    """Yesterday's held-out rows predict today's deferral only if today's rows look like them:
+    the student's scores on the rows read at launch are KS-tested first (no teacher call)."""
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    state = tmp_path / "state"
+    write_day(tmp_path / "day1", 1)
+    write_day(tmp_path / "day2", 2, shift=4.0)
+    for d in (1, 2):
+        assert label_day(tmp_path, d, teacher, state) == 0
+    printed = capsys.readouterr().out
+    assert "read at launch look shifted" in printed and "predicts" not in printed
+    history = report_of(tmp_path, 2)["state"]["history"]
+    assert history[-1]["predicted_deferral"] is None and history[-1]["drift"]["shifted"]
+    assert report_of(tmp_path, 2)["conservation_ok"]

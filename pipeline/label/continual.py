@@ -69,6 +69,8 @@ class Continual:
     schema: dict
     pool_rows: int
     sizes: dict | None = None      # warm: the fresh sample's parts
+    # warm: (KS, p, shifted) of yesterday's student's scores on the rows read at launch
+    launch_shift: tuple | None = None
     _pool: pa.Table | None = dataclasses.field(default=None, repr=False)
     _heldout: tuple | None = dataclasses.field(default=None, repr=False)
     heldout_agreement: float | None = None
@@ -147,8 +149,16 @@ def begin(c, plan, store, teacher_sha256: str, base=None) -> Continual:
             cont.sizes.update(train=c.sample_rows - cont.sizes["cal"] - cont.sizes["val"],
                               total=c.sample_rows, predicted_deferral=None)
         else:
-            cont.sizes = fresh_sample.fresh_sample_sizes(plan.rows, c.eps, c.level, cap,
-                                                         cont.heldout(plan.features))
+            heldout = cont.heldout(plan.features)
+            if heldout is not None and len(plan.x):
+                # yesterday's rows predict today's only if today's look like them: the
+                # student's scores on the rows read at launch (no teacher needed), KS-tested
+                x = np.asarray(plan.x).reshape(len(plan.x), -1)  # as the pool's rows
+                scores = mc.rule_scores(_load(cont.base.student_path), x, cont.rule)[0]
+                cont.launch_shift = mc.scores_shift(scores, heldout[0])
+                if cont.launch_shift[2]:
+                    heldout = None  # shifted: the fixed rule, not a prediction
+            cont.sizes = fresh_sample.fresh_sample_sizes(plan.rows, c.eps, c.level, cap, heldout)
         plan.sample_rows = cont.sizes["total"]
     return cont
 
@@ -157,14 +167,17 @@ def describe(cont: Continual, state: str) -> str:
     if cont.base is None:
         return f"state {state}: empty (or --state-reset): a cold start; generation 1 is written"
     s = cont.sizes or {}
-    predicted = s.get("predicted_deferral")
+    predicted, shift = s.get("predicted_deferral"), cont.launch_shift
     return (f"state {state}: generation {cont.base.generation} ({len(cont.history)} run(s), pool "
             f"{cont.base.meta.get('pool', {}).get('rows', 0):,} rows); warm start: fresh sample "
             f"{s.get('total', 0):,} = {s.get('cal', 0):,} calibration + {s.get('val', 0):,} "
             f"validation + {s.get('train', 0):,} fine-tune rows"
             + ("" if predicted is None else
                f" (the fewest expected teacher rows: yesterday's student, on the previous run's "
-               f"held-out rows, predicts {predicted:.1%} of the other rows deferred)"))
+               f"held-out rows, predicts {predicted:.1%} of the other rows deferred)")
+            + (f" (today's rows read at launch look shifted to yesterday's student, KS "
+               f"{shift[0]:.3f}: the sample certifies a bar of EPS/2, not a prediction)"
+               if shift is not None and shift[2] else ""))
 
 
 def taken_by_state(jd, cont: Continual) -> int | None:
