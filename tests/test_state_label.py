@@ -149,8 +149,8 @@ def test_three_runs_warm_start_and_fresh_calibration(tmp_path, spies, capsys):
     from titans.pipeline.label.continual import Continual
 
     cont = Continual(StateDir(str(state)), current, {}, {}, 10_000)
-    assert cont.pool().num_rows == pool.num_rows
-    assert len(pickle.dumps(cont)) < pool.nbytes / 10
+    assert cont.pool().num_rows == pool.num_rows and cont.student() is cont.student()
+    assert len(pickle.dumps(cont)) < pool.nbytes / 10  # nor yesterday's student (TorchScript)
     assert pickle.loads(pickle.dumps(cont)).pool().num_rows == pool.num_rows  # read again
 
 

@@ -73,12 +73,13 @@ class Continual:
     launch_shift: tuple | None = None
     _pool: pa.Table | None = dataclasses.field(default=None, repr=False)
     _heldout: tuple | None = dataclasses.field(default=None, repr=False)
+    _student: object = dataclasses.field(default=None, repr=False)
     heldout_agreement: float | None = None
     job_start: float | None = None  # the command's start: the fine-tune's deadline counts from it
 
     def __getstate__(self) -> dict:
         # the cascade's last step carries this object (the history entry): not the pool
-        return {**self.__dict__, "_pool": None, "_heldout": None}
+        return {**self.__dict__, "_pool": None, "_heldout": None, "_student": None}
 
     @property
     def warm(self) -> bool:
@@ -108,6 +109,12 @@ class Continual:
             self._pool = self.base.read_pool()
         return self._pool
 
+    def student(self):
+        """Yesterday's student, the one started from (loaded once; a warm run only)."""
+        if self._student is None:
+            self._student = _load(self.base.student_path)
+        return self._student
+
     @property
     def rule(self) -> str:
         """The deferral rule of the student started from."""
@@ -124,7 +131,7 @@ class Continual:
             if not len(x):
                 self._heldout = (None,)
             else:
-                scores, pred = mc.rule_scores(_load(self.base.student_path), x, self.rule)
+                scores, pred = mc.rule_scores(self.student(), x, self.rule)
                 self._heldout = (scores, pred != probs.argmax(axis=1))
         return None if self._heldout[0] is None else self._heldout
 
@@ -154,7 +161,7 @@ def begin(c, plan, store, teacher_sha256: str, base=None) -> Continual:
                 # yesterday's rows predict today's only if today's look like them: the
                 # student's scores on the rows read at launch (no teacher needed), KS-tested
                 x = np.asarray(plan.x).reshape(len(plan.x), -1)  # as the pool's rows
-                scores = mc.rule_scores(_load(cont.base.student_path), x, cont.rule)[0]
+                scores = mc.rule_scores(cont.student(), x, cont.rule)[0]
                 cont.launch_shift = mc.scores_shift(scores, heldout[0])
                 if cont.launch_shift[2]:
                     heldout = None  # shifted: the fixed rule, not a prediction
