@@ -156,7 +156,7 @@ def begin(c, plan, store, teacher_sha256: str, base=None) -> Continual:
             cont.sizes.update(train=c.sample_rows - cont.sizes["cal"] - cont.sizes["val"],
                               total=c.sample_rows, predicted_deferral=None)
         else:
-            heldout = cont.heldout(plan.features)
+            heldout = cont.heldout(plan.features) if c.eps is not None else None
             if heldout is not None and len(plan.x):
                 # yesterday's rows predict today's only if today's look like them: the
                 # student's scores on the rows read at launch (no teacher needed), KS-tested
