@@ -22,7 +22,7 @@ DIM, CLASSES = 8, 4
 
 def _rebuilt(probs: np.ndarray) -> np.ndarray:
     """Probabilities as the pool keeps them for hard rows: the teacher's label and confidence,
-    the rest spread evenly (pipeline.label.continual.pool_rows)."""
+    the rest spread evenly (pipeline.label.state_commit.pool_rows)."""
     label, conf = probs.argmax(1), probs.max(1)
     p = np.repeat(((1 - conf) / (CLASSES - 1))[:, None], CLASSES, 1).astype(np.float32)
     p[np.arange(len(label)), label] = conf

@@ -40,6 +40,7 @@ from titans.models.deferral import CONFIDENCE_RULES
 from titans.models.loading import ModelRef
 from titans.pipeline.outputs import REPORT, SUCCESS
 from titans.pipeline.label import calibrate, cascade, continual, distil, launch, sample, teacher
+from titans.pipeline.label import state_commit
 from titans.pipeline.label import defaults as ld
 from titans.pipeline.label.job_dir import CALIBRATION, PHASES, STUDENT, JobDir
 from titans.pipeline.label.launch import CHECK_ROWS, MIN_LABELED
@@ -221,7 +222,7 @@ def _label(c: LabelConfig, jd: JobDir, beam_args: list[str], start: float, lock,
         sha = model_key(jd.student)["sha256"]
 
         def state_entry(report: dict) -> dict:
-            entry = continual.history_entry(c, cont, report, student_facts, cal_facts, sha)
+            entry = state_commit.history_entry(c, cont, report, student_facts, cal_facts, sha)
             return {"dir": c.state, "base_generation": cont.key["generation"], "entry": entry,
                     "drift": drift, "history": cont.history + [entry]}
     # 5. cascade
@@ -257,7 +258,7 @@ def _commit_state(c: LabelConfig, plan, jd: JobDir, cont, report: dict | None = 
         split = (cont.split(len(labeled.x), c.job.seed) if cont.warm else
                  distil.split_sample(len(labeled.x), c.job.seed))
     t0 = time.time()
-    state = continual.commit(c, plan, labeled, split, jd, cont, report)
+    state = state_commit.commit(c, plan, labeled, split, jd, cont, report)
     print(f"titans label: state {c.state}: generation {state.generation} committed "
           f"({state.meta['pool']['rows']:,} pool rows of at most {c.state_pool_rows:,}, "
           f"{len(state.history)} run(s) in its history; {time.time() - t0:.1f} s); history: "
