@@ -121,10 +121,9 @@ class Continual:
         rule, on the previous run's fresh rows it was not trained on (validation and
         calibration, from the pool); None: none there. Computed once."""
         if self._heldout is None:
-            rows = _previous_heldout(self.pool(), self.history)
-            x, probs = pool_arrays(rows, features)[:2] if rows is not None else ((), None)
+            x, probs = pool_arrays(_previous_heldout(self.pool(), self.history), features)[:2]
             if not len(x):
-                self._heldout = (None,)
+                self._heldout = (None,)  # looked for, none there
             else:
                 scores, pred = mc.rule_scores(self.student(), x, self.rule)
                 self._heldout = (scores, pred != probs.argmax(axis=1))
@@ -256,7 +255,8 @@ def warm_distil(c, plan, s, split: Split, jd, cont: Continual, report=print) -> 
     base = cont.base
     meta = base.meta.get("student", {})
     config = meta.get("config", {})
-    champion, challenger = _load(base.student_path), _load(base.student_path)
+    # the champion is only scored (and saved if kept); the challenger is fine-tuned: its own copy
+    champion, challenger = cont.student(), _load(base.student_path)
     x = s.x.reshape(len(s.x), -1)
     tpred = s.teacher_pred
     pool = cont.pool()
