@@ -7,8 +7,9 @@ under a shift?
 
 Data (scikit-learn's bundled 8x8 digits; nothing is downloaded). The images are split in
 seeded halves: the teacher, an MLP(256,256), is trained on augmented copies of the first
-half; the second half is split into one disjoint group of images per day (no image is shared
-between days), and each day's --rows rows are augmented copies of that day's images:
+half; the second half is dealt into one disjoint group of images per day (no image is shared
+between days; stratified by class and by the teacher's confidence, so that every day is the
+same mix, see `deal`), and each day's --rows rows are augmented copies of that day's images:
   stationary  moved by -1/0/+1 pixel per axis (p 1/2 per axis), Gaussian pixel noise sd 0.05
   shift       from day --shift-from on, a second stream: moved by up to 2 pixels per axis and
               the ink at 70% (a new scanner), same noise; days before it are the same rows.
@@ -94,7 +95,8 @@ def make_days(directory: str, rows: int, days: int, shift_from: int, seed: int =
     train, held = np.split(perm, [len(y) // 2])
     teacher_path = os.path.join(directory, "teacher.pt")
     made = os.path.join(directory, "days.json")  # --out reused with the same settings: kept
-    settings = {"rows": rows, "days": days, "shift_from": shift_from, "seed": seed}
+    settings = {"rows": rows, "days": days, "shift_from": shift_from, "seed": seed,
+                "split": "stratified"}
     cached = os.path.exists(made) and json.load(open(made)) == settings
     if cached:
         teacher = load_model_file(teacher_path, "cpu")
@@ -106,7 +108,7 @@ def make_days(directory: str, rows: int, days: int, shift_from: int, seed: int =
                          **{k: v for k, v in TEACHER.items() if k != "arch"})
         teacher.eval()
         save_torchscript(teacher, teacher_path, {"arch": TEACHER["arch"]})
-    groups = np.array_split(held, days)  # disjoint images per day
+    groups = deal(images, y, held, days, teacher, np.random.default_rng([seed, 7]))
     out = {"teacher": teacher_path, "days": {}}
     for d in range(1, days + 1):
         streams = [("stationary", 1, 1.0)] + ([("shift", 2, 0.7)] if d >= shift_from else [])
@@ -130,6 +132,28 @@ def make_days(directory: str, rows: int, days: int, shift_from: int, seed: int =
     with open(made, "w") as f:
         json.dump(settings, f)
     return out
+
+
+def deal(images: np.ndarray, y: np.ndarray, held: np.ndarray, days: int, teacher,
+         rng: np.random.Generator) -> list[np.ndarray]:
+    """The held-out images dealt to the days as a stratified sample: ordered by class, then by
+    the teacher's mean confidence on 16 augmented copies, and each run of ``days`` consecutive
+    images shared out one per day in a random order. A day of a real stationary stream is
+    thousands of distinct items, and its difficulty hardly moves from one day to the next; a
+    day here is ~180 images, and a plain random split made one day measurably harder than
+    another for every student (seed 0: yesterday's student agreed with the teacher on 97.3% of
+    day 4's rows and 95.1% of day 5's), which read as the student getting worse."""
+    from titans.models.forward import forward_in_chunks
+
+    copies = 16
+    x = augment(np.repeat(images[held], copies, axis=0), rng)
+    p = forward_in_chunks(teacher, x, 65536).softmax(-1).amax(-1).numpy()
+    order = np.lexsort((p.reshape(len(held), copies).mean(-1), y[held]))
+    groups: list[list[int]] = [[] for _ in range(days)]
+    for start in range(0, len(order), days):
+        for g, i in zip(rng.permutation(days), order[start:start + days]):
+            groups[g].append(int(held[i]))
+    return [np.array(g, dtype=np.int64) for g in groups]
 
 
 # ----------------------------------------------------------------------------- one run
@@ -210,17 +234,20 @@ def targets(results: dict, days: int, shift_from: int, runs_total: int) -> list[
     ratio = last["state"]["share"] / last["plain"]["share"]
     misses = sum(r[side]["disagreement"] > EPS for r in results.values()
                  for side in ("plain", "state"))
+    reps = len(st[1]["state"]["shares"])
+    trend = ""  # with other draws the trend is read on their medians (below), not on one draw
+    if days > 1 and reps == 1:
+        trend = f"; day {days - 1} -> {days}: " + (
+            "falling or flat (MET)" if last["state"]["share"] <= st[days - 1]["state"]["share"]
+            else "rising (NOT MET)")
     out = [f"stationary day {days}: teacher share with --state {last['state']['share']:.1%} vs "
            f"{last['plain']['share']:.1%} without = {ratio:.2f}x (target <= 0.6x, aim 0.3x): "
            f"{'MET' if ratio <= 0.6 else 'NOT MET'}",
-           "shares with --state by day: "
-           + ", ".join(f"{st[d]['state']['share']:.1%}" for d in st)
-           + (f"; day {days - 1} -> {days}: "
-              + ("falling or flat (MET)" if last["state"]["share"] <= st[days - 1]["state"]["share"]
-                 else "rising (NOT MET)") if days > 1 else ""),
+           "shares with --state by day"
+           + (" (the first draw)" if reps > 1 else "") + ": "
+           + ", ".join(f"{st[d]['state']['share']:.1%}" for d in st) + trend,
            f"disagreement > EPS {EPS} in {misses} of {runs_total} runs (delta {DELTA} allows "
            f"about {DELTA * runs_total:.1f} in expectation)"]
-    reps = len(st[1]["state"]["shares"])
     if reps > 1:  # the same states, other sample draws: medians, and every run's guarantee
         med = {d: float(np.median(st[d]["state"]["shares"])) for d in st}
         plain = float(np.median(last["plain"]["shares"]))
